@@ -1,0 +1,90 @@
+"""Amazon Reviews 2023 (McAuley lab) JSON-lines files.
+
+- ``<Category>.jsonl``: one review per line with ``user_id``, ``parent_asin`` (the item),
+  ``rating`` and ``timestamp`` (Unix milliseconds; kept as is, only the order matters).
+- ``meta_<Category>.jsonl``: one item per line with ``parent_asin``, ``title``,
+  ``categories`` (list of str) and ``images`` (list of dicts with ``thumb``/``large``/
+  ``hi_res`` URLs). URLs cannot be fetched here: images come from ``image_root``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hanorec.data.errors import DataFileError
+from hanorec.data.readers.common import CatalogueBuilder
+from hanorec.data.tables import Catalogue, Interactions
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise DataFileError(path, None, "file not found")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataFileError(path, number, f"malformed JSON: {error}") from None
+            if not isinstance(record, dict):
+                raise DataFileError(path, number, "expected a JSON object")
+            yield number, record
+
+
+def _number(path: Path, number: int, record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataFileError(path, number, f"not a number: {value!r}", key)
+    try:
+        result = float(value)
+    except ValueError:
+        raise DataFileError(path, number, f"not a number: {value!r}", key) from None
+    if not np.isfinite(result):
+        raise DataFileError(path, number, f"not a finite number: {value!r}", key)
+    return result
+
+
+def _text(path: Path, number: int, record: dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, (str, int)) or not str(value).strip():
+        raise DataFileError(path, number, f"missing or empty {key}", key)
+    return str(value).strip()
+
+
+def read_amazon_reviews(path: str | Path) -> Interactions:
+    """Read ``<Category>.jsonl`` reviews as interactions (item = ``parent_asin``)."""
+    path = Path(path)
+    users, items, times, ratings, lines = [], [], [], [], []
+    for number, record in _records(path):
+        users.append(_text(path, number, record, "user_id"))
+        items.append(_text(path, number, record, "parent_asin"))
+        times.append(_number(path, number, record, "timestamp"))
+        ratings.append(_number(path, number, record, "rating"))
+        lines.append(number)
+    if not lines:
+        raise DataFileError(path, None, "no reviews")
+    return Interactions(user=pa.array(users, pa.string()), item=pa.array(items, pa.string()),
+                        timestamp=np.asarray(times, np.float64),
+                        rating=np.asarray(ratings, np.float64),
+                        line=np.asarray(lines, np.int64), source=str(path))
+
+
+def read_amazon_meta(path: str | Path) -> Catalogue:
+    """Read ``meta_<Category>.jsonl``; genres are the ``categories`` list."""
+    path = Path(path)
+    builder = CatalogueBuilder(path)
+    for number, record in _records(path):
+        categories = record.get("categories") or []
+        if not isinstance(categories, list):
+            raise DataFileError(path, number, "categories must be a list", "categories")
+        title = record.get("title")
+        builder.add(number, _text(path, number, record, "parent_asin"),
+                    title if isinstance(title, str) else "", [str(c) for c in categories])
+    return builder.build()

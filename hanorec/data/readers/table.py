@@ -1,0 +1,61 @@
+"""Plain tables (CSV, TSV or Parquet) with configurable column names: the escape hatch
+for MicroLens, Netflix Prize exports or anything else.
+
+The delimiter follows the extension: ``.csv`` -> ``,`` (with ``"`` quoting), ``.tsv``/
+``.txt`` -> tab, ``.parquet`` -> Parquet. Row ``i`` of a text table is line ``i + 2``
+(a header line is required); for Parquet the "line" is the row number ``i + 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hanorec.data.errors import DataFileError
+from hanorec.data.readers.common import CatalogueBuilder, interactions_from_table
+from hanorec.data.readers.delimited import read_delimited
+from hanorec.data.tables import Catalogue, Interactions
+
+
+def read_any_table(path: str | Path) -> tuple[pa.Table, int]:
+    """Read a table as string columns; returns it and the source line of row 0."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        if not path.is_file():
+            raise DataFileError(path, None, "file not found")
+        table = pq.read_table(path)
+        return table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])), 1
+    if suffix not in (".csv", ".tsv", ".txt"):
+        raise DataFileError(path, None, "table format needs a .csv, .tsv, .txt or .parquet file")
+    table, _ = read_delimited(path, delimiter="," if suffix == ".csv" else "\t",
+                              quoting=suffix == ".csv")
+    return table, 2
+
+
+def read_table_interactions(path: str | Path, *, user: str, item: str, timestamp: str,
+                            rating: str | None) -> Interactions:
+    """Read interactions from the named columns."""
+    table, first_line = read_any_table(path)
+    return interactions_from_table(table, path, first_line, user=user, item=item,
+                                   timestamp=timestamp, rating=rating)
+
+
+def read_table_items(path: str | Path, *, item_id: str, title: str, genres: str | None,
+                     genres_separator: str, image: str | None) -> Catalogue:
+    """Read the catalogue from the named columns (genres split on `genres_separator`)."""
+    table, first_line = read_any_table(path)
+    for name in (item_id, title, genres, image):
+        if name is not None and name not in table.column_names:
+            raise DataFileError(path, None, f"missing column {name!r}; have {table.column_names}")
+    ids, titles = table.column(item_id).to_pylist(), table.column(title).to_pylist()
+    genre_values = table.column(genres).to_pylist() if genres else [None] * len(ids)
+    images = table.column(image).to_pylist() if image else [None] * len(ids)
+    builder = CatalogueBuilder(path)
+    for row, identifier in enumerate(ids):
+        names = (genre_values[row] or "").split(genres_separator)
+        builder.add(first_line + row, identifier or "", titles[row],
+                    [g.strip() for g in names], (images[row] or "").strip() or None)
+    return builder.build()
