@@ -65,7 +65,8 @@ def test_sequence_logps_caller_aligned_slice_and_small_chunks(lm_batch, monkeypa
     noisy = L.sequence_logps(
         logits, labels, noise_std=0.3, generator=torch.Generator().manual_seed(2)
     )
-    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 2 * logits.shape[-1])  # 2 positions per chunk
+    # 2 positions per chunk
+    monkeypatch.setattr("hanorec.losses.logps._CHUNK_ELEMENTS", 2 * logits.shape[-1])
     torch.testing.assert_close(L.sequence_logps(logits[:, :-1], labels[:, 1:]), expected)
     again = L.sequence_logps(
         logits, labels, noise_std=0.3, generator=torch.Generator().manual_seed(2)

@@ -1,0 +1,179 @@
+"""DPO-family preference losses: DPO / cDPO, IPO, SLiC, SimPO and S-DPO, scalar or per-sample β.
+
+:func:`preference_loss` returns a :class:`PreferenceLossOutput` (loss, per-sample losses, detached
+rewards, margins, accuracies). ``LOSS_TYPES`` lists the accepted ``loss_type`` values and
+``PAIRWISE_LOSS_TYPES`` those that take exactly one rejected response per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hanorec.losses._checks import _check, _shape
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "sdpo")
+PAIRWISE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+@dataclass(frozen=True)
+class PreferenceLossOutput:
+    """Result of :func:`preference_loss`.
+
+    Attributes:
+        loss: scalar mean of ``losses`` (differentiable).
+        losses: ``[B]`` per-sample losses.
+        chosen_rewards: ``[B]`` detached ``β·(log π(y_w) − log π_ref(y_w))``.
+        rejected_rewards: ``[B]`` or ``[B, K]`` (like ``rejected_logps``), detached.
+        margins: ``[B]`` chosen reward minus the mean rejected reward.
+        accuracies: ``[B]`` 1.0 where the chosen reward beats every rejected reward.
+    """
+
+    loss: Tensor
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    margins: Tensor
+    accuracies: Tensor
+
+
+def _check_logps(name: str, value: object, shape: tuple[int, ...]) -> None:
+    ok = isinstance(value, Tensor) and tuple(value.shape) == shape
+    _check(ok, "preference_loss", f"{name} must have shape {list(shape)}, got {_shape(value)}")
+    _check(not bool(torch.isnan(value).any()), "preference_loss", f"{name} contains NaN")
+
+
+def _check_options(loss_type: str, label_smoothing: float, simpo_gamma: float) -> None:
+    where = "preference_loss"
+    _check(loss_type in LOSS_TYPES, where, f"loss_type must be in {LOSS_TYPES}, got {loss_type!r}")
+    _check(0 <= label_smoothing < 0.5, where, f"label_smoothing={label_smoothing} not in [0, 0.5)")
+    only = "label_smoothing applies to loss_type='sigmoid' only"
+    _check(not label_smoothing or loss_type == "sigmoid", where, only)
+    only = "simpo_gamma applies to loss_type='simpo' only"
+    _check(not simpo_gamma or loss_type == "simpo", where, only)
+
+
+def _check_inputs(
+    loss_type: str, chosen: object, rejected: object, ref_chosen: object, ref_rejected: object
+) -> tuple[int, ...]:
+    """Validate the log-prob tensors; return the shape of ``rejected_logps``."""
+    where = "preference_loss"
+    ok = isinstance(chosen, Tensor) and chosen.dim() == 1
+    _check(ok, where, f"chosen_logps must be a [B] tensor, got {_shape(chosen)}")
+    batch = chosen.shape[0]
+    shape = _shape(rejected)
+    ok = isinstance(shape, tuple) and len(shape) in (1, 2) and shape[0] == batch and 0 not in shape
+    _check(ok, where, f"rejected_logps must be [{batch}] or [{batch}, K], got {shape}")
+    _check_logps("chosen_logps", chosen, (batch,))
+    _check_logps("rejected_logps", rejected, shape)
+    num_rejected = shape[1] if len(shape) == 2 else 1
+    pairwise = f"loss_type={loss_type!r} is pairwise: use 'sdpo' for K={num_rejected} negatives"
+    _check(num_rejected == 1 or loss_type not in PAIRWISE_LOSS_TYPES, where, pairwise)
+    both = "ref_chosen_logps and ref_rejected_logps must both be given or both be None"
+    _check((ref_chosen is None) == (ref_rejected is None), where, both)
+    if ref_chosen is not None:
+        _check(loss_type != "simpo", where, "loss_type='simpo' is reference-free: no ref_*_logps")
+        _check_logps("ref_chosen_logps", ref_chosen, (batch,))
+        _check_logps("ref_rejected_logps", ref_rejected, shape)
+    return shape
+
+
+def _beta_column(beta: float | Tensor, batch: int, like: Tensor) -> Tensor:
+    """Validate β (positive float or ``[B]`` tensor) and return it as a constant ``[B, 1]``."""
+    if isinstance(beta, Tensor):
+        beta = beta.reshape(1).expand(batch) if beta.dim() == 0 else beta
+        ok = tuple(beta.shape) == (batch,)
+        _check(
+            ok, "preference_loss", f"beta must be a float or a [{batch}] tensor, got {_shape(beta)}"
+        )
+        values = beta.detach().to(device=like.device, dtype=like.dtype)
+    else:
+        values = torch.full((batch,), float(beta), device=like.device, dtype=like.dtype)
+    ok = bool(torch.isfinite(values).all()) and bool((values > 0).all())
+    _check(ok, "preference_loss", f"beta must be finite and > 0 in every entry, got {beta}")
+    return values[:, None]
+
+
+def preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    beta: float | Tensor = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.0,
+) -> PreferenceLossOutput:
+    """DPO-family loss on policy (and reference) sequence log-probabilities.
+
+    With ``r = log π(y) − log π_ref(y)`` (``log π_ref ≡ 0`` when both references are None:
+    reference-free) and ``h = r_w − r_l``:
+
+    * ``sigmoid`` — DPO (Rafailov et al. 2023, eq. 7): ``−log σ(βh)``; with label smoothing ε
+      (cDPO / robust DPO): ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``. With per-sample β this is
+      HaNoRec's eq. 12, ``−log σ(β_i·h_i)``.
+    * ``ipo`` — IPO (Azar et al. 2023): ``(h − 1/(2β))²``; pass length-averaged
+      log-probs (``sequence_logps(..., average=True)``), as the IPO paper does.
+    * ``hinge`` — SLiC (Zhao et al. 2023): ``relu(1 − βh)``.
+    * ``simpo`` — SimPO (Meng et al. 2024): ``−log σ(β·(avg_w − avg_l) − γ)``,
+      reference-free (references must be None), on length-averaged log-probs, γ = simpo_gamma.
+    * ``sdpo`` — S-DPO (Chen et al., NeurIPS 2024): with K negatives
+      ``−log σ(−log Σ_k exp(β·(r_k − r_w)))``; at K = 1 it equals ``sigmoid``.
+
+    Args:
+        chosen_logps: ``[B]`` policy log-probs of the chosen responses.
+        rejected_logps: ``[B]`` or ``[B, K]`` policy log-probs of the rejected responses
+            (K > 1 only with ``sdpo``).
+        ref_chosen_logps: reference log-probs shaped like ``chosen_logps``, or None.
+        ref_rejected_logps: reference log-probs shaped like ``rejected_logps``, or None.
+        beta: β > 0, a float or a ``[B]`` tensor (per-sample β of HaRS; used as a constant).
+        loss_type: one of ``sigmoid``, ``ipo``, ``hinge``, ``simpo``, ``sdpo``.
+        label_smoothing: ε in [0, 0.5), ``sigmoid`` only.
+        simpo_gamma: SimPO target margin γ, ``simpo`` only.
+
+    Returns:
+        :class:`PreferenceLossOutput` (rewards are ``β·r``, detached).
+    """
+    _check_options(loss_type, label_smoothing, simpo_gamma)
+    shape = _check_inputs(
+        loss_type, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    batch = shape[0]
+    chosen_r, rejected_r = chosen_logps, rejected_logps.reshape(batch, -1)
+    if ref_chosen_logps is not None:
+        chosen_r = chosen_r - ref_chosen_logps
+        rejected_r = rejected_r - ref_rejected_logps.reshape(batch, -1)
+    beta_col = _beta_column(beta, batch, chosen_logps)
+    losses = _loss_values(
+        chosen_r[:, None], rejected_r, beta_col, loss_type, label_smoothing, simpo_gamma
+    )
+    chosen_rewards = (beta_col[:, 0] * chosen_r).detach()
+    rejected_rewards = (beta_col * rejected_r).detach()
+    return PreferenceLossOutput(
+        loss=losses.mean(),
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards.reshape(shape),
+        margins=chosen_rewards - rejected_rewards.mean(-1),
+        accuracies=(chosen_rewards[:, None] > rejected_rewards).all(-1).to(chosen_rewards.dtype),
+    )
+
+
+def _loss_values(
+    chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, loss_type: str, eps: float, gamma: float
+) -> Tensor:
+    """Per-sample losses from ``[B, 1]`` chosen and ``[B, K]`` rejected implicit rewards."""
+    if loss_type == "sdpo":
+        return -F.logsigmoid(-torch.logsumexp(beta * (rejected_r - chosen_r), dim=-1))
+    h, beta = (chosen_r - rejected_r)[:, 0], beta[:, 0]
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    return -F.logsigmoid(beta * h - gamma)  # simpo
