@@ -1,0 +1,300 @@
+"""Evaluate the classic baselines (most-popular, SASRec) on prepared data.
+
+Usage::
+
+    python -m hanorec.baselines --prepared-dir data/prepared --protocol candidates --out runs/baselines
+
+Reads the prepared ``datasets`` of ``docs/architecture.md`` (``items/`` and
+``<protocol>/{train,validation,test}``) and writes, per model, ``OUT/<model>/per_user.jsonl``
+(one JSON object per user: ``user_id`` plus every per-user metric), ``OUT/<model>/summary.json``
+(mean and 95% bootstrap interval over users per metric, training time, settings), and
+``OUT/comparison.json`` + ``OUT/report.md`` (SASRec vs. most-popular, paired tests).
+
+**Training data (leave-one-out, no leakage).** Prepared rows carry at most ``max_history``
+items of history, so each user's training sequence (every item before the validation
+target) is rebuilt from the ``train`` split: the first train row's history, then the target
+of each following train row of that user (rows are checked to chain: each row's history must
+be the tail of the sequence so far, and the validation row's history its tail). When the
+rows do not chain (e.g. a split that samples targets), the validation row's history is used
+instead and the number of such users is printed. SASRec is trained on these sequences (every
+prefix position predicts the next item), selected on the validation rows (input: the
+training sequence; the validation target is held out), and tested with the training
+sequence plus the validation target as input — the protocol of Kang & McAuley (2018). SASRec
+therefore reads up to ``sasrec_max_len`` items, the LLM prompt ``max_history``. The ``full``
+protocol masks every item before the target (the rebuilt sequence, not only the row's
+truncated ``history``: with ``max_history = 20`` on ML-100K, masking the row history alone
+leaves most already-seen popular items in the ranking). Most-popular uses
+the ``popularity`` column of ``items/`` (training interactions) when present, else counts
+over the same training sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hanorec.baselines.popularity import MostPopular
+from hanorec.baselines.sasrec import SASRec, SASRecConfig
+from hanorec.metrics import history_mask, ranking_metrics, roc_auc, target_ranks
+from hanorec.report import write_report
+from hanorec.stats import bootstrap_auc, compare_runs, summarize
+
+PROTOCOL_KS = {"candidates": (1, 5, 10), "hit3": (1, 3), "full": (5, 10, 20)}
+SELECTION_METRIC = {"candidates": "NDCG@10", "hit3": "NDCG@3", "full": "NDCG@10", "hit1": "AUC"}
+
+
+@dataclass
+class SplitArrays:
+    """One split of a protocol as 0-based item indices."""
+
+    user_ids: list[str]
+    histories: list[list[int]]
+    targets: np.ndarray
+    candidates: np.ndarray | None = None  # [U, C] (candidates, hit3)
+    target_index: np.ndarray | None = None  # [U]
+    queries: np.ndarray | None = None  # [U] (hit1)
+    labels: np.ndarray | None = None  # [U] (hit1)
+    inputs: list[list[int]] | None = None  # model input sequences (default: histories)
+
+    @property
+    def model_inputs(self) -> list[list[int]]:
+        return self.histories if self.inputs is None else self.inputs
+
+
+def _lookup(index: dict[str, int], item_id: str, where: str) -> int:
+    try:
+        return index[str(item_id)]
+    except KeyError:
+        raise ValueError(f"{where}: item id {item_id!r} is not in items/") from None
+
+
+def split_arrays(rows: Sequence[dict[str, Any]], index: dict[str, int], protocol: str,
+                 where: str) -> SplitArrays:
+    """Convert prepared rows (string item ids) to index arrays; errors name split, row, field."""
+    out = SplitArrays([], [], np.zeros(len(rows), dtype=np.int64))
+    candidates, target_index, queries, labels = [], [], [], []
+    for n, row in enumerate(rows):
+        at = f"{where}[{n}]"
+        out.user_ids.append(str(row["user_id"]))
+        out.histories.append([_lookup(index, i, f"{at}.history") for i in row["history"]])
+        out.targets[n] = _lookup(index, row["target"], f"{at}.target")
+        if protocol in ("candidates", "hit3"):
+            candidates.append([_lookup(index, i, f"{at}.candidates") for i in row["candidates"]])
+            target_index.append(int(row["target_index"]))
+            if candidates[-1][target_index[-1]] != out.targets[n]:
+                raise ValueError(f"{at}.target_index: candidates[target_index] != target")
+        elif protocol == "hit1":
+            queries.append(_lookup(index, row["query"], f"{at}.query"))
+            labels.append(int(row["label"]))
+    if candidates:
+        out.candidates, out.target_index = np.array(candidates), np.array(target_index)
+    if queries:
+        out.queries, out.labels = np.array(queries), np.array(labels)
+    return out
+
+
+def _ends_with(sequence: list[int], tail: list[int]) -> bool:
+    return len(tail) <= len(sequence) and sequence[len(sequence) - len(tail):] == tail
+
+
+def _chain(rows: list[tuple[list[int], int]]) -> list[int] | None:
+    """``history_0 + [target_0, target_1, ...]`` when every row's history is the running tail."""
+    sequence = list(rows[0][0]) + [rows[0][1]]
+    for history, target in rows[1:]:
+        if not _ends_with(sequence, history):
+            return None
+        sequence.append(target)
+    return sequence
+
+
+def training_sequences(train_rows: Sequence[dict[str, Any]], valid: SplitArrays,
+                       index: dict[str, int], where: str) -> tuple[list[list[int]], int]:
+    """Each validation user's items before the validation target, rebuilt from train rows.
+
+    Returns:
+        ``(sequences aligned with valid.user_ids, number of users that fell back to the
+        validation history)``.
+    """
+    per_user: dict[str, list[tuple[list[int], int]]] = {}
+    for n, row in enumerate(train_rows):
+        at = f"{where}[{n}]"
+        history = [_lookup(index, i, f"{at}.history") for i in row["history"]]
+        per_user.setdefault(str(row["user_id"]), []).append(
+            (history, _lookup(index, row["target"], f"{at}.target")))
+    sequences, fallbacks = [], 0
+    for user_id, history in zip(valid.user_ids, valid.histories):
+        chained = _chain(per_user[user_id]) if user_id in per_user else None
+        if chained is None or not _ends_with(chained, history):
+            chained, fallbacks = list(history), fallbacks + 1
+        sequences.append(chained)
+    return sequences, fallbacks
+
+
+def _test_inputs(sequences: list[list[int]], valid: SplitArrays, test: SplitArrays) -> list[list[int]]:
+    """Training sequence + validation target per test user (the row history if it disagrees)."""
+    position = {user: u for u, user in enumerate(valid.user_ids)}
+    inputs = []
+    for user_id, history in zip(test.user_ids, test.histories):
+        u = position.get(user_id)
+        candidate = sequences[u] + [int(valid.targets[u])] if u is not None else []
+        inputs.append(candidate if candidate and _ends_with(candidate, history) else list(history))
+    return inputs
+
+
+def score_split(model: MostPopular | SASRec, split: SplitArrays, protocol: str) -> np.ndarray:
+    """Model scores: ``[U, C]`` candidates, ``[U, N]`` full catalogue, ``[U]`` hit1 queries."""
+    if protocol == "hit1":
+        return model.score(split.model_inputs, split.queries[:, None])[:, 0]
+    if protocol == "full":
+        if isinstance(model, MostPopular):
+            return model.score(split.model_inputs, None, mask_history=False)
+        return model.score(split.model_inputs, None)
+    return model.score(split.model_inputs, split.candidates)
+
+
+def per_user_metrics(scores: np.ndarray, split: SplitArrays, protocol: str) -> dict[str, np.ndarray]:
+    """Per-user metric arrays for one protocol (hit1: the score and label per user)."""
+    if protocol == "hit1":
+        return {"score": scores, "label": split.labels.astype(np.float64)}
+    if protocol == "full":
+        mask = history_mask(split.model_inputs, scores.shape[1], keep=split.targets)
+        ranks = target_ranks(scores, split.targets, mask=mask)
+    else:
+        ranks = target_ranks(scores, split.target_index)
+    return ranking_metrics(ranks, PROTOCOL_KS[protocol])
+
+
+def selection_score(model: MostPopular | SASRec, split: SplitArrays, protocol: str) -> float:
+    """Validation score used for SASRec model selection (higher is better)."""
+    metrics = per_user_metrics(score_split(model, split, protocol), split, protocol)
+    if protocol == "hit1":
+        return roc_auc(metrics["score"], metrics["label"])
+    return float(metrics[SELECTION_METRIC[protocol]].mean())
+
+
+def summarise_run(metrics: dict[str, np.ndarray], split: SplitArrays, protocol: str,
+                  n_resamples: int, seed: int) -> dict[str, dict[str, float]]:
+    """``{metric: {mean, low, high, n}}``; hit1 reports the AUC with a cluster bootstrap."""
+    if protocol == "hit1":
+        auc, low, high = bootstrap_auc(metrics["score"], metrics["label"], split.user_ids,
+                                       n_resamples=n_resamples, seed=seed)
+        return {"AUC": {"mean": auc, "low": low, "high": high, "n": len(split.user_ids)}}
+    return summarize(metrics, n_resamples=n_resamples, seed=seed)
+
+
+def write_run(out: Path, name: str, split: SplitArrays, metrics: dict[str, np.ndarray],
+              summary: dict[str, Any]) -> None:
+    """Write ``per_user.jsonl`` and ``summary.json`` under ``out/name``."""
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "per_user.jsonl", "w", encoding="utf-8") as handle:
+        for u, user_id in enumerate(split.user_ids):
+            record = {"user_id": user_id, **{k: float(v[u]) for k, v in metrics.items()}}
+            handle.write(json.dumps(record) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def load_prepared(prepared_dir: Path, protocol: str) -> tuple[list[str], np.ndarray | None, dict]:
+    """Item ids, the popularity column (or None) and the protocol's splits as row lists."""
+    from datasets import load_from_disk
+
+    items = load_from_disk(str(prepared_dir / "items"))
+    item_ids = [str(i) for i in items["item_id"]]
+    popularity = np.asarray(items["popularity"]) if "popularity" in items.column_names else None
+    splits = load_from_disk(str(prepared_dir / protocol))
+    for name in ("validation", "test"):
+        if name not in splits:
+            raise ValueError(f"{prepared_dir / protocol}: missing split {name!r}")
+    names = [name for name in ("train", "validation", "test") if name in splits]
+    return item_ids, popularity, {name: splits[name].to_list() for name in names}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train/evaluate the requested baselines; returns ``{model: summary}``."""
+    prepared, out, protocol = Path(args.prepared_dir), Path(args.out), args.protocol
+    item_ids, popularity, rows = load_prepared(prepared, protocol)
+    index = {item_id: i for i, item_id in enumerate(item_ids)}
+    where = str(prepared / protocol)
+    valid = split_arrays(rows["validation"], index, protocol, f"{where}/validation")
+    test = split_arrays(rows["test"], index, protocol, f"{where}/test")
+    sequences, fallbacks = training_sequences(rows.get("train", []), valid, index, f"{where}/train")
+    if fallbacks:
+        print(f"{fallbacks} of {len(sequences)} users: train rows do not chain, "
+              "training on the validation history instead")
+    valid.inputs, test.inputs = sequences, _test_inputs(sequences, valid, test)
+    config = SASRecConfig(**{f.name: getattr(args, f.name) for f in fields(SASRecConfig)})
+    results: dict[str, Any] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    for name in args.models:
+        start = time.perf_counter()
+        if name == "popularity":
+            model: MostPopular | SASRec = (MostPopular().fit_counts(popularity) if popularity is not None
+                                           else MostPopular().fit(sequences, len(item_ids)))
+        else:
+            model = SASRec(config).fit(sequences, len(item_ids),
+                                       validate=lambda m: selection_score(m, valid, protocol),
+                                       log=print)
+        train_seconds = time.perf_counter() - start
+        metrics = per_user_metrics(score_split(model, test, protocol), test, protocol)
+        summary = {"model": name, "protocol": protocol, "split": "test",
+                   "n_users": len(test.user_ids), "train_seconds": train_seconds,
+                   "metrics": summarise_run(metrics, test, protocol, args.n_resamples, args.seed)}
+        if name == "sasrec":
+            summary["config"] = model.config_dict()
+            summary["epochs_trained"] = len(model.history)
+        write_run(out, name, test, metrics, summary)
+        results[name], per_user[name] = summary, metrics
+        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                                      for k, v in summary["metrics"].items()))
+    _compare_and_report(out, protocol, results, per_user, test.user_ids, args)
+    return results
+
+
+def _compare_and_report(out: Path, protocol: str, results: dict[str, Any],
+                        per_user: dict[str, dict[str, np.ndarray]], user_ids: list[str],
+                        args: argparse.Namespace) -> None:
+    rows = None
+    if protocol != "hit1" and set(per_user) == {"sasrec", "popularity"}:
+        rows = compare_runs(per_user["sasrec"], per_user["popularity"], user_ids, user_ids,
+                            n_resamples=args.n_resamples, seed=args.seed)
+        for row in rows:
+            row.update(run_a="sasrec", run_b="popularity")
+        (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    tables = {name: summary["metrics"] for name, summary in results.items()}
+    try:
+        path = write_report(out, title=f"Baselines on the {protocol} protocol",
+                            metrics_tables=tables, compare_runs=rows)
+        print(f"report: {path}")
+    except ImportError as error:  # matplotlib missing: the JSON outputs are still written
+        print(f"report skipped: {error}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hanorec.baselines", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepared-dir", required=True, help="Output dir of `python -m hanorec.data prepare`.")
+    parser.add_argument("--protocol", default="candidates", choices=["candidates", "hit3", "full", "hit1"])
+    parser.add_argument("--out", required=True, help="Directory for per-user metrics, summaries, report.")
+    parser.add_argument("--models", nargs="+", default=["popularity", "sasrec"], choices=["popularity", "sasrec"])
+    parser.add_argument("--n-resamples", type=int, default=1000, help="Bootstrap resamples over users.")
+    parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
+    group = parser.add_argument_group("sasrec")
+    for f in fields(SASRecConfig):
+        group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=f.metadata["help"] + f" (default: {f.default})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
