@@ -83,7 +83,8 @@ class PromptCollator:
     Args:
         processor: The backbone's processor (tokenizer + image processor + chat template).
         catalog: Item titles and images.
-        protocol: ``hit1``, ``hit3``, ``candidates`` or ``full``.
+        protocol: ``hit1``, ``hit3``, ``candidates`` or ``full``; a row's own ``protocol`` key,
+            when present, takes precedence (one collator serves a mixed-protocol batch).
         image_budget: How many of the most recent history items carry their image.
         max_length: Upper bound on tokens per sequence (prompt + response for pairs).
         with_images: False renders "blind" text-only prompts (BPO).
@@ -141,7 +142,8 @@ class PromptCollator:
 
     # ------------------------------------------------------------------ prompts
     def _render(self, row: Mapping[str, Any], max_items: int | None) -> Prompt:
-        return build_prompt(row, self.catalog, self.protocol, image_budget=self.image_budget,
+        protocol = row.get("protocol", self.protocol)  # mixed-protocol batches tag their rows
+        return build_prompt(row, self.catalog, protocol, image_budget=self.image_budget,
                             max_items=max_items, with_images=self.with_images)
 
     def _process(self, prompt: Prompt, images: dict[Path, Image.Image]) -> dict[str, torch.Tensor]:

@@ -294,3 +294,12 @@ class CheckpointManager:
         set_rng_state(state["rng"])
         pos = state["position"]
         return LoopPosition(step=pos["step"], epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"], extra=state.get("extra") or {})
+
+
+def batch_stream(order: EpochBatches, position: LoopPosition):
+    """Endless (epoch, batch index, ids) from the saved data position onwards."""
+    epoch, start = position.epoch, position.batch_in_epoch
+    while True:
+        for offset, ids in enumerate(order.epoch(epoch, start=start)):
+            yield epoch, start + offset, ids
+        epoch, start = epoch + 1, 0

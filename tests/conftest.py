@@ -65,3 +65,56 @@ def tiny_catalog(tmp_path_factory: pytest.TempPathFactory):
             images.append(None)
     titles = [f"Title {k} ({1990 + k})" for k in range(12)]
     return Catalog(ids, titles, images, image_root=root, item_noun="movie")
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dirs: dict[str, Path]) -> Callable[..., Path]:
+    """Factory ``tiny_recipe(backbone="tiny-llava", **section_overrides) -> recipe.yaml``.
+
+    The data is a small RecBole-format set written once per session with a learnable
+    pattern (each user walks through consecutive item ids), real rendered posters and a
+    prepared output shared by every recipe; the recipe's ``run_dir`` is a fresh folder.
+    """
+    import numpy as np
+    import yaml
+
+    from hanorec.data.posters import render_posters
+
+    root = tmp_path_factory.mktemp("tiny_recipe_data")
+    rng = np.random.default_rng(0)
+    num_items, lines = 30, []
+    for user in range(1, 25):
+        start = int(rng.integers(1, num_items))
+        for step in range(int(rng.integers(7, 11))):
+            item = (start + step - 1) % num_items + 1
+            lines.append(f"{user}\t{item}\t4\t{1000 + step}\n")
+    (root / "s.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines))
+    titles = [f"Film {k}" for k in range(1, num_items + 1)]
+    genres = [["Action"] if k % 2 else ["Drama", "Comedy"] for k in range(1, num_items + 1)]
+    (root / "s.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n" + "".join(
+        f"{k}\t{t}\t{1980 + k}\t{' '.join(g)}\n" for k, t, g in zip(range(1, num_items + 1), titles, genres)))
+    render_posters([str(k) for k in range(1, num_items + 1)], titles, genres, root / "posters", size=(32, 48), workers=1)
+    counter = iter(range(10_000))
+
+    def make(backbone: str = "tiny-llava", **sections: dict) -> Path:
+        run_dir = root / f"run{next(counter)}"
+        recipe = {
+            "run_dir": str(run_dir), "seed": 0,
+            "data": {"dataset_format": "recbole", "interactions_path": str(root / "s.inter"), "items_path": str(root / "s.item"),
+                     "image_root": str(root / "posters"), "output_dir": str(root / "prepared"), "item_noun": "movie",
+                     "num_candidates": 6, "hit3_candidates": 4, "num_negatives": 3, "max_history": 5},
+            "model": {"model_name_or_path": str(tiny_backbone_dirs[backbone]), "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "prompt": {"image_budget": 2, "max_length": 512},
+            "sft": {"sft_protocols": ["candidates", "hit1"], "learning_rate": 5e-3, "per_device_batch_size": 2, "max_steps": 6,
+                    "max_train_examples": 8, "warmup_ratio": 0.0, "eval_examples": 4},
+            "dpo": {"dpo_protocols": ["candidates"], "learning_rate": 5e-3, "per_device_batch_size": 2, "max_steps": 6,
+                    "max_train_pairs": 8, "warmup_ratio": 0.0, "eval_examples": 4},
+        }
+        for section, values in sections.items():
+            recipe[section].update(values) if isinstance(recipe.get(section), dict) else recipe.__setitem__(section, values)
+        run_dir.mkdir(parents=True)
+        path = run_dir / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make

@@ -1,0 +1,214 @@
+"""What every stage does the same way: data, prompts, processes, optimizer, checkpoints.
+
+The entry modules (``hanorec.sft``, ``hanorec.dpo``, ``hanorec.recpo``) keep their loops and
+their losses; this module holds the steps around the loop that would otherwise be written
+three times: preparing the data once per machine, loading rows, building the collator,
+creating the optimizer and schedule, resuming, and the optimizer step itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+
+from hanorec.collate import PromptCollator
+from hanorec.config import to_dict
+from hanorec.data.catalog import Catalog
+from hanorec.data.config import DataConfig
+from hanorec.data.prepare import prepare
+from hanorec.models.config import ModelConfig
+from hanorec.training import (
+    CheckpointManager,
+    LoopPosition,
+    TrainConfig,
+    cosine_with_warmup,
+)
+
+
+@dataclass
+class PromptConfig:
+    """How rows become prompts; shared by training and evaluation so both see the same text."""
+
+    image_budget: int = field(default=5, metadata={"help": "Only the most recent N history items carry their image (the rest are titles), so prompts fit the context (HaNoRec interleaves titles and posters)."})
+    max_length: int = field(default=1024, metadata={"help": "Token budget of prompt + response; the oldest history items are dropped whole to fit, never cutting image tokens."})
+    with_images: bool = field(default=True, metadata={"help": "Render images; false gives the text-only (blind) prompts used by the `SFT text-only` ablation and BPO."})
+
+
+def prepare_data(data_cfg: DataConfig, accelerator: Accelerator) -> Path:
+    """Run ``hanorec.data`` preparation on the main process (others wait); return its folder."""
+    if accelerator.is_main_process:
+        prepare(data_cfg, progress=True)
+    accelerator.wait_for_everyone()
+    return data_cfg.path(data_cfg.output_dir)
+
+
+def load_catalog(data_cfg: DataConfig, prepared: Path) -> Catalog:
+    root = data_cfg.path(data_cfg.image_root)
+    return Catalog.from_prepared(prepared, image_root=root)
+
+
+def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bool = False, limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of ``split`` for each protocol, tagged with ``protocol``; ``limit`` keeps a seeded subset."""
+    rows: list[dict[str, Any]] = []
+    for protocol in protocols:
+        folder = prepared / ("pairs" if pairs else "") / protocol
+        if not folder.exists():
+            raise ValueError(f"{folder} does not exist: add {protocol!r} to the data section's protocols")
+        part = datasets.load_from_disk(str(folder))[split]
+        rows.extend({**r, "protocol": protocol} for r in part.to_list())
+    if limit and len(rows) > limit:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
+        rows = [rows[i] for i in sorted(order.tolist())]
+    if not rows:
+        raise ValueError(f"no {split} rows for protocols {list(protocols)} in {prepared}")
+    return rows
+
+
+def make_collator(processor, catalog: Catalog, protocol: str, prompt_cfg: PromptConfig) -> PromptCollator:
+    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget, max_length=prompt_cfg.max_length, with_images=prompt_cfg.with_images)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps`` or ``num_epochs`` worth of accumulated batches."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.floor(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and a cosine schedule with linear warm-up."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    return optimizer, cosine_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
+
+
+def maybe_resume(cfg: TrainConfig, out_dir: Path, model, optimizer, scheduler) -> LoopPosition:
+    """Restore the newest checkpoint when ``--resume`` is on (a fresh position otherwise)."""
+    if not cfg.resume:
+        return LoopPosition()
+    latest = CheckpointManager(out_dir).latest()
+    if latest is None:
+        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+        return LoopPosition()
+    position = CheckpointManager.load(latest, model, optimizer, scheduler)
+    print(f"resumed from {latest} (step {position.step})")
+    return position
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, cfg: TrainConfig) -> float:
+    """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def save_gradients(model: torch.nn.Module, path: str | Path) -> None:
+    """Write the current gradients of the trainable parameters (the distributed-equivalence check)."""
+    from safetensors.torch import save_file
+
+    grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    save_file(grads, str(path))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _lineage(folder: Path) -> dict[str, Any]:
+    meta = folder / "hanorec.json"
+    if not meta.is_file():
+        raise ValueError(f"{folder} is not a hanorec model folder (no hanorec.json); pass the 'final' folder a stage wrote")
+    return json.loads(meta.read_text())
+
+
+def load_trained(model_cfg: ModelConfig, folder: str | Path):
+    """Load a stage's output for inference: the base, then every adapter of its lineage merged.
+
+    ``<run>/dpo/final`` names its parent ``<run>/sft/final``; the chain is applied oldest first
+    (each adapter merged into the base before the next), so the result is the model as trained.
+    """
+    from peft import PeftModel
+
+    from hanorec.models.loading import load_backbone
+
+    chain: list[Path] = []
+    current: Path | None = Path(folder)
+    while current is not None:
+        info = _lineage(current)
+        chain.append(current)
+        current = Path(info["parent"]) if info.get("parent") else None
+    chain.reverse()
+    first = _lineage(chain[0])
+    base_cfg = model_cfg if first["adapter"] else _replace_path(model_cfg, chain[0])
+    model, processor = load_backbone(base_cfg, for_training=False)
+    for adapter in chain if first["adapter"] else chain[1:]:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    model.requires_grad_(False)
+    return model.eval(), processor
+
+
+def load_policy_from_sft(model_cfg: ModelConfig, sft_dir: str | Path):
+    """The DPO policy: the SFT model (adapter chain merged) with a fresh trainable adapter."""
+    from hanorec.models.loading import add_lora
+
+    model, processor = load_trained(model_cfg, sft_dir)
+    if not model_cfg.use_lora:
+        raise ValueError("preference optimisation needs model.use_lora: the reference is the policy with its adapter disabled")
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return add_lora(model, model_cfg).train(), processor
+
+
+def _replace_path(model_cfg, folder: Path):
+    from dataclasses import replace
+
+    return replace(model_cfg, model_name_or_path=str(folder))
+
+
+def export_model(model, processor, folder: Path, model_cfg: ModelConfig, *, parent: str | None = None) -> None:
+    """Save the adapter (or the full model) with the processor and a ``hanorec.json`` lineage.
+
+    ``parent`` names an adapter folder merged into the base before this one (DPO on SFT).
+    The folder is written next to its final name and renamed into place (atomic).
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    lineage = {"base_model": model_cfg.model_name_or_path, "adapter": hasattr(model, "peft_config"), "parent": parent, "model": to_dict(model_cfg)}
+    (tmp / "hanorec.json").write_text(json.dumps(lineage, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+
+
+def write_stage_report(out_dir: Path, title: str) -> None:
+    """``report.md`` with training-curve plots for a stage folder (skipped without matplotlib)."""
+    try:
+        from hanorec.report import write_report
+
+        write_report(out_dir, title=title, metrics_tables={})
+    except ImportError as err:  # matplotlib is the optional `report` extra
+        print(f"report skipped: {err}")
