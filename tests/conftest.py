@@ -118,3 +118,18 @@ def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dirs: di
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_recipe: Callable[..., Path]) -> Callable[[str], Path]:
+    """Factory ``tiny_sft(backbone) -> <run>/sft/final``: a short SFT run, trained once per session."""
+    from hanorec import sft
+
+    done: dict[str, Path] = {}
+
+    def make(backbone: str = "tiny-llava") -> Path:
+        if backbone not in done:
+            done[backbone] = sft.main(["--config", str(tiny_recipe(backbone, sft={"max_steps": 4}))])
+        return done[backbone]
+
+    return make

@@ -62,7 +62,7 @@ def test_final_adapter_loads_with_plain_peft_and_keeps_the_vision_tower(tiny_rec
     assert any(not torch.equal(fresh[k], merged.state_dict()[k]) for k in changed)  # LoRA did change the LM
 
 
-def test_resume_after_a_kill_ends_bit_identical(tiny_recipe):
+def test_resume_after_a_kill_ends_bit_identical(tiny_recipe, capsys):
     """Run A goes 12 steps straight. Run B is SIGKILLed once checkpoint-3 exists and resumed with
     --resume true: its final adapter and its logged losses must equal A's exactly."""
     settings = {"max_steps": 12, "save_every": 3, "max_train_examples": 6, "lora_dropout": 0.1}
@@ -80,7 +80,9 @@ def test_resume_after_a_kill_ends_bit_identical(tiny_recipe):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_b / "sft" / "final").exists(), "the run finished before it could be interrupted"
+    capsys.readouterr()
     final_b = sft.main(["--config", str(broken), "--resume", "true"])
+    assert "resumed from" in capsys.readouterr().out
 
     a, b = load_file(str(final_a / "adapter_model.safetensors")), load_file(str(final_b / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
