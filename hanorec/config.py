@@ -214,7 +214,10 @@ def build_parser(run_cls: type, *, prog: str, description: str) -> argparse.Argu
 def parse(run_cls: type[T], argv: Sequence[str] | None = None, *, prog: str, description: str) -> T:
     """Parse ``--config`` and flat overrides into a validated ``run_cls`` instance."""
     parser = build_parser(run_cls, prog=prog, description=description)
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        flags = [u for u in unknown if u.startswith("--")] or unknown
+        raise ConfigError(f"unknown flag {flags[0]} (see {prog} --help)")
     raw = load_yaml(args.config) if args.config else {}
     cfg = from_yaml_dict(run_cls, raw, args.config or "<defaults>")
     overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
