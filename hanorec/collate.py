@@ -171,13 +171,13 @@ class PromptCollator:
         """
         budget = self.max_length - reserve
         images: dict[Path, Image.Image] = {}
-        full = len(row["history"])
+        full = len(row["history"]) if "history" in row else 1  # a `general` conversation: one uncuttable unit
         for max_items in range(full, 0, -1):
             prompt = self._render(row, None if max_items == full else max_items)
             features = self._process(prompt, images)
             length = int(features["input_ids"].shape[0])
             if length <= budget:
-                dropped = full - prompt.num_history_items
+                dropped = full - prompt.num_history_items if "history" in row else 0
                 if dropped:
                     self.num_truncated += 1
                     self.num_items_dropped += dropped
@@ -186,6 +186,12 @@ class PromptCollator:
             f"prompt of user {row.get('user_id')!r} needs {length} tokens with a single history item, "
             f"more than max_length {self.max_length} minus {reserve} reserved for the response; "
             f"raise max_length or lower image_budget")
+
+    def encode_built_prompts(self, prompts: Sequence[Prompt], *,
+                             padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
+        """Batch already-rendered prompts (e.g. item descriptions) without truncation."""
+        images: dict[Path, Image.Image] = {}
+        return self._batch([self._process(p, images) for p in prompts], padding_side or self.padding_side)
 
     def encode_prompts(self, rows: Sequence[Mapping[str, Any]], *, reserve: int = 0,
                        padding_side: Literal["left", "right"] | None = None) -> BatchFeature:

@@ -30,6 +30,16 @@ Design choices:
 * The NoDO noise of step ``s`` is drawn from a generator seeded with ``(seed, s)``, so a
   resumed run draws the same noise as an uninterrupted one.
 * η is computed per global micro-batch (all processes' pairs of one micro-step).
+* BPO (``--blind-negatives PATH``, written by ``python -m hanorec.bpo generate``): a training
+  row whose blind answer names an item other than the chosen one (or, on ``general`` rows, any
+  non-empty free text) gets it as a negative by **replacing its last sampled negative**, so every
+  row keeps the same K (S-DPO's softmax needs equal K per batch; pairwise losses then see the
+  blind pair as one of their K pairs). ``--blind-ratio`` is the seeded fraction of eligible rows
+  that get theirs; a blind item already among a row's negatives changes nothing. Validation
+  pairs stay as prepared. HaRS λ is computed after the swap.
+* ``--preference-data DIR`` trains on a folder holding ``pairs/<protocol>`` instead of the
+  prepared recommendation data, e.g. MMSafe-PO data converted by ``hanorec.data.mmsafe``
+  (protocol ``general``); its catalogue is empty, so λ is 1 there.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
+from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prepare import prepare
 from hanorec.forward import response_logps
@@ -63,6 +74,7 @@ from hanorec.runtime import (
     maybe_resume,
     optimizer_step,
     prepare_data,
+    ranking_check,
     to_device,
     total_steps,
     write_json,
@@ -99,6 +111,9 @@ class DPOConfig(TrainConfig):
     sft_weight: float = field(default=0.0, metadata={"help": "Weight of an NLL term on the chosen response added to the loss (RPO, Pang et al. 2024)."})
     forward_mode: Literal["auto", "kv", "packed", "duplicate"] = field(default="auto", metadata={"help": "Shared-prompt forward: kv (KV-cache expansion), packed (block mask, for gradient checkpointing), duplicate (the prompt once per response, as TRL does), auto."})
     max_train_pairs: int = field(default=0, metadata={"help": "Use a seeded subset of this many training pairs (0: all)."})
+    blind_negatives: str | None = field(default=None, metadata={"help": "BPO (MMSafe-PO, arXiv 2503.14189): blind answers written by `python -m hanorec.bpo generate`; a row's blind item replaces its last sampled negative."})
+    blind_ratio: float = field(default=1.0, metadata={"help": "Fraction of the training rows with a usable blind negative that get it (seeded)."})
+    preference_data: str | None = field(default=None, metadata={"help": "Folder with pairs/<protocol> (+ items/, manifest.json) to train on instead of the prepared data, e.g. MMSafe-PO converted by `python -m hanorec.data.mmsafe convert` (protocol general)."})
 
 
 @dataclass
@@ -112,6 +127,18 @@ class DPORun:
 
 
 # --------------------------------------------------------------------------- set-up
+
+
+def load_preference_data(run: DPORun, accelerator: Accelerator) -> tuple[Path, Catalog]:
+    """The folder holding ``pairs/<protocol>`` and its catalogue: ``dpo.preference_data`` when set,
+    else the prepared recommendation data (prepared on the main process first)."""
+    if run.dpo.preference_data:
+        folder = Path(run.dpo.preference_data)
+        if not (folder / "items").is_dir():
+            raise ValueError(f"--preference-data {folder}: no items/ folder (convert the data with `python -m hanorec.data.mmsafe convert`)")
+        return folder, Catalog.from_prepared(folder)
+    prepared = prepare_data(run.data, accelerator)
+    return prepared, load_catalog(run.data, prepared)
 
 
 def item_indices(rows: list[dict], catalog) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,8 +271,10 @@ def validation(model, reference_model, collators, rows, ref_table, lam_table, ru
         for key in ("train/loss", "rewards/accuracies", "rewards/margins"):
             sums[key] = sums.get(key, 0.0) + out.metrics[key]
         batches += 1
+    out = {"eval/" + k.split("/")[-1]: v / max(batches, 1) for k, v in sums.items()}
+    out.update(ranking_check(accelerator.unwrap_model(model), collators["candidates"], rows, run.dpo) if "candidates" in collators else {})
     model.train()
-    return {"eval/" + k.split("/")[-1]: v / max(batches, 1) for k, v in sums.items()}
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -267,14 +296,13 @@ def main(argv: list[str] | None = None) -> Path:
     model, processor = load_policy_from_sft(run.model, sft_dir)
 
     # Data and HaRS: item embeddings from the SFT model, Δ and λ for every pair.
-    prepared = prepare_data(run.data, accelerator)
-    catalog = load_catalog(run.data, prepared)
+    prepared, catalog = load_preference_data(run, accelerator)
     embeddings = None
-    if cfg.hardness != "none" or run.data.negative_sampling == "hard":
+    if len(catalog) and (cfg.hardness != "none" or (run.data.negative_sampling == "hard" and not cfg.preference_data)):
         images = [str(p) if p else None for p in map(catalog.image_path, catalog.item_ids)]
         key = catalogue_key(sorted(sft_dir.glob("*.safetensors")), catalog.titles, images)
         embeddings = catalogue_embeddings(model, processor, catalog.titles, images, cache_dir=out_dir, cache_key=key, progress=accelerator.is_main_process)
-    if run.data.negative_sampling == "hard":
+    if run.data.negative_sampling == "hard" and not cfg.preference_data:
         hard_cfg = replace(run.data, output_dir=str(out_dir / "prepared-hard"))
         if accelerator.is_main_process:
             prepare(hard_cfg, item_embeddings=embeddings.numpy())
@@ -282,6 +310,11 @@ def main(argv: list[str] | None = None) -> Path:
         prepared = hard_cfg.path(hard_cfg.output_dir)
     train_rows = load_rows(prepared, cfg.dpo_protocols, "train", pairs=True, limit=cfg.max_train_pairs, seed=run.seed)
     val_rows = load_rows(prepared, cfg.dpo_protocols, "validation", pairs=True, limit=cfg.eval_examples, seed=run.seed)
+    blind_counts = None
+    if cfg.blind_negatives:
+        from hanorec.bpo import mix_blind_negatives  # hanorec.bpo imports this module
+
+        train_rows, blind_counts = mix_blind_negatives(train_rows, cfg.blind_negatives, ratio=cfg.blind_ratio, seed=run.seed)
     width = responses_per_row(train_rows)
     if width > 2 and cfg.loss not in PAIRWISE + ("sdpo",):
         raise ValueError(f"loss {cfg.loss!r} cannot take {width - 1} negatives")
@@ -350,7 +383,7 @@ def main(argv: list[str] | None = None) -> Path:
     final = out_dir / "final"
     if accelerator.is_main_process:
         export_model(accelerator.unwrap_model(model), processor, final, run.model, parent=str(sft_dir.resolve()))
-        write_json(out_dir / "summary.json", {"stage": "dpo", "steps": position.step, **val, "loss_type": cfg.loss, "hardness": cfg.hardness, "noise": cfg.noise, "reference": cfg.reference, "train_pairs": len(train_rows), "seconds": round(time.time() - started, 1), "adapter": str(final)})
+        write_json(out_dir / "summary.json", {"stage": "dpo", "steps": position.step, **val, "loss_type": cfg.loss, "hardness": cfg.hardness, "noise": cfg.noise, "reference": cfg.reference, "train_pairs": len(train_rows), "blind_negatives": blind_counts, "seconds": round(time.time() - started, 1), "adapter": str(final)})
         write_stage_report(out_dir, "DPO")
         print(f"DPO done: {position.step} steps, validation accuracy {val['eval/accuracies']:.3f}; adapter in {final}")
     accelerator.wait_for_everyone()

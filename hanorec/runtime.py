@@ -134,6 +134,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def ranking_check(model, collator: PromptCollator, rows: list[dict], cfg: TrainConfig) -> dict[str, float]:
+    """Likelihood HR@1 on the validation ``candidates`` rows (empty when SFT trains without them)."""
+    from hanorec.scoring import quick_candidate_hr1
+
+    rows = [r for r in rows if r.get("protocol") == "candidates"]
+    if not rows:
+        return {}
+    return {"eval/candidates_hr1": quick_candidate_hr1(model, collator, rows, cfg.per_device_batch_size)}
+
+
 def _lineage(folder: Path) -> dict[str, Any]:
     meta = folder / "hanorec.json"
     if not meta.is_file():

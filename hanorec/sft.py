@@ -51,6 +51,7 @@ from hanorec.runtime import (
     maybe_resume,
     optimizer_step,
     prepare_data,
+    ranking_check,
     save_gradients,
     to_device,
     total_steps,
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     catalog = load_catalog(run.data, prepared)
     train_rows = load_rows(prepared, cfg.sft_protocols, "train", limit=cfg.max_train_examples, seed=run.seed)
     val_rows = load_rows(prepared, cfg.sft_protocols, "validation", limit=cfg.eval_examples, seed=run.seed)
+    rank_rows = [r for r in val_rows if r["protocol"] == "candidates"]
 
     # Model: backbone + LoRA (or QLoRA / full), AdamW + cosine schedule.
     model, processor = load_backbone(run.model, for_training=True)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> Path:
         stop = False
         if cfg.eval_every and position.step % cfg.eval_every == 0:
             val = validation_loss(model, collator, val_rows, cfg.per_device_batch_size, accelerator.device)
-            log.log(position.step, {"eval/loss": val})
+            log.log(position.step, {"eval/loss": val, **ranking_check(accelerator.unwrap_model(model), collator, rank_rows, cfg)})
             stop = stopper.update(val)
         if (cfg.save_every and position.step % cfg.save_every == 0) or stop:
             position.extra["early_stopping"] = stopper.state_dict()
@@ -181,11 +183,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Export: the adapter (PeftModel.from_pretrained loads it) and a summary.
     val = validation_loss(model, collator, val_rows, cfg.per_device_batch_size, accelerator.device)
-    log.log(position.step, {"eval/loss": val})
+    ranking = ranking_check(accelerator.unwrap_model(model), collator, rank_rows, cfg)
+    log.log(position.step, {"eval/loss": val, **ranking})
     final = out_dir / "final"
     if accelerator.is_main_process:
         export_model(accelerator.unwrap_model(model), processor, final, run.model)
-        write_json(out_dir / "summary.json", {"stage": "sft", "steps": position.step, "eval/loss": val, "train_examples": len(train_rows), "truncated_examples": collator.num_truncated, "seconds": round(time.time() - started, 1), "adapter": str(final)})
+        write_json(out_dir / "summary.json", {"stage": "sft", "steps": position.step, "eval/loss": val, **ranking, "train_examples": len(train_rows), "truncated_examples": collator.num_truncated, "seconds": round(time.time() - started, 1), "adapter": str(final)})
         write_stage_report(out_dir, "SFT")
         print(f"SFT done: {position.step} steps, validation loss {val:.4f}; adapter in {final}")
     accelerator.wait_for_everyone()

@@ -1,0 +1,222 @@
+"""Model-side scoring for evaluation: candidate likelihoods, Yes/No odds, greedy answers, states.
+
+Every function here runs the model without gradients on prepared rows (schema in
+``docs/architecture.md``) rendered by a :class:`hanorec.collate.PromptCollator`, in batches,
+with an optional progress bar, and returns numpy arrays in row order. The evaluator
+(:mod:`hanorec.evaluate`) turns them into metrics; training stages call
+:func:`quick_candidate_hr1` for a validation number.
+
+* **Candidate likelihood** (``candidates``, ``hit3``): ``s_c = log π(title_c ⊕ eos | x)``, the
+  summed log-probability of candidate ``c``'s response as the SFT stage trained it (the bare
+  title followed by eos, :func:`hanorec.data.prompts.response_text`), or its per-token mean
+  with ``length_normalize``. The prompt and its images are encoded **once** and every
+  candidate branches from it (:func:`hanorec.forward.score_candidates`);
+  :func:`naive_candidate_scores` is the one-forward-per-candidate reference it must equal.
+* **Yes/No odds** (``hit1``): ``s = log π(Yes ⊕ eos | x) − log π(No ⊕ eos | x)``, the log-odds
+  of the two responses the SFT stage trained; monotone in P(Yes) given {Yes, No}, so the AUC
+  is that of P(Yes).
+* **Greedy answers**: ``model.generate`` (``do_sample=False``) on the left-padded prompt batch.
+* **Hidden states** (``full``): the final-layer hidden state at a prompt's last token, for a
+  user prompt (the user state) and for an item prompt (title, with the item's image when it
+  has one and images are on: R²ec's ``H_V`` / BIGRec-style grounding), each ending with the
+  chat template's generation prompt so both states sit at "about to answer" positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hanorec.collate import PromptCollator
+from hanorec.data.prompts import Prompt, response_text
+from hanorec.forward import MROPE_FAMILIES, score_candidates
+from hanorec.losses import sequence_logps
+from hanorec.metrics import target_ranks
+
+Row = Mapping[str, Any]
+YES_NO = ("Yes", "No")
+
+__all__ = [
+    "candidate_scores",
+    "generate_answers",
+    "item_states",
+    "naive_candidate_scores",
+    "quick_candidate_hr1",
+    "user_states",
+    "yes_no_scores",
+]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def _batches(items: Sequence[Any], batch_size: int, desc: str, progress: bool) -> Iterator[Sequence[Any]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield items[start : start + batch_size]
+
+
+def _response_ids(collator: PromptCollator, texts_per_row: Sequence[Sequence[str]]) -> tuple[Tensor, int]:
+    """``[B, C, R]`` response ids and the longest response (tokens to reserve in the prompt)."""
+    responses = collator.response_tensor(texts_per_row)
+    return responses, int((responses != -100).sum(-1).max())
+
+
+def _shared_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
+                   texts: Callable[[Row], list[str]], *, batch_size: int, average: bool, mode: str,
+                   candidates_per_pass: int | None, desc: str, progress: bool) -> np.ndarray:
+    """``[N, C]`` log-probabilities of each row's C response texts, one prompt pass per batch."""
+    device, out = model_device(model), []
+    for chunk in _batches(rows, batch_size, desc, progress):
+        responses, longest = _response_ids(collator, [texts(row) for row in chunk])
+        prompts = collator.encode_prompts(chunk, reserve=longest, padding_side="left")
+        scores = score_candidates(model, _to(prompts, device), responses.to(device), mode=mode,
+                                  average=average, candidates_per_pass=candidates_per_pass)
+        out.append(scores.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def candidate_titles(collator: PromptCollator, row: Row) -> list[str]:
+    """Response texts (titles) of a row's candidates, in candidate order."""
+    return [response_text(item, collator.catalog) for item in row["candidates"]]
+
+
+def candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                     batch_size: int = 4, length_normalize: bool = False, mode: str = "auto",
+                     candidates_per_pass: int | None = None, progress: bool = True) -> np.ndarray:
+    """``[N, C]`` likelihood scores ``log π(title_c ⊕ eos | x)`` of every row's candidates.
+
+    Args:
+        model: the evaluated (vision-)language model, eval mode.
+        collator: renders the rows (its protocol or each row's ``protocol``).
+        rows: prepared ``candidates`` / ``hit3`` rows (same candidate count in each).
+        batch_size: prompts per forward.
+        length_normalize: mean over the response's tokens instead of the sum.
+        mode: shared-prompt path of :func:`hanorec.forward.score_candidates`.
+        candidates_per_pass: candidates per prompt pass (None: all).
+        progress: show a progress bar.
+    """
+    return _shared_scores(model, collator, rows, lambda row: candidate_titles(collator, row),
+                          batch_size=batch_size, average=length_normalize, mode=mode,
+                          candidates_per_pass=candidates_per_pass, desc="candidates", progress=progress)
+
+
+def yes_no_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                  batch_size: int = 4, mode: str = "auto", progress: bool = True) -> np.ndarray:
+    """``[N]`` log-odds ``log π(Yes ⊕ eos | x) − log π(No ⊕ eos | x)`` (hit1 rows)."""
+    logps = _shared_scores(model, collator, rows, lambda row: list(YES_NO), batch_size=batch_size,
+                           average=False, mode=mode, candidates_per_pass=None, desc="hit1",
+                           progress=progress)
+    return logps[:, 0] - logps[:, 1]
+
+
+@torch.no_grad()
+def naive_candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                           progress: bool = False) -> np.ndarray:
+    """Reference ``[N, C]`` scores: one forward per (row, candidate), prompt ⊕ title ⊕ eos.
+
+    How TRL-style code scores candidates (the prompt and its images re-encoded for each one);
+    :func:`candidate_scores` must match it and is what the benchmark compares against.
+    """
+    device, out = model_device(model), np.zeros((len(rows), len(rows[0]["candidates"])))
+    for n, row in enumerate(tqdm(rows, desc="naive", disable=not progress, leave=False)):
+        for c, title in enumerate(candidate_titles(collator, row)):
+            batch = _to(collator.encode_pairs([row], [title]), device)
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits
+            out[n, c] = float(sequence_logps(logits[:, :-1], labels[:, 1:])[0])
+    return out
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                     batch_size: int = 4, max_new_tokens: int = 32, progress: bool = True) -> list[str]:
+    """Greedy answers (``do_sample=False``), decoded without special tokens, one per row."""
+    device, answers = model_device(model), []
+    tokenizer = collator.tokenizer
+    for chunk in _batches(rows, batch_size, "generate", progress):
+        prompts = _to(collator.encode_prompts(chunk, reserve=max_new_tokens, padding_side="left"), device)
+        output = model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=collator.pad_token_id)
+        new_tokens = output[:, prompts["input_ids"].shape[1]:]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def _last_hidden(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Final-layer hidden state at the last token of each left-padded prompt ``[B, H]``."""
+    family = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if family not in MROPE_FAMILIES:  # positions follow the real tokens, as in generation
+        batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    output = model(**batch, output_hidden_states=True, use_cache=False)
+    return output.hidden_states[-1][:, -1].float()
+
+
+@torch.no_grad()
+def user_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                batch_size: int = 4, progress: bool = True) -> np.ndarray:
+    """``[N, H]`` hidden state at the last prompt token of each row (the user state)."""
+    device, out = model_device(model), []
+    for chunk in _batches(rows, batch_size, "user states", progress):
+        batch = _to(collator.encode_prompts(chunk, padding_side="left"), device)
+        out.append(_last_hidden(model, batch).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def item_prompt(collator: PromptCollator, item_id: str) -> Prompt:
+    """One-turn item description prompt: ``[image] "<title>"`` then a description request."""
+    catalog = collator.catalog
+    path: Path | None = catalog.image_path(item_id) if collator.with_images else None
+    content: list[dict[str, Any]] = [{"type": "image"}] if path is not None else []
+    content.append({"type": "text", "text": f'A {catalog.item_noun}: "{catalog.title(item_id)}"\n'
+                                            f"Describe this {catalog.item_noun}."})
+    return Prompt([{"role": "user", "content": content}], [path] if path is not None else [], 1)
+
+
+@torch.no_grad()
+def item_states(model: nn.Module, collator: PromptCollator, item_ids: Sequence[str], *,
+                batch_size: int = 16, progress: bool = True) -> np.ndarray:
+    """``[I, H]`` hidden state at the end of each item's prompt (encoded once per catalogue).
+
+    Item prompts go through the same collator as user prompts, so they carry the same image
+    inputs for every backbone family.
+    """
+    device, out = model_device(model), []
+    for chunk in _batches(list(item_ids), batch_size, "catalogue", progress):
+        prompts = [item_prompt(collator, item) for item in chunk]
+        batch = _to(collator.encode_built_prompts(prompts, padding_side="left"), device)
+        out.append(_last_hidden(model, batch).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def quick_candidate_hr1(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
+                        batch_size: int) -> float:
+    """Likelihood HR@1 (pessimistic ties) on ``candidates``/``hit3`` rows: a validation metric.
+
+    ``HR@1 = mean_u 1[s_{u,target} > s_{u,c} for every other c]`` with the scores of
+    :func:`candidate_scores`. The model is put in eval mode and its mode restored afterwards.
+    """
+    if not rows:
+        raise ValueError("quick_candidate_hr1: no rows")
+    was_training = model.training
+    model.eval()
+    try:
+        scores = candidate_scores(model, collator, rows, batch_size=batch_size, progress=False)
+    finally:
+        model.train(was_training)
+    ranks = target_ranks(scores, [int(row["target_index"]) for row in rows])
+    return float(np.mean(ranks == 1))
