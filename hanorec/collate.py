@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from hanorec.data.catalog import Catalog
-from hanorec.data.prompts import Prompt, build_prompt, response_text
+from hanorec.data.prompts import GENERAL, Prompt, build_prompt, response_text
 
 IGNORE_INDEX = -100
 #: Per-token keys (padded along the sequence) and their padding value (None = pad token id).
@@ -138,7 +138,11 @@ class PromptCollator:
     def response_texts(self, row: Mapping[str, Any]) -> list[str]:
         """Chosen then rejected response texts of a pair row (titles, or Yes/No)."""
         answers = [row["chosen"], *row["rejected"]]
-        return [response_text(answer, self.catalog) for answer in answers]
+        return [self._response(answer, row) for answer in answers]
+
+    def _response(self, answer: str, row: Mapping[str, Any]) -> str:
+        """:func:`response_text`; free text passes through on ``general`` rows."""
+        return response_text(answer, self.catalog, free_text=row.get("protocol", self.protocol) == GENERAL)
 
     # ------------------------------------------------------------------ prompts
     def _render(self, row: Mapping[str, Any], max_items: int | None) -> Prompt:
@@ -218,7 +222,7 @@ class PromptCollator:
             ``input_ids``, ``attention_mask``, ``labels`` and the image inputs.
         """
         if responses is None:
-            responses = [response_text(answer_of(row), self.catalog) for row in rows]
+            responses = [self._response(answer_of(row), row) for row in rows]
         if len(responses) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
         features = []
