@@ -150,7 +150,11 @@ class PromptCollator:
         return build_prompt(row, self.catalog, protocol, image_budget=self.image_budget,
                             max_items=max_items, with_images=self.with_images)
 
-    def _process(self, prompt: Prompt, images: dict[Path, Image.Image]) -> dict[str, torch.Tensor]:
+    def prompt_features(self, prompt: Prompt, images: dict[Path, Image.Image]) -> dict[str, torch.Tensor]:
+        """Chat-template and process one rendered prompt: 1-D token tensors + its image inputs.
+
+        ``images`` caches opened files across calls (pass ``{}`` for none).
+        """
         text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
         pil = [images.setdefault(p, _load_rgb(p)) for p in prompt.image_paths]
         kwargs: dict[str, Any] = {"images": [pil]} if pil else {}
@@ -178,7 +182,7 @@ class PromptCollator:
         full = len(row["history"]) if "history" in row else 1  # a `general` conversation: one uncuttable unit
         for max_items in range(full, 0, -1):
             prompt = self._render(row, None if max_items == full else max_items)
-            features = self._process(prompt, images)
+            features = self.prompt_features(prompt, images)
             length = int(features["input_ids"].shape[0])
             if length <= budget:
                 dropped = full - prompt.num_history_items if "history" in row else 0
@@ -195,7 +199,7 @@ class PromptCollator:
                              padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
         """Batch already-rendered prompts (e.g. item descriptions) without truncation."""
         images: dict[Path, Image.Image] = {}
-        return self._batch([self._process(p, images) for p in prompts], padding_side or self.padding_side)
+        return self.collate_features([self.prompt_features(p, images) for p in prompts], padding_side or self.padding_side)
 
     def encode_prompts(self, rows: Sequence[Mapping[str, Any]], *, reserve: int = 0,
                        padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
@@ -207,7 +211,7 @@ class PromptCollator:
             padding_side: Overrides the collator's padding side (``left`` for generation).
         """
         encoded = [self.encode_prompt_row(row, reserve=reserve) for row in rows]
-        return self._batch([e.features for e in encoded], padding_side or self.padding_side)
+        return self.collate_features([e.features for e in encoded], padding_side or self.padding_side)
 
     def encode_pairs(self, rows: Sequence[Mapping[str, Any]], responses: Sequence[str] | None = None,
                      *, padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
@@ -228,8 +232,8 @@ class PromptCollator:
         features = []
         for row, ids in zip(rows, self.encode_responses(responses)):
             encoded = self.encode_prompt_row(row, reserve=len(ids))
-            features.append(_append_response(encoded.features, ids))
-        return self._batch(features, padding_side or self.padding_side)
+            features.append(append_response(encoded.features, ids))
+        return self.collate_features(features, padding_side or self.padding_side)
 
     def encode_preference(self, rows: Sequence[Mapping[str, Any]]) -> tuple[BatchFeature, torch.Tensor]:
         """Prompt batch and ``[B, K+1, R]`` responses (chosen first) for pair rows (DPO)."""
@@ -242,7 +246,9 @@ class PromptCollator:
         return self.encode_pairs(rows)
 
     # ------------------------------------------------------------------ batching
-    def _batch(self, rows: list[dict[str, torch.Tensor]], padding_side: str) -> BatchFeature:
+    def collate_features(self, rows: list[dict[str, torch.Tensor]], padding_side: str) -> BatchFeature:
+        """Pad and stack per-row features (from :meth:`prompt_features`, maybe with
+        :func:`append_response`) into one batch."""
         width = max(int(r["input_ids"].shape[0]) for r in rows)
         out: dict[str, torch.Tensor] = {}
         for key, pad in SEQUENCE_KEYS.items():
@@ -265,7 +271,7 @@ def _load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _append_response(features: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+def append_response(features: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
     """Append response ids to a prompt's tokens; labels are -100 on the prompt (SFT loss eq. 1)."""
     response = torch.tensor(ids, dtype=features["input_ids"].dtype)
     out = dict(features)

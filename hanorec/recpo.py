@@ -1,0 +1,480 @@
+"""R²ec trained with RecPO: reason, then rank the whole catalogue with the model's own states.
+
+    accelerate launch -m hanorec.recpo --config configs/r2ec-demo.yaml   (or: python -m hanorec.recpo ...)
+
+What it does, top to bottom (R²ec, arXiv 2505.16994): prepare the data, load the backbone with
+a LoRA adapter (on top of an SFT model when ``recpo_init_checkpoint`` names one), and train the
+dual-head model of :mod:`hanorec.r2ec` on the ``full`` protocol's training rows:
+
+1. **Item-head warm-up** (first ``recpo_warmup_steps`` optimizer steps): InfoNCE over the
+   in-batch targets, ``−log softmax_j(cos(h_u, H_V[t_j]) / τ)[u]``, with the user state at the
+   ``<answer>`` marker placed directly after the prompt (no reasoning) and the in-batch item
+   rows recomputed with gradient.
+2. **RecPO** (the remaining steps, GRPO-style, no KL): per user, G reasoning traces sampled from
+   the current policy (temperature, top-k; stopped at the marker); fused reward
+   ``R = (1−w)·NDCG@k + w·softmax(s)[target]`` over the cached item table with the user's
+   history masked; group advantages (Gaussian or leave-one-out); loss = clipped token surrogate
+   over every trace + ``recpo_item_weight`` × a clipped item term (in-batch softmax over the
+   target items' fresh ``H_V`` rows, gathered across processes) for each user's best trace only.
+3. **Evaluation** on the test split, ``full`` protocol: the whole catalogue ranked by
+   ``s(v) = cos(h_T, H_V[v]) / τ`` after a greedy trace, every item the user has seen masked
+   → HR/NDCG@5/10/20 and MRR with 95% bootstrap intervals, ``per_user/full.jsonl``,
+   ``summary.json`` (with the per-user time of head scoring vs. generating a title and
+   matching it), ``report.md``.
+
+Design choices:
+
+* **No new parameters.** ``H_V`` is the model's own final hidden state, so the item head is
+  trained only through the LoRA weights (and a trainable projector): LoRA on the backbone is
+  the whole trainable state, checkpointed and exported like the SFT/DPO adapters.
+* **Cached item table.** ``H_V`` for the full catalogue is recomputed every
+  ``recpo_item_refresh_every`` steps without gradient (timed, logged as
+  ``train/hv_refresh_seconds``); the rewards use the cache, while the item term's gradient
+  flows through ``h_T`` and through the in-batch items' rows recomputed with gradient.
+* **One forward per update.** The traces and the in-batch target items' prompts are stacked
+  into one left-padded batch (:func:`hanorec.r2ec.joint_batch`), so DistributedDataParallel
+  sees a single forward before each backward.
+* **Negatives of the item softmax** (``item_negatives``): ``in_batch`` is the paper's in-batch
+  softmax; ``catalogue`` adds every other row of the cached ``H_V`` (no gradient) — a memory
+  bank that makes the small batches of a CPU demo informative (the tests and the demo use it).
+* **Old log-probs from a no-grad forward** of the sampling policy before the update. With one
+  update per batch the ratio starts at 1 (the clip is inactive), but the machinery is the
+  PPO/DAPO one, so more inner epochs would only need a loop.
+* **Plain-text marker.** ``<answer>`` is tokenised normally (no vocabulary change); generation
+  stops on its ids and a trace that did not write it gets it appended.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hanorec import config as recipe
+from hanorec.collate import PromptCollator
+from hanorec.data.config import DataConfig
+from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
+from hanorec.metrics import history_mask, match_answer, ranking_metrics, target_ranks
+from hanorec.models.config import ModelConfig
+from hanorec.models.loading import load_backbone
+from hanorec.r2ec import (
+    ItemTable,
+    item_scores,
+    joint_batch,
+    last_states,
+    marker_ids,
+    sample_traces,
+    sequence_batch,
+    state_and_token_logps,
+)
+from hanorec.runtime import (
+    PromptConfig,
+    build_optimizer,
+    export_model,
+    load_catalog,
+    load_policy_from_sft,
+    load_rows,
+    make_collator,
+    maybe_resume,
+    optimizer_step,
+    prepare_data,
+    to_device,
+    total_steps,
+    write_json,
+)
+from hanorec.stats import summarize
+from hanorec.training import (
+    CheckpointManager,
+    EpochBatches,
+    MetricsLogger,
+    TrainConfig,
+    batch_stream,
+    set_seed,
+)
+
+FULL_KS = (5, 10, 20)
+MASKED = -1e4  # score of masked (already seen) items in the rewards: below any cos/τ
+
+
+@dataclass
+class RecPOConfig(TrainConfig):
+    """The ``recpo:`` section: optimisation (see TrainConfig) plus R²ec / RecPO settings."""
+
+    recpo_protocol: str = field(default="full", metadata={"help": "Prepared protocol whose rows train and evaluate the item head (full-catalogue ranking, R²ec)."})
+    recpo_init_checkpoint: str | None = field(default=None, metadata={"help": "SFT 'final' folder to start from (its adapter merged, a fresh LoRA added); none: the base backbone."})
+    max_train_examples: int = field(default=0, metadata={"help": "Use a seeded subset of this many training rows (0: all)."})
+    recpo_warmup_steps: int = field(default=0, metadata={"help": "First optimizer steps that train the item head alone with in-batch InfoNCE (no reasoning) before RL."})
+    num_traces: int = field(default=4, metadata={"help": "Reasoning traces sampled per user, the group size G (R²ec: 4)."})
+    temperature: float = field(default=1.5, metadata={"help": "Sampling temperature of the traces (R²ec: 1.5)."})
+    top_k_sampling: int = field(default=200, metadata={"help": "Top-k of trace sampling (R²ec: 200; 0 disables)."})
+    max_trace_tokens: int = field(default=16, metadata={"help": "Token budget of a reasoning trace before the <answer> marker is forced."})
+    item_tau: float = field(default=0.02, metadata={"help": "Temperature τ of the item scores s(v) = cos(h_T, H_V[v]) / τ (R²ec: 0.02)."})
+    reward_softmax_weight: float = field(default=0.05, metadata={"help": "w of the fused reward (1−w)·NDCG@k + w·softmax(s)[target] (R²ec: 0.05)."})
+    reward_ndcg_k: int = field(default=1000, metadata={"help": "NDCG cut-off k of the reward (R²ec: 1000), capped at the catalogue size."})
+    advantage: Literal["gaussian", "leave_one_out"] = field(default="gaussian", metadata={"help": "Group advantages: GRPO (R − mean)/(std + 1e-8) or RLOO leave-one-out."})
+    clip_eps_low: float = field(default=0.2, metadata={"help": "Lower clip ε_low of the surrogates (DAPO: 0.2)."})
+    clip_eps_high: float = field(default=0.28, metadata={"help": "Upper clip ε_high of the surrogates (DAPO: 0.28)."})
+    item_negatives: Literal["in_batch", "catalogue"] = field(default="in_batch", metadata={"help": "Negatives of the item softmax (warm-up and RecPO item term): the in-batch targets' fresh rows (R²ec), or those plus every other catalogue row of the cached H_V (no gradient; a memory bank, sharper on small batches)."})
+    recpo_item_weight: float = field(default=1.0, metadata={"help": "Weight of the clipped in-batch item term (best trace per user) next to the token surrogate."})
+    recpo_item_refresh_every: int = field(default=10, metadata={"help": "Recompute the cached item table H_V every N optimizer steps."})
+    item_batch_size: int = field(default=16, metadata={"help": "Item prompts per forward when computing H_V."})
+    recpo_eval_users: int = field(default=0, metadata={"help": "Evaluate a seeded subset of this many test users (0: all)."})
+    recpo_eval_reasoning: bool = field(default=True, metadata={"help": "At evaluation, write a greedy trace before the marker (false: marker directly after the prompt)."})
+    recpo_timing_users: int = field(default=4, metadata={"help": "Users on which head scoring and title generation + matching are timed."})
+    title_max_tokens: int = field(default=32, metadata={"help": "Token budget of a generated title in the timing comparison."})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples over users for the 95% intervals."})
+
+
+@dataclass
+class RecPORun:
+    run_dir: str = field(default="runs/r2ec-demo", metadata={"help": "Run folder; this stage writes to <run_dir>/recpo."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    recpo: RecPOConfig = field(default_factory=RecPOConfig)
+
+
+@dataclass
+class Head:
+    """What the loop needs to score: collator, marker ids, item table ``H_V``, τ, trace budget.
+
+    ``reserve`` (trace budget + marker length) is the room kept free when prompts are
+    truncated, the same for sampling and for the scoring forward so both see one prompt.
+    """
+
+    collator: PromptCollator
+    marker: list[int]
+    table: ItemTable
+    tau: float
+    trace_budget: int = 16
+
+    def position(self, item_id: str) -> int:
+        return self.collator.catalog.position(item_id)
+
+    @property
+    def reserve(self) -> int:
+        return self.trace_budget + len(self.marker)
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def in_batch_item_logps(users: Tensor, items: Tensor, item_index: Tensor, tau: float, accelerator: Accelerator,
+                        bank: Tensor | None = None) -> Tensor:
+    """``log softmax_j(cos(h_u, H_V[t_j]) / τ)[u]`` over the (gathered) in-batch target rows.
+
+    Rows from other processes enter without gradient (``accelerator.gather``); this process's
+    rows keep theirs. A column holding the same item as user u's target (another user with the
+    same target) is masked for u, so a duplicate is never a negative. ``bank`` (the cached
+    ``[N, H]`` item table, no gradient) adds every catalogue item not in the batch as a negative.
+    """
+    rank, count = accelerator.process_index, users.shape[0]
+    all_items = accelerator.gather(items.detach().contiguous())
+    all_index = accelerator.gather(item_index.contiguous())
+    start = rank * count
+    all_items = torch.cat([all_items[:start], items, all_items[start + count :]])
+    columns = torch.arange(all_items.shape[0], device=users.device)
+    own = columns[start : start + count]
+    scores = item_scores(users, all_items, tau)
+    duplicate = (all_index[None, :] == item_index[:, None]) & (columns[None, :] != own[:, None])
+    scores = scores.masked_fill(duplicate, float("-inf"))
+    if bank is not None:
+        in_batch = torch.zeros(bank.shape[0], dtype=torch.bool, device=users.device)
+        in_batch[all_index] = True
+        extra = item_scores(users, bank.to(users.device), tau).masked_fill(in_batch[None, :], float("-inf"))
+        scores = torch.cat([scores, extra], dim=1)
+    return torch.log_softmax(scores, dim=-1).gather(1, own[:, None]).squeeze(1)
+
+
+def item_bank(head: Head, cfg: RecPOConfig) -> Tensor | None:
+    """The cached item table as extra negatives when ``item_negatives`` is ``catalogue``."""
+    return head.table.states if cfg.item_negatives == "catalogue" else None
+
+
+def warmup_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig, accelerator: Accelerator) -> tuple[Tensor, dict[str, float]]:
+    """In-batch InfoNCE of the item head, user state at the marker right after the prompt."""
+    device, count = accelerator.device, len(rows)
+    targets = [r["target"] for r in rows]
+    batch = joint_batch(head.collator, rows, [head.marker] * count, targets, head.marker, reserve=head.reserve)
+    states = last_states(model, to_device(batch, device))
+    users, items = states[:count], states[count:]
+    index = torch.tensor([head.position(t) for t in targets], device=device)
+    loss = -in_batch_item_logps(users, items, index, head.tau, accelerator, item_bank(head, cfg)).mean()
+    return loss, {"train/item_loss": float(loss.detach())}
+
+
+def history_penalty(rows: list[dict], head: Head, num_items: int, device: torch.device) -> Tensor:
+    """``[B, N]`` additive mask: ``MASKED`` on each row's history items (the target kept)."""
+    histories = [[head.position(i) for i in r["history"]] for r in rows]
+    keep = [head.position(r["target"]) for r in rows]
+    mask = torch.from_numpy(history_mask(histories, num_items, keep=keep)).to(device)
+    return torch.where(mask, MASKED, 0.0)
+
+
+def policy_pass(model, batch: dict, num_traces: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward of a :func:`joint_batch`: the traces' user states, token log-probs and mask,
+    and the target items' states (the rows after the first ``num_traces``)."""
+    states, logps, mask = state_and_token_logps(model, batch)
+    n = num_traces
+    return states[:n], logps[:n], mask[:n], states[n:]
+
+
+def recpo_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig, accelerator: Accelerator) -> tuple[Tensor, dict[str, float]]:
+    """RecPO on one micro-batch: sample, reward, advantages, clipped token + item surrogates.
+
+    * traces ``o_{u,g}`` (g = 1..G) sampled from the current policy, closed by the marker;
+    * reward ``R_{u,g} = (1−w)·NDCG@k(rank of t_u under s) + w·softmax(s)[t_u]`` with
+      ``s = cos(h_T, H_V)/τ`` over the cached table, the row's history masked;
+    * advantages ``A_{u,g}`` (group-normalised, :func:`hanorec.losses.group_advantages`);
+    * ``L = L_tok + λ·L_item``: ``L_tok`` the token-mean clipped surrogate over every trace
+      token, ``L_item = −mean_u min(ρ_u A_u*, clip(ρ_u, 1−ε_low, 1+ε_high) A_u*)`` for the best
+      trace g* of each user, ``ρ_u = p_θ(t_u)/p_old(t_u)`` under the in-batch item softmax.
+    """
+    device, group = accelerator.device, cfg.num_traces
+    model.eval()
+    traces = sample_traces(accelerator.unwrap_model(model), head.collator, rows, num_traces=group,
+                           max_new_tokens=cfg.max_trace_tokens, marker=head.marker,
+                           temperature=cfg.temperature, top_k=cfg.top_k_sampling)
+    model.train()
+    batch = to_device(joint_batch(head.collator, rows, traces, [r["target"] for r in rows], head.marker, reserve=head.reserve), device)
+    index = torch.tensor([head.position(r["target"]) for r in rows], device=device)
+    with torch.no_grad():  # the sampling policy: old log-probs and the rewards
+        old_states, old_logps, mask, old_items = policy_pass(model, batch, len(traces))
+        scores = head.table.scores(old_states, head.tau).view(len(rows), group, -1)
+        scores = scores + history_penalty(rows, head, scores.shape[-1], device)[:, None]
+        rewards = recpo_rewards(scores, index, ndcg_k=min(cfg.reward_ndcg_k, scores.shape[-1]), softmax_weight=cfg.reward_softmax_weight)
+        advantages = group_advantages(rewards, cfg.advantage)
+        best = advantages.argmax(1) + torch.arange(len(rows), device=device) * group
+        old_item = in_batch_item_logps(old_states[best], old_items, index, head.tau, accelerator, item_bank(head, cfg))
+    states, logps, _, fresh_items = policy_pass(model, batch, len(traces))
+    token_loss = clipped_surrogate(logps, old_logps, advantages.flatten(), mask, cfg.clip_eps_low, cfg.clip_eps_high)
+    item_logp = in_batch_item_logps(states[best], fresh_items, index, head.tau, accelerator, item_bank(head, cfg))
+    best_adv = advantages.flatten()[best]
+    item_loss = clipped_surrogate(item_logp[:, None], old_item[:, None], best_adv, torch.ones_like(item_logp[:, None]), cfg.clip_eps_low, cfg.clip_eps_high)
+    stats = {"train/reward_mean": float(rewards.mean()), "train/advantage_std": float(advantages.std()),
+             "train/surrogate_loss": float(token_loss.detach()), "train/item_loss": float(item_loss.detach()),
+             "train/trace_length": float(mask.sum(1).float().mean())}
+    return token_loss + cfg.recpo_item_weight * item_loss, stats
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+@torch.no_grad()
+def user_states(model, head: Head, rows: list[dict], *, reasoning: bool, batch_size: int, device) -> Tensor:
+    """``[U, H]`` states at the marker: after a greedy trace (``reasoning``) or the bare prompt."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        traces = (sample_traces(model, head.collator, chunk, num_traces=1, max_new_tokens=head.trace_budget,
+                                marker=head.marker, do_sample=False) if reasoning else [head.marker] * len(chunk))
+        out.append(last_states(model, to_device(sequence_batch(head.collator, chunk, traces, reserve=head.reserve), device)))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_reward(model, head: Head, rows: list[dict], cfg: RecPOConfig, *, reasoning: bool, device) -> float:
+    """Mean fused reward of one (greedy or trace-free) state per user on a fixed set of rows."""
+    states = user_states(model, head, rows, reasoning=reasoning, batch_size=cfg.per_device_batch_size, device=device)
+    scores = head.table.scores(states, head.tau) + history_penalty(rows, head, head.table.states.shape[0], device)
+    index = torch.tensor([head.position(r["target"]) for r in rows], device=device)
+    return float(recpo_rewards(scores[:, None], index, ndcg_k=min(cfg.reward_ndcg_k, scores.shape[-1]), softmax_weight=cfg.reward_softmax_weight).mean())
+
+
+def known_items(rows: list[dict], catalog, sequences: dict[str, list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Target index and the items to mask per row: the user's whole known sequence (rebuilt by
+    :func:`hanorec.evaluate.known_sequences`), the row's history when it could not be rebuilt."""
+    targets = [catalog.position(r["target"]) for r in rows]
+    masked = [sequences.get(str(r["user_id"])) or [catalog.position(i) for i in r["history"]] for r in rows]
+    return targets, masked
+
+
+def full_metrics(scores: np.ndarray, targets: list[int], masked: list[list[int]]) -> dict[str, np.ndarray]:
+    """HR/NDCG@5/10/20 and MRR with the ``masked`` items removed (the target kept), ties pessimistic."""
+    mask = history_mask(masked, scores.shape[1], keep=targets)
+    return ranking_metrics(target_ranks(scores, targets, mask=mask), FULL_KS)
+
+
+def _seconds_per_user(rows: list[dict], score_one) -> float:
+    start = time.perf_counter()
+    for row in rows:
+        score_one(row)
+    return (time.perf_counter() - start) / len(rows)
+
+
+def time_per_user(model, head: Head, rows: list[dict], cfg: RecPOConfig, device) -> dict[str, float]:
+    """Seconds per user, one user at a time, on the first ``recpo_timing_users`` rows.
+
+    * ``head_seconds_per_user``: the R²ec inference as evaluated (greedy trace when
+      ``recpo_eval_reasoning``, state at the marker, scores of the whole catalogue, arg-max);
+    * ``head_only_seconds_per_user``: the same without the trace (one prompt forward + scoring);
+    * ``title_generation_seconds_per_user``: greedy title generation (``title_max_tokens``) and
+      matching it against every catalogue title (:func:`hanorec.metrics.match_answer`).
+    """
+    rows = rows[: max(1, cfg.recpo_timing_users)]
+    collator, titles = head.collator, head.collator.catalog.titles
+
+    def head_pass(row: dict, reasoning: bool) -> None:
+        states = user_states(model, head, [row], reasoning=reasoning, batch_size=1, device=device)
+        head.table.scores(states, head.tau).argmax()
+
+    @torch.no_grad()
+    def title_pass(row: dict) -> None:
+        prompt = to_device(collator.encode_prompts([row], reserve=cfg.title_max_tokens, padding_side="left"), device)
+        out = model.generate(**prompt, max_new_tokens=cfg.title_max_tokens, do_sample=False, pad_token_id=collator.pad_token_id)
+        match_answer(collator.tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True), titles)
+
+    was_training = model.training
+    model.eval()
+    timing = {"head_seconds_per_user": _seconds_per_user(rows, lambda r: head_pass(r, cfg.recpo_eval_reasoning)),
+              "head_only_seconds_per_user": _seconds_per_user(rows, lambda r: head_pass(r, False)),
+              "title_generation_seconds_per_user": _seconds_per_user(rows, title_pass), "timed_users": len(rows)}
+    model.train(was_training)
+    return timing
+
+
+def evaluate_full(model, head: Head, run: RecPORun, prepared: Path, out_dir: Path, device) -> dict[str, Any]:
+    """Test-split ``full`` evaluation: per-user JSONL, summary.json (with timings), report.md."""
+    from hanorec.evaluate import known_sequences
+
+    cfg = run.recpo
+    rows = load_rows(prepared, [cfg.recpo_protocol], "test", limit=cfg.recpo_eval_users, seed=run.seed)
+    head.table.refresh(model, head.collator)
+    states = user_states(model, head, rows, reasoning=cfg.recpo_eval_reasoning, batch_size=cfg.per_device_batch_size, device=device)
+    sequences, _ = known_sequences(prepared, "test")
+    targets, masked = known_items(rows, head.collator.catalog, sequences)
+    per_user = full_metrics(head.table.scores(states, head.tau).cpu().numpy(), targets, masked)
+    (out_dir / "per_user").mkdir(exist_ok=True)
+    with open(out_dir / "per_user" / "full.jsonl", "w", encoding="utf-8") as handle:
+        for u, row in enumerate(rows):
+            handle.write(json.dumps({"user_id": str(row["user_id"]), **{k: float(v[u]) for k, v in per_user.items()}}) + "\n")
+    summary = summarize(per_user, n_resamples=cfg.bootstrap_resamples, seed=run.seed)
+    timing = time_per_user(model, head, rows, cfg, device)
+    return {"metrics": summary, "n_users": len(rows), "timing": timing, "hv_refresh_seconds": round(head.table.seconds, 3)}
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def load_policy(run: RecPORun):
+    """LoRA policy on the base backbone, or on the SFT model named by ``recpo_init_checkpoint``."""
+    if run.recpo.recpo_init_checkpoint:
+        return load_policy_from_sft(run.model, run.recpo.recpo_init_checkpoint)
+    return load_backbone(run.model, for_training=True)
+
+
+def check_config(cfg: RecPOConfig) -> None:
+    """Value ranges; the error names the field."""
+    checks = [(cfg.num_traces >= 1, "num_traces must be >= 1"), (cfg.item_tau > 0, "item_tau must be positive"),
+              (cfg.max_trace_tokens >= 0, "max_trace_tokens must be >= 0"), (cfg.recpo_item_refresh_every >= 1, "recpo_item_refresh_every must be >= 1"),
+              (cfg.recpo_warmup_steps >= 0, "recpo_warmup_steps must be >= 0"), (cfg.temperature > 0, "temperature must be positive")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"recpo.{message}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    run = recipe.parse(RecPORun, argv, prog="hanorec.recpo", description=__doc__)
+    cfg = run.recpo
+    check_config(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    out_dir = Path(run.run_dir) / "recpo"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save_yaml(run, out_dir / "config.yaml")
+    set_seed(run.seed)
+
+    prepared = prepare_data(run.data, accelerator)
+    catalog = load_catalog(run.data, prepared)
+    train_rows = load_rows(prepared, [cfg.recpo_protocol], "train", limit=cfg.max_train_examples, seed=run.seed)
+
+    model, processor = load_policy(run)
+    collator = make_collator(processor, catalog, cfg.recpo_protocol, run.prompt)
+    marker = marker_ids(collator.tokenizer)
+    head = Head(collator, marker, ItemTable(catalog.item_ids, marker, cfg.item_batch_size), cfg.item_tau, cfg.max_trace_tokens)
+    order = EpochBatches(len(train_rows), cfg.per_device_batch_size, seed=run.seed, rank=accelerator.process_index, world=accelerator.num_processes)
+    steps = total_steps(cfg, len(order))
+    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    position = maybe_resume(cfg, out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+    checkpoints = CheckpointManager(out_dir, keep=cfg.keep_checkpoints)
+    log = MetricsLogger(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process, resume_step=position.step if cfg.resume else None)
+
+    batches = batch_stream(order, position)
+    bar = tqdm(total=steps, initial=position.step, desc="recpo", disable=not accelerator.is_main_process)
+    model.train()
+    started, refreshed_at = time.time(), None
+    while position.step < steps:
+        warm = position.step < cfg.recpo_warmup_steps
+        stats: dict[str, float] = {}
+        if (not warm or cfg.item_negatives == "catalogue") and (refreshed_at is None or position.step - refreshed_at >= cfg.recpo_item_refresh_every):
+            stats["train/hv_refresh_seconds"] = head.table.refresh(accelerator.unwrap_model(model), collator, progress=accelerator.is_main_process)
+            refreshed_at = position.step
+        for micro in range(cfg.gradient_accumulation_steps):
+            epoch, index, ids = next(batches)
+            rows = [train_rows[i] for i in ids]
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with accelerator.no_sync(model) if not last else nullcontext():
+                loss, micro_stats = warmup_loss(model, head, rows, cfg, accelerator) if warm else recpo_loss(model, head, rows, cfg, accelerator)
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            for key, value in micro_stats.items():
+                stats[key] = stats.get(key, 0.0) + value / cfg.gradient_accumulation_steps
+            position.epoch, position.batch_in_epoch = epoch, index + 1
+        stats["train/grad_norm"] = optimizer_step(accelerator, model, optimizer, scheduler, cfg)
+        position.step += 1
+        bar.update()
+        if position.step % cfg.log_every == 0 or position.step == steps:
+            log.log(position.step, {**stats, "train/lr": scheduler.get_last_lr()[0], "train/phase": 0.0 if warm else 1.0})
+        if cfg.save_every and position.step % cfg.save_every == 0:
+            if accelerator.is_main_process:
+                checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, position)
+            accelerator.wait_for_everyone()
+    bar.close()
+    train_seconds = time.time() - started
+
+    final = out_dir / "final"
+    if accelerator.is_main_process:
+        policy = accelerator.unwrap_model(model)
+        result = evaluate_full(policy, head, run, prepared, out_dir, accelerator.device)
+        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint)
+        summary = {"stage": "recpo", "protocol": cfg.recpo_protocol, "split": "test", "steps": position.step,
+                   "train_examples": len(train_rows), "seconds": round(train_seconds, 1), "adapter": str(final), **result}
+        write_json(out_dir / "summary.json", summary)
+        write_report(out_dir, summary)
+        print("R²ec full-catalogue test: " + ", ".join(f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for k, v in result["metrics"].items()))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_report(out_dir: Path, summary: dict[str, Any]) -> None:
+    """``report.md`` (metrics table with intervals, training curves) plus the timing lines."""
+    try:
+        from hanorec.report import write_report as write_markdown
+
+        path = write_markdown(out_dir, title="R²ec / RecPO — full-catalogue ranking (test)", metrics_tables={"r2ec": summary["metrics"]})
+    except ImportError as err:  # matplotlib is the optional `report` extra
+        print(f"report skipped: {err}")
+        return
+    t = summary["timing"]
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"\n## Inference time per user\n\n| trace + head scoring (whole catalogue) | head scoring, no trace | title generation + matching |\n|---|---|---|\n"
+                     f"| {t['head_seconds_per_user']:.4f} s | {t['head_only_seconds_per_user']:.4f} s | {t['title_generation_seconds_per_user']:.4f} s |\n\n"
+                     f"Measured on {t['timed_users']} users; H_V refresh of the whole catalogue: {summary['hv_refresh_seconds']} s.\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
