@@ -75,6 +75,7 @@ from hanorec.runtime import (
     optimizer_step,
     prepare_data,
     ranking_check,
+    start_stage,
     to_device,
     total_steps,
     write_json,
@@ -87,7 +88,6 @@ from hanorec.training import (
     MetricsLogger,
     TrainConfig,
     batch_stream,
-    set_seed,
 )
 
 PAIRWISE = ("sigmoid", "ipo", "hinge", "simpo")
@@ -283,12 +283,7 @@ def validation(model, reference_model, collators, rows, ref_table, lam_table, ru
 def main(argv: list[str] | None = None) -> Path:
     run = recipe.parse(DPORun, argv, prog="hanorec.dpo", description=__doc__)
     cfg = run.dpo
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    out_dir = Path(run.run_dir) / "dpo"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save_yaml(run, out_dir / "config.yaml")
-    set_seed(run.seed)
+    accelerator, out_dir = start_stage(run, "dpo", cfg)
     started = time.time()
 
     # Policy: SFT adapter merged into the base, fresh DPO adapter on top.

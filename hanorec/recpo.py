@@ -88,6 +88,7 @@ from hanorec.runtime import (
     maybe_resume,
     optimizer_step,
     prepare_data,
+    start_stage,
     to_device,
     total_steps,
     write_json,
@@ -99,7 +100,6 @@ from hanorec.training import (
     MetricsLogger,
     TrainConfig,
     batch_stream,
-    set_seed,
 )
 
 FULL_KS = (5, 10, 20)
@@ -391,12 +391,7 @@ def main(argv: list[str] | None = None) -> Path:
     run = recipe.parse(RecPORun, argv, prog="hanorec.recpo", description=__doc__)
     cfg = run.recpo
     check_config(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    out_dir = Path(run.run_dir) / "recpo"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save_yaml(run, out_dir / "config.yaml")
-    set_seed(run.seed)
+    accelerator, out_dir = start_stage(run, "recpo", cfg)
 
     prepared = prepare_data(run.data, accelerator)
     catalog = load_catalog(run.data, prepared)

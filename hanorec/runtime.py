@@ -43,6 +43,21 @@ class PromptConfig:
     with_images: bool = field(default=True, metadata={"help": "Render images; false gives the text-only (blind) prompts used by the `SFT text-only` ablation and BPO."})
 
 
+def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Path]:
+    """The accelerator (CPU when no GPU), ``<run_dir>/<stage>`` with the resolved recipe saved
+    in it, and every RNG seeded: the first lines of every training entry point."""
+    from hanorec.config import save_yaml
+    from hanorec.training import set_seed
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    out_dir = Path(run.run_dir) / stage
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(run, out_dir / "config.yaml")
+    set_seed(run.seed)
+    return accelerator, out_dir
+
+
 def prepare_data(data_cfg: DataConfig, accelerator: Accelerator) -> Path:
     """Run ``hanorec.data`` preparation on the main process (others wait); return its folder."""
     if accelerator.is_main_process:

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
@@ -53,6 +52,7 @@ from hanorec.runtime import (
     prepare_data,
     ranking_check,
     save_gradients,
+    start_stage,
     to_device,
     total_steps,
     write_json,
@@ -65,7 +65,6 @@ from hanorec.training import (
     MetricsLogger,
     TrainConfig,
     batch_stream,
-    set_seed,
 )
 
 
@@ -112,12 +111,7 @@ def validation_loss(model, collator: PromptCollator, rows: list[dict], batch_siz
 def main(argv: list[str] | None = None) -> Path:
     run = recipe.parse(SFTRun, argv, prog="hanorec.sft", description=__doc__)
     cfg = run.sft
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    out_dir = Path(run.run_dir) / "sft"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save_yaml(run, out_dir / "config.yaml")
-    set_seed(run.seed)
+    accelerator, out_dir = start_stage(run, "sft", cfg)
 
     # Data: prepared once, rows of every SFT protocol, a fixed validation subset.
     prepared = prepare_data(run.data, accelerator)
