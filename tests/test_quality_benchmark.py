@@ -1,0 +1,130 @@
+"""Smoke test of the quality benchmark driver (``benchmarks/quality.py --smoke``).
+
+Runs the real grid (every stage a subprocess of the toolkit's CLIs) on the ``tiny_recipe`` data
+with the tiny LLaVA, one seed, a subset of methods, 2 training steps and 6 users; then reruns it
+and checks that every finished stage is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["popularity", "sft", "dpo", "hanorec-nodo"]
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """``{method label: cells}`` of the first table (the quality table) of the results page."""
+    block = markdown.split("\n\n| method | n |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.strip("|").split("|") for line in block.splitlines()[2:]]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_recipe, tmp_path_factory):
+    quality = load_driver()
+    methods = list(METHODS)
+    recipe = tiny_recipe("tiny-llava")
+    root = tmp_path_factory.mktemp("quality")
+    args = ["--smoke", "--config", str(recipe), "--seeds", "0", "--methods", ",".join(methods),
+            "--run-root", str(root / "runs"), "--out", str(root / "results"), "--bootstrap-resamples", "200"]
+    path = quality.main(args)
+    return quality, methods, args, root, path
+
+
+def test_smoke_grid_writes_one_finite_row_per_method(smoke_run):
+    """Every method has a row; every filled cell is ``mean [low, high]`` with finite numbers and
+    low ≤ mean ≤ high; each preference method is tested against DPO and SFT."""
+    quality, methods, _, root, path = smoke_run
+    text = path.read_text(encoding="utf-8")
+    rows = table_rows(text)
+    labels = [quality.BY_NAME[m].label for m in methods]
+    assert sorted(rows) == sorted(labels)
+    for label, cells in rows.items():
+        numbers = [c for c in cells[1:] if c != "–"]
+        assert numbers, f"{label}: no metric"
+        for cell in numbers:
+            mean, low, high = (float(x) for x in re.findall(r"-?\d+\.\d+", cell))
+            assert all(math.isfinite(v) for v in (mean, low, high)) and low <= mean + 1e-9 <= high + 2e-9, (label, cell)
+    raw = json.loads((root / "results" / "ml100k.json").read_text(encoding="utf-8"))
+    tested = {(t["method"], t["reference"]) for t in raw["tests"]}
+    assert {("hanorec-nodo", "dpo"), ("hanorec-nodo", "sft"), ("dpo", "sft")} <= tested
+    stages = raw["stages"]
+    assert stages["seed0/sft/train"]["steps"] == 2 and stages["seed0/sft/train"]["peak_rss_mb"] > 50
+    assert stages["seed0/dpo/train"]["seconds"] > 0
+
+
+def test_rerun_skips_finished_stages(smoke_run, capsys):
+    """A second run starts no subprocess: every stage prints ``skip`` and the grid takes well under
+    the time of one subprocess start (~5 s)."""
+    quality, _, args, root, _ = smoke_run
+    capsys.readouterr()
+    start = time.perf_counter()
+    quality.main(args)
+    seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    stage_lines = [line for line in out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    assert stage_lines and all("skip" in line for line in stage_lines), out
+    assert "running" not in out
+    assert seconds < 5.0
+
+
+def test_bpo_and_recpo_join_the_same_grid(smoke_run):
+    """BPO and RecPO (when their modules exist) run from the seed's existing SFT checkpoint (the SFT
+    stage is skipped) and get their own rows: BPO on candidates/hit1, RecPO on the full catalogue."""
+    quality, methods, args, root, _ = smoke_run
+    extra = [m for m in ("bpo", "recpo") if quality.BY_NAME[m].available()]
+    if not extra:
+        pytest.skip("hanorec.bpo / hanorec.recpo not present")
+    sft_done = (root / "runs" / "seed0" / "sft" / "sft" / "final").stat().st_mtime
+    grown = [a if a != ",".join(methods) else ",".join(methods + extra) for a in args]
+    text = quality.main(grown).read_text(encoding="utf-8")
+    rows = table_rows(text)
+    assert (root / "runs" / "seed0" / "sft" / "sft" / "final").stat().st_mtime == sft_done
+    if "bpo" in extra:
+        assert rows[quality.BY_NAME["bpo"].label][1] != "–"  # candidates/HR@1
+    if "recpo" in extra:
+        header = text.split("| method | n | ", 1)[1].split("\n", 1)[0].rstrip(" |").split(" | ")
+        cells = rows[quality.BY_NAME["recpo"].label][1:]
+        assert cells[header.index("full/NDCG@10")] != "–"
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_execute_records_cost_and_isolates_a_failed_method(tmp_path, rerun):
+    """Three stages: ``s0/a/train`` fails (exit 3), so ``s0/a/eval`` is left out; ``s0/b/train``
+    writes its done file and is recorded with wall time, CPU time and peak RSS (> 1 MB for a
+    Python child). A rerun skips ``s0/b/train`` (its done file exists) and retries the failed one."""
+    quality = load_driver()
+    py = sys.executable
+    done_b = tmp_path / "b.done"
+    stages = [quality.Stage("s0/a/train", [py, "-c", "raise SystemExit(3)"], tmp_path / "a.done"),
+              quality.Stage("s0/a/eval", [py, "-c", "pass"], tmp_path / "a-eval.done"),
+              quality.Stage("s0/b/train", [py, "-c", f"open({str(done_b)!r}, 'w').close()"], done_b)]
+    records = quality.execute(stages, tmp_path / "runs")
+    if rerun:
+        records = quality.execute(stages, tmp_path / "runs")
+        assert records["s0/b/train"]["skipped_last_run"] is True
+    assert "exit 3" in records["s0/a/train"]["failed"]
+    assert "s0/a/eval" not in records
+    b = records["s0/b/train"]
+    assert b["seconds"] > 0 and b["cpu_seconds"] > 0 and b["peak_rss_mb"] > 1
+    assert json.loads((tmp_path / "runs" / "stages.json").read_text())["s0/b/train"]["peak_rss_mb"] == b["peak_rss_mb"]
