@@ -83,6 +83,7 @@ from hanorec.scoring import (
     candidate_titles,
     generate_answers,
     quick_candidate_hr1,
+    scoring_precision,
     yes_no_scores,
 )
 from hanorec.stats import bootstrap_auc, compare_runs, summarize
@@ -102,6 +103,7 @@ class EvalConfig:
     eval_split: Literal["test", "validation"] = field(default="test", metadata={"help": "Split to evaluate (leave-one-out: test = last item, validation = second last)."})
     eval_max_users: int = field(default=0, metadata={"help": "Evaluate a seeded subset of this many users per protocol (0: all)."})
     eval_batch_size: int = field(default=4, metadata={"help": "Prompts per forward pass."})
+    eval_precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "Run the scoring forwards under bf16 autocast (GPUs, and CPUs with avx512_bf16/AMX; log-softmax stays fp32). About 2x faster on such CPUs (benchmarks/candidate_scoring.py); scores move by bf16 rounding, so compare runs at one precision."})
     checkpoint: str | None = field(default=None, metadata={"help": "Model folder with hanorec.json; default <run_dir>/dpo/final if it exists, else <run_dir>/sft/final."})
     name: str | None = field(default=None, metadata={"help": "Output folder <run_dir>/eval/<name>; default the checkpoint's stage (sft, dpo)."})
     length_normalize: bool = field(default=False, metadata={"help": "Score candidates by the mean token log-prob of their title instead of the sum."})
@@ -367,7 +369,8 @@ def evaluate(run: EvalRun) -> Path:
             prompt_cfg = PromptConfig(run.prompt.image_budget, run.prompt.max_length, with_images and run.prompt.with_images)
             collator = make_collator(processor, catalog, protocol, prompt_cfg)
             key = protocol if with_images else f"{protocol}-blind"
-            results[key] = run_protocol(model, collator, protocol, rows, cfg, run.seed, prepared, item_cache)
+            with scoring_precision(model, cfg.eval_precision):
+                results[key] = run_protocol(model, collator, protocol, rows, cfg, run.seed, prepared, item_cache)
             print(f"{key}: " + ", ".join(f"{m} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
                                          for m, v in results[key].summary.items()))
         if cfg.blind:
