@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("kv", "duplicate")
+MODES = ("kv", "packed", "duplicate")
 
 
 def synthetic_rows(root: Path, users: int, candidates: int, history: int, seed: int):
@@ -84,23 +84,26 @@ def encode(collator, rows: list[dict[str, Any]], batch_size: int) -> list[tuple[
     return batches
 
 
-def measure(model, batches: list[tuple[dict, Any]]) -> dict[str, Any]:
-    """Alternate kv / duplicate per batch; total seconds per mode and the largest score gap."""
+def measure(model, batches: list[tuple[dict, Any]], modes: tuple[str, ...] = MODES,
+            precision: str = "fp32") -> dict[str, Any]:
+    """Alternate the modes per batch; total seconds per mode and the largest score gap to the first."""
     import torch
 
     from hanorec.forward import score_candidates
+    from hanorec.scoring import scoring_precision
 
-    for mode in MODES:  # warm-up (allocator, kernels)
-        score_candidates(model, batches[0][0], batches[0][1], mode=mode)
-    seconds = {mode: [] for mode in MODES}
-    max_diff = 0.0
-    for prompt, responses in batches:
-        scores = {}
-        for mode in MODES:
-            start = time.perf_counter()
-            scores[mode] = score_candidates(model, prompt, responses, mode=mode)
-            seconds[mode].append(time.perf_counter() - start)
-        max_diff = max(max_diff, float((scores["kv"] - scores["duplicate"]).abs().max()))
+    with scoring_precision(model, precision):
+        for mode in modes:  # warm-up (allocator, kernels)
+            score_candidates(model, batches[0][0], batches[0][1], mode=mode)
+        seconds = {mode: [] for mode in modes}
+        max_diff = 0.0
+        for prompt, responses in batches:
+            scores = {}
+            for mode in modes:
+                start = time.perf_counter()
+                scores[mode] = score_candidates(model, prompt, responses, mode=mode)
+                seconds[mode].append(time.perf_counter() - start)
+            max_diff = max(max_diff, *(float((scores[m] - scores[modes[0]]).abs().max()) for m in modes))
     tokens = [int(p["attention_mask"].sum(-1).float().mean()) for p, _ in batches]
     titles = [float((r != -100).sum(-1).float().mean()) for _, r in batches]
     return {"seconds": {m: sum(v) for m, v in seconds.items()},
@@ -118,7 +121,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--prepared", default=None, help="Prepared data folder (default $HANOREC_CACHE/prepared/ml-100k if present).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="tiny-llava",
+                        help="tiny-llava (built here, random weights) or a model name/folder load_backbone resolves (smollm2-llava).")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="Autocast of the scoring forwards (evaluate --eval-precision).")
+    parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="Attention kernel of the backbone.")
+    parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated subset of kv,packed,duplicate (the first is the reference of the score gap).")
     args = parser.parse_args(argv)
+    modes = tuple(args.modes.split(","))
 
     import torch
 
@@ -131,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     default = Path(os.environ.get("HANOREC_CACHE", "~/.cache/hanorec")).expanduser() / "prepared" / "ml-100k"
     prepared = Path(args.prepared) if args.prepared else default
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_backbone("tiny-llava", Path(tmp) / "tiny-llava", seed=args.seed)
-        model, processor = load_backbone(ModelConfig(model_name_or_path=str(model_dir), use_lora=False), for_training=False)
+        model_dir = (build_tiny_backbone("tiny-llava", Path(tmp) / "tiny-llava", seed=args.seed)
+                     if args.backbone == "tiny-llava" else args.backbone)
+        model, processor = load_backbone(ModelConfig(model_name_or_path=str(model_dir), use_lora=False,
+                                                     attn_implementation=args.attn), for_training=False)
         if (prepared / "manifest.json").is_file():
             catalog, rows = prepared_rows(prepared, args.users)
             source = f"prepared {prepared}"
@@ -143,22 +154,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         batches = encode(collator, rows, args.batch_size)
         encode_seconds = time.perf_counter() - start
-        result = measure(model, batches)
-    kv, dup = result["seconds"]["kv"], result["seconds"]["duplicate"]
+        result = measure(model, batches, modes, args.precision)
     num_candidates = batches[0][1].shape[1]
-    print(f"tiny-llava, {len(rows)} users x {num_candidates} candidates ({source}); {args.images} images per prompt, "
-          f"~{result['prompt_tokens']:.0f} prompt tokens, ~{result['title_tokens']:.1f} title tokens; "
+    print(f"{args.backbone} ({args.precision}, {args.attn}), {len(rows)} users x {num_candidates} candidates ({source}); "
+          f"{args.images} images per prompt, ~{result['prompt_tokens']:.0f} prompt tokens, ~{result['title_tokens']:.1f} title tokens; "
           f"batch {args.batch_size} users; {result['threads']} thread(s); prompt encoding {encode_seconds:.1f} s (not timed below)")
+    forwards = {"kv": f"{len(batches)} x (prompt + titles from its KV cache)",
+                "packed": f"{len(batches)} x 1 sequence [prompt, title_1..title_C], block mask",
+                "duplicate": f"{len(batches)} x {args.batch_size * num_candidates} sequences"}
     print("| scoring | forwards | total s | median s / batch | users / s |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| one prompt pass (kv) | {len(batches)} x (prompt + titles) | {kv:.2f} | {result['median_batch']['kv']:.4f} | {len(rows) / kv:.1f} |")
-    print(f"| one pass per candidate (duplicate) | {len(batches)} x {args.batch_size * num_candidates} sequences | {dup:.2f} | "
-          f"{result['median_batch']['duplicate']:.4f} | {len(rows) / dup:.1f} |")
+    for mode in modes:
+        total = result["seconds"][mode]
+        print(f"| {mode} | {forwards[mode]} | {total:.2f} | {result['median_batch'][mode]:.4f} | {len(rows) / total:.1f} |")
     prompt, title = result["prompt_tokens"], result["title_tokens"]
     token_ratio = num_candidates * (prompt + title) / (prompt + num_candidates * title)
-    print(f"speed-up: {dup / kv:.1f}x (target >= 8x; token-count ratio C(P+R)/(P+CR) = {token_ratio:.1f}x); "
+    speedups = {m: result["seconds"].get("duplicate", float("nan")) / result["seconds"][m] for m in modes}
+    print("speed-up over duplicate: " + ", ".join(f"{m} {v:.1f}x" for m, v in speedups.items() if m != "duplicate")
+          + f" (target >= 8x; token-count ratio C(P+R)/(P+CR) = {token_ratio:.1f}x); "
           f"max |score difference| {result['max_abs_diff']:.2e}")
-    return {**result, "speedup": dup / kv, "token_ratio": token_ratio, "encode_seconds": encode_seconds, "source": source}
+    return {**result, "speedup": speedups.get("kv", float("nan")), "speedups": speedups, "token_ratio": token_ratio,
+            "encode_seconds": encode_seconds, "source": source}
 
 
 if __name__ == "__main__":

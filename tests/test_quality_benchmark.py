@@ -128,3 +128,28 @@ def test_execute_records_cost_and_isolates_a_failed_method(tmp_path, rerun):
     b = records["s0/b/train"]
     assert b["seconds"] > 0 and b["cpu_seconds"] > 0 and b["peak_rss_mb"] > 1
     assert json.loads((tmp_path / "runs" / "stages.json").read_text())["s0/b/train"]["peak_rss_mb"] == b["peak_rss_mb"]
+
+
+@pytest.mark.parametrize("budget", ["cpu", "full", "smoke"])
+def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, tmp_path):
+    """Each stage command of a budget's whole grid (13 methods, one seed) parses with the
+    entry point's own config parser, so a renamed or mistyped flag fails here in a second rather
+    than hours into a benchmark run (unknown flags are errors, hanorec.config)."""
+    from hanorec import bpo, dpo, evaluate, recpo, sft
+    from hanorec.config import parse
+
+    quality = load_driver()
+    runs = {"hanorec.sft": sft.SFTRun, "hanorec.dpo": dpo.DPORun, "hanorec.evaluate": evaluate.EvalRun,
+            "hanorec.recpo": recpo.RecPORun, "hanorec.bpo": bpo.BPORun}
+    plan = quality.Plan(config=ROOT / "configs" / "ml100k-smollm2.yaml", run_root=tmp_path,
+                        budget=quality.BUDGETS[budget], prepared=tmp_path / "prepared")
+    parsed = set()
+    for stage in quality.grid(plan, quality.METHODS, [0]):
+        module = stage.cmd[2] if stage.cmd[1] == "-m" else None
+        if module not in runs:
+            continue
+        argv = stage.cmd[4:] if module == "hanorec.bpo" else stage.cmd[3:]  # bpo: after "generate"
+        run = parse(runs[module], argv, prog=module, description="")
+        assert run.seed == 0
+        parsed.add(module)
+    assert parsed == set(runs)
