@@ -118,7 +118,9 @@ def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
     plt = _pyplot()
     runs = list(tables)
     width = 0.8 / max(len(runs), 1)
-    fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * max(1, len(runs)) ** 0.5), 3.6))
+    many = len(runs) > 4  # legend beside the axes, one distinct colour per run (tab20 beyond 10)
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+    fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * max(1, len(runs)) ** 0.5) + (3.5 if many else 0), 3.6))
     for r, run in enumerate(runs):
         xs, means, errors = [], [], [[], []]
         for m, metric in enumerate(metrics):
@@ -129,11 +131,14 @@ def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
             means.append(mean)
             errors[0].append(max(mean - low, 0.0))
             errors[1].append(max(high - mean, 0.0))
-        axis.bar(xs, means, width=width, yerr=errors, capsize=3, label=run)
+        axis.bar(xs, means, width=width, yerr=errors, capsize=3, label=run, color=colors[r % len(colors)])
     axis.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right")
     axis.set_ylabel("mean (95% interval)")
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize="small")
+    if many:
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        axis.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
