@@ -113,6 +113,7 @@ class Stage:
     cmd: list[str]
     done: Path
     steps_from: Path | None = None  # summary.json holding "steps"
+    force: bool = False  # run even though ``done`` exists (a stale output that must be rebuilt)
 
 
 @dataclass
@@ -226,12 +227,24 @@ def method_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
     raise ValueError(f"method {method.name}: unknown kind {method.kind!r}")
 
 
+def data_is_current(config: Path) -> bool:
+    """Whether the recipe's prepared folder matches the recipe (same fingerprint), checked in process.
+
+    The baselines read the prepared folder directly, so a folder another recipe prepared with other
+    settings (say ``max_history``) must be rebuilt before the first stage, not merely exist.
+    """
+    from hanorec.data.cli_args import parse_data_cli
+    from hanorec.data.prepare import is_current
+
+    return is_current(parse_data_cli(["--config", str(config)]))
+
+
 def grid(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> list[Stage]:
     """All stages in run order: per seed the shared SFT first, then every method's own stages."""
     stages: list[Stage] = []
-    if not (plan.prepared / "manifest.json").is_file():
+    if not data_is_current(plan.config):  # another recipe may have prepared the same folder differently
         stages.append(Stage("prepare", plan.module("hanorec.data", "prepare", "--config", str(plan.config)),
-                            plan.prepared / "manifest.json"))
+                            plan.prepared / "manifest.json", force=True))
     baselines = [m.name for m in methods if m.kind == "baseline"]
     needs_sft = any(m.kind in ("sft", "dpo", "bpo", "recpo") for m in methods)
     for seed in seeds:
@@ -292,7 +305,7 @@ def execute(stages: Sequence[Stage], run_root: Path, *, dry_run: bool = False) -
         if owner in failed:
             print(f"{prefix}: left out (an earlier stage of {owner} failed)", flush=True)
             continue
-        if stage.done.exists():
+        if stage.done.exists() and not stage.force:
             print(f"{prefix}: skip (finished: {stage.done})", flush=True)
             records.setdefault(stage.key, {})["skipped_last_run"] = True
             continue

@@ -18,7 +18,7 @@ from hanorec.data.catalog import Catalog
 from hanorec.data.cli_args import parse_data_cli
 from hanorec.data.config import DataConfig
 from hanorec.data.posters import render_posters
-from hanorec.data.prepare import prepare
+from hanorec.data.prepare import is_current, prepare
 
 HEADER_INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 HEADER_ITEM = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
@@ -82,6 +82,23 @@ def test_prepare_layout_counts_and_reuse(source: Path, capsys) -> None:
     assert "reusing" in capsys.readouterr().out and again == manifest
     prepare(_config(source, data_seed=1), progress=False)
     assert "reusing" not in capsys.readouterr().out
+
+
+def test_is_current_tracks_config_and_sources(source: Path) -> None:
+    """``is_current`` is False before any prepare, True right after, False for the same folder
+    under another ``max_history`` (what a second recipe sharing the folder would do) and False
+    once a source file changes; a prepare of the new config makes it True again."""
+    config = _config(source)
+    assert not is_current(config)
+    prepare(config, progress=False)
+    assert is_current(config)
+    other = _config(source, max_history=3)
+    assert not is_current(other)
+    with open(source / "s.inter", "a") as handle:
+        handle.write("1\t40\t5\t200\n")
+    assert not is_current(config)
+    prepare(config, progress=False)
+    assert is_current(config)
 
 
 def test_deterministic_output(source: Path) -> None:

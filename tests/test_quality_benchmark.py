@@ -108,6 +108,26 @@ def test_bpo_and_recpo_join_the_same_grid(smoke_run):
         assert cells[header.index("full/NDCG@10")] != "–"
 
 
+def test_grid_rebuilds_a_prepared_folder_another_recipe_wrote(tiny_recipe, tmp_path):
+    """The baselines read the prepared folder directly, so an existing folder prepared with other
+    settings must not pass for finished: the grid lists a forced ``prepare`` stage until the folder's
+    fingerprint matches the recipe, then none."""
+    from hanorec.data.__main__ import main as data_main
+
+    quality = load_driver()
+    folder = str(tmp_path / "prepared")  # not the session's shared tiny folder
+    recipe = tiny_recipe("tiny-llava", data={"output_dir": folder})
+    other = tiny_recipe("tiny-llava", data={"output_dir": folder, "max_history": 7})
+    plan = quality.Plan(recipe, tmp_path / "runs", quality.BUDGETS["smoke"], quality.prepared_dir(recipe))
+    assert quality.prepared_dir(other) == plan.prepared
+    data_main(["prepare", "--config", str(other)])
+    assert (plan.prepared / "manifest.json").is_file()
+    stages = quality.grid(plan, [quality.BY_NAME["popularity"]], [0])
+    assert stages[0].key == "prepare" and stages[0].force
+    data_main(["prepare", "--config", str(recipe)])
+    assert all(s.key != "prepare" for s in quality.grid(plan, [quality.BY_NAME["popularity"]], [0]))
+
+
 @pytest.mark.parametrize("rerun", [False, True])
 def test_execute_records_cost_and_isolates_a_failed_method(tmp_path, rerun):
     """Three stages: ``s0/a/train`` fails (exit 3), so ``s0/a/eval`` is left out; ``s0/b/train``

@@ -92,6 +92,15 @@ def _reusable(output: Path, expected: str) -> dict[str, Any] | None:
     return None
 
 
+def is_current(config: DataConfig) -> bool:
+    """True when ``config.output_dir`` holds a complete preparation of exactly this config and
+    these source files (the check :func:`prepare` makes before reusing a folder)."""
+    output = config.path(config.output_dir)
+    if not (output / "manifest.json").is_file():
+        return False
+    return _reusable(output, fingerprint(config, source_record(config))) is not None
+
+
 def _save(table: pa.Table, path: Path, name: str, digest: str) -> None:
     fp = hashlib.sha256(f"{digest}/{name}".encode()).hexdigest()[:16]
     datasets.Dataset(table, fingerprint=fp).save_to_disk(str(path))
