@@ -82,18 +82,36 @@ class Budget:
     prompt: tuple[str, ...] = ()  # model and prompt flags of every model stage (training, generation, evaluation)
     evaluation: tuple[str, ...] = ()  # flags of the evaluation stages only
     full_users: int | None = None  # users of the full-catalogue evaluation (RecPO)
+    bf16: bool = False  # bf16 autocast in training and scoring, only where bf16 is native (hanorec.hardware)
+
+    def training_flags(self) -> tuple[str, ...]:
+        """Flags of every training stage: ``extra``, plus bf16 mixed precision where it is native."""
+        return (*self.extra, *(("--mixed-precision", "bf16") if self.uses_bf16() else ()))
+
+    def evaluation_flags(self) -> tuple[str, ...]:
+        """Flags of every evaluation stage: ``evaluation``, plus bf16 scoring where it is native."""
+        return (*self.evaluation, *(("--eval-precision", "bf16") if self.uses_bf16() else ()))
+
+    def uses_bf16(self) -> bool:
+        """``bf16`` and this machine (its GPU, else its CPU) runs bfloat16 natively."""
+        import torch
+
+        from hanorec.hardware import native_bf16
+
+        return self.bf16 and native_bf16("cuda" if torch.cuda.is_available() else "cpu")
 
 
 BUDGETS = {
-    # 2 CPU cores, smollm2-llava (~135M, 30 layers). Measured here, idle: an SFT step of 2 examples
-    # ~7 s in bf16 autocast with LoRA dropout off and sdpa (fp32 + dropout + eager: ~2x that);
-    # ~1.6 s per user for 20 candidates (bf16, packed). Sized so 13 methods x 3 seeds fit ~1.5 h.
+    # 2 CPU cores, smollm2-llava (~135M, 30 layers), sdpa, LoRA dropout off. Measured: an SFT step of
+    # 2 examples ~5.8 s in fp32 on an AVX2-only EPYC; ~3 s in bf16 on a CPU with avx512_bf16 (where
+    # bf16 is emulated it is ~150 s, hence `bf16` only where native); 20 candidates ~2.5 s per user
+    # (fp32, packed). Sized so 13 methods x 3 seeds fit a few hours.
     "cpu": Budget(sft_steps=16, dpo_steps=4, train_examples=64, eval_users=20, sasrec_epochs=40,
                   extra=("--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--eval-every", "0",
-                         "--eval-examples", "2", "--save-every", "0", "--mixed-precision", "bf16"), full_users=20,
+                         "--eval-examples", "2", "--save-every", "0"), full_users=20, bf16=True,
                   prompt=("--max-length", "512", "--image-budget", "2", "--lora-dropout", "0",
                           "--attn-implementation", "sdpa"),
-                  evaluation=("--eval-precision", "bf16", "--scoring-mode", "packed")),
+                  evaluation=("--scoring-mode", "packed")),
     # GPU machines: the recipe's steps (paper scale), every test user.
     "full": Budget(sft_steps=None, dpo_steps=None, train_examples=None, eval_users=None, sasrec_epochs=200),
     # make test: tiny backbone, a couple of steps, a handful of users.
@@ -144,7 +162,7 @@ def sft_stage(plan: Plan, seed: int, method: Method) -> Stage:
     run_dir = plan.run_dir(seed, method.name)
     b = plan.budget
     cmd = plan.module("hanorec.sft", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
-                      *_flag("--max-steps", b.sft_steps), *_flag("--max-train-examples", b.train_examples), *b.extra, *b.prompt,
+                      *_flag("--max-steps", b.sft_steps), *_flag("--max-train-examples", b.train_examples), *b.training_flags(), *b.prompt,
                       *(["--with-images", "false"] if method.text_only else []))
     return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "sft" / "final", run_dir / "sft" / "summary.json")
 
@@ -159,7 +177,7 @@ def dpo_stage(plan: Plan, seed: int, method: Method, extra: Sequence[str] = ()) 
     b = plan.budget
     cmd = plan.module("hanorec.dpo", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
                       "--sft-checkpoint", str(sft_checkpoint(plan, seed)), *method.flags,
-                      *_flag("--max-steps", b.dpo_steps), *_flag("--max-train-pairs", b.train_examples), *b.extra, *b.prompt, *extra)
+                      *_flag("--max-steps", b.dpo_steps), *_flag("--max-train-pairs", b.train_examples), *b.training_flags(), *b.prompt, *extra)
     return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "dpo" / "final", run_dir / "dpo" / "summary.json")
 
 
@@ -168,7 +186,7 @@ def eval_stage(plan: Plan, seed: int, method: Method, checkpoint: Path, protocol
     users = plan.budget.eval_users
     cmd = plan.module("hanorec.evaluate", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
                       "--checkpoint", str(checkpoint), "--name", EVAL_NAME, "--eval-protocols", ",".join(protocols),
-                      *_flag("--eval-max-users", users), *plan.budget.prompt, *plan.budget.evaluation,
+                      *_flag("--eval-max-users", users), *plan.budget.prompt, *plan.budget.evaluation_flags(),
                       *(["--with-images", "false"] if method.text_only else []))
     return Stage(f"seed{seed}/{method.name}/eval", cmd, run_dir / "eval" / EVAL_NAME / "summary.json")
 
@@ -206,7 +224,7 @@ def recpo_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
                   plan.module("hanorec.recpo", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
                               "--recpo-init-checkpoint", str(sft_checkpoint(plan, seed)), *_flag("--max-steps", b.dpo_steps),
                               *_flag("--max-train-examples", b.train_examples), *_flag("--recpo-eval-users", b.full_users),
-                              *b.extra, *b.prompt),
+                              *b.training_flags(), *b.prompt),
                   run_dir / "recpo" / "summary.json", run_dir / "recpo" / "summary.json")
     return [train]
 

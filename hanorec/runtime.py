@@ -47,9 +47,12 @@ def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Pa
     """The accelerator (CPU when no GPU), ``<run_dir>/<stage>`` with the resolved recipe saved
     in it, and every RNG seeded: the first lines of every training entry point."""
     from hanorec.config import save_yaml
+    from hanorec.hardware import warn_if_emulated_bf16
     from hanorec.training import set_seed
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if cfg.mixed_precision == "bf16":
+        warn_if_emulated_bf16("--mixed-precision bf16", accelerator.device.type)
     out_dir = Path(run.run_dir) / stage
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from hanorec.collate import PromptCollator
 from hanorec.data.prompts import Prompt, response_text
 from hanorec.forward import MROPE_FAMILIES, score_candidates
+from hanorec.hardware import warn_if_emulated_bf16
 from hanorec.losses import sequence_logps
 from hanorec.metrics import target_ranks
 
@@ -65,8 +66,9 @@ def scoring_precision(model: nn.Module, precision: str = "fp32") -> torch.autoca
     Autocast keeps log-softmax and reductions in float32 and every function here casts its
     output to float before numpy, so only the matmul rounding changes (candidate scores move by ~1e-2 nats on the
     tiny models; rankings of well-separated candidates are kept). Worth it where bf16 matmuls are
-    fast: GPUs, and CPUs with avx512_bf16 or AMX (about 3x the fp32 matmul rate on this
-    project's 2-core CI machine).
+    fast: GPUs, and CPUs with avx512_bf16 or AMX (about 3x the fp32 matmul rate on one such 2-core
+    machine); where bf16 is emulated (AVX2-only CPUs) it is ~5x slower than fp32 and warns
+    (:mod:`hanorec.hardware`).
 
     Args:
         model: The model that will run (its device picks the autocast device type).
@@ -77,7 +79,10 @@ def scoring_precision(model: nn.Module, precision: str = "fp32") -> torch.autoca
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"eval_precision must be fp32 or bf16, got {precision!r}")
-    return torch.autocast(model_device(model).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    device_type = model_device(model).type
+    if precision == "bf16":
+        warn_if_emulated_bf16("--eval-precision bf16", device_type)
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
