@@ -28,7 +28,9 @@ from typing import Any
 
 __all__ = ["load_training_log", "write_report"]
 
-PANEL_ORDER = ("train", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
+PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
+NOT_CURVES = frozenset({"step", "time", "epoch"})  # bookkeeping fields of a metrics.jsonl record
+OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}  # scales unlike the loss's
 MetricTable = Mapping[str, Mapping[str, Any]]  # run -> metric -> {mean, low, high} or (m, l, h)
 
 
@@ -74,16 +76,20 @@ def load_training_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _series(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
-    """``{group: {key: (steps, values)}}`` for every numeric key other than ``step``."""
+    """``{group: {key: (steps, values)}}`` for every numeric key but bookkeeping (step, wall time).
+
+    A key's group is its prefix before ``/`` (``other`` without one), except the keys of
+    ``OWN_PANEL``: a learning rate of 1e-4 on the loss's axis would draw as a flat zero line.
+    """
     groups: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for index, record in enumerate(records):
         step = record.get("step", index)
         for key, value in record.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in NOT_CURVES or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if not math.isfinite(value):
                 continue
-            group = key.split("/", 1)[0] if "/" in key else "other"
+            group = OWN_PANEL.get(key) or (key.split("/", 1)[0] if "/" in key else "other")
             steps, values = groups.setdefault(group, {}).setdefault(key, ([], []))
             steps.append(float(step))
             values.append(float(value))

@@ -50,6 +50,24 @@ def test_report_has_table_numbers_and_valid_pngs(tmp_path):
     assert "Panels: train, eval, rewards, hars" in text
 
 
+def test_curve_panels_skip_bookkeeping_and_give_lr_its_own_axis(tmp_path):
+    """A DPO log carries ``time`` (epoch seconds, ~1.8e9) and ``train/lr`` (~1e-4) beside the
+    loss (~0.7). Plotted as they come, the time would be a panel of its own ("other") and the
+    learning rate a flat zero line on the loss's axis. Expected panels, in order:
+    train (loss only), learning rate, gradient norm — and no "other"."""
+    from hanorec.report import _series, plot_training_curves
+
+    records = [{"step": s, "time": 1.796e9 + s, "train/loss": 0.7 / s, "train/lr": 1e-4,
+                "train/grad_norm": 0.5} for s in range(1, 6)]
+    groups = _series(records)
+    assert set(groups) == {"train", "learning rate", "gradient norm"}
+    assert set(groups["train"]) == {"train/loss"}
+    order = plot_training_curves(records, tmp_path / "curves.png")
+    assert order == ["train", "learning rate", "gradient norm"]
+    with Image.open(tmp_path / "curves.png") as image:
+        image.verify()
+
+
 def test_report_without_log_or_comparison(tmp_path):
     path = write_report(tmp_path, title="Only metrics", metrics_tables={"run": {"MRR": (0.5, 0.4, 0.6)}})
     text = path.read_text()
