@@ -63,7 +63,7 @@ from benchmarks.quality_grid import (  # noqa: E402
 )
 from hanorec.hardware import describe_machine  # noqa: E402
 from hanorec.metrics import auc_contributions  # noqa: E402
-from hanorec.stats import bootstrap_ci, compare_runs  # noqa: E402
+from hanorec.stats import bootstrap_ci, compare_runs, holm  # noqa: E402
 
 __all__ = ["BUDGETS", "BY_NAME", "METHODS", "Budget", "Method", "Plan", "Stage", "execute", "grid", "main", "run_stage",
            "write_results"]
@@ -163,6 +163,8 @@ def paired_tests(results: dict[str, Units], reference: str, metrics: Sequence[st
             (row,) = compare_runs({metric: [a[k] for k in shared]}, {metric: [b[k] for k in shared]}, shared, shared,
                                   n_resamples=n_resamples, seed=0)
             rows.append({**row, "method": method, "reference": reference})
+    for row, adjusted in zip(rows, holm([r["p_wilcoxon"] for r in rows])):
+        row["p_wilcoxon_holm"] = adjusted  # one family per reference: every method and metric against it
     return rows
 
 
@@ -226,12 +228,15 @@ def markdown(methods: Sequence[Method], table: dict, tests: list[dict], cost: di
         lines.append(f"| {method.label} | {_fmt(c['train_seconds'])} | {_fmt(c['train_cpu_seconds'])} | {_fmt(c['train_peak_mb'], '.0f')} | "
                      f"{_fmt(c['steps'], '.0f')} | {_fmt(c['eval_seconds'])} |")
     lines += ["", "## Paired tests (method − reference, same (seed, user) units)", "",
-              "| method | reference | metric | units | diff [95% CI] | p (bootstrap) | p (Wilcoxon) |",
-              "|---|---|---|---:|---|---:|---:|"]
+              "`p (Holm)` is the Wilcoxon p adjusted by Holm's step-down procedure over every row with the "
+              "same reference (all methods and metrics against it), so `p (Holm) ≤ 0.05` holds the chance "
+              "of any false claim in that family at 5%.", "",
+              "| method | reference | metric | units | diff [95% CI] | p (bootstrap) | p (Wilcoxon) | p (Holm) |",
+              "|---|---|---|---:|---|---:|---:|---:|"]
     labels = {m.name: m.label for m in methods}
     lines += [f"| {labels[r['method']]} | {labels.get(r['reference'], r['reference'])} | {r['metric']} | {r['n_users']} | "
               f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] | {r['p_bootstrap']:.3g} | "
-              f"{r['p_wilcoxon']:.3g} |" for r in tests]
+              f"{r['p_wilcoxon']:.3g} | {r['p_wilcoxon_holm']:.3g} |" for r in tests]
     if meta.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in meta["plots"]]
     return "\n".join(lines) + "\n"

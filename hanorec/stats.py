@@ -11,6 +11,8 @@ between two runs. The unit of resampling is the **user** (one row per user and p
 * :func:`bootstrap_auc` — cluster bootstrap for ROC-AUC (hit1): resample users, keep all of a
   resampled user's examples (with multiplicity), recompute the AUC.
 * :func:`compare_runs` — aligns two runs by user id and tabulates all of the above.
+* :func:`holm` — Holm's step-down adjustment of a family of p-values (Holm, 1979), for a table
+  that tests many methods against one reference.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "bootstrap_auc",
     "bootstrap_ci",
     "compare_runs",
+    "holm",
     "paired_bootstrap",
     "summarize",
     "wilcoxon",
@@ -160,6 +163,30 @@ def wilcoxon(a: object, b: object, *, zero_method: str = "wilcox") -> float:
     result = scipy_stats.wilcoxon(diff, zero_method=zero_method, alternative="two-sided")
     p_value = float(result.pvalue)
     return 1.0 if np.isnan(p_value) else p_value
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979, "A simple sequentially rejective multiple
+    test procedure", Scand. J. Statist. 6:65–70), controlling the family-wise error rate.
+
+    With the ``m`` p-values sorted ascending, ``p_(1) ≤ … ≤ p_(m)``, the adjusted value of the
+    ``i``-th is ``max_{j ≤ i} min(1, (m − j + 1) · p_(j))``; it is returned in the input order.
+    Rejecting every hypothesis whose adjusted p is ≤ α keeps the chance of any false rejection in
+    the family ≤ α, whatever the dependence between the tests.
+
+    Raises:
+        ValueError: a p-value outside [0, 1] or NaN (naming its position).
+    """
+    values = np.asarray(list(p_values), dtype=np.float64)
+    bad = np.flatnonzero(~((values >= 0) & (values <= 1)))
+    if bad.size:
+        raise ValueError(f"p_values[{bad[0]}]: expected a p-value in [0, 1], got {values[bad[0]]}")
+    m = values.size
+    order = np.argsort(values, kind="stable")
+    scaled = np.minimum(1.0, (m - np.arange(m)) * values[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted.tolist()
 
 
 def bootstrap_auc(

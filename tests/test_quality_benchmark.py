@@ -68,6 +68,12 @@ def test_smoke_grid_writes_one_finite_row_per_method(smoke_run):
     raw = json.loads((root / "results" / "ml100k.json").read_text(encoding="utf-8"))
     tested = {(t["method"], t["reference"]) for t in raw["tests"]}
     assert {("hanorec-nodo", "dpo"), ("hanorec-nodo", "sft"), ("dpo", "sft")} <= tested
+    for reference in ("dpo", "sft"):  # Holm within each reference's family: never below the raw p
+        family = [t for t in raw["tests"] if t["reference"] == reference]
+        assert all(t["p_wilcoxon"] <= t["p_wilcoxon_holm"] <= 1 for t in family)
+        smallest = min(family, key=lambda t: t["p_wilcoxon"])
+        assert smallest["p_wilcoxon_holm"] == pytest.approx(min(1.0, len(family) * smallest["p_wilcoxon"]))
+    assert "| p (Holm) |" in text
     stages = raw["stages"]
     assert stages["seed0/sft/train"]["steps"] == 2 and stages["seed0/sft/train"]["peak_rss_mb"] > 50
     assert stages["seed0/dpo/train"]["seconds"] > 0

@@ -9,6 +9,7 @@ from hanorec.stats import (
     bootstrap_auc,
     bootstrap_ci,
     compare_runs,
+    holm,
     paired_bootstrap,
     summarize,
     wilcoxon,
@@ -122,3 +123,37 @@ def test_summarize_shape():
     summary = summarize({"HR@1": [1.0, 0.0, 1.0, 1.0]})
     assert summary["HR@1"]["mean"] == pytest.approx(0.75)
     assert summary["HR@1"]["n"] == 4
+
+
+def test_holm_by_hand():
+    """p = [0.01, 0.04, 0.03, 0.5], m = 4. Sorted: 0.01, 0.03, 0.04, 0.5 with multipliers
+    4, 3, 2, 1 → 0.04, 0.09, 0.08, 0.5; running maximum → 0.04, 0.09, 0.09, 0.5. Back in input
+    order: [0.04, 0.09, 0.09, 0.5]."""
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.5]), [0.04, 0.09, 0.09, 0.5], atol=1e-12)
+
+
+def test_holm_matches_the_sequential_procedure():
+    """Against the procedure as Holm states it: walk the sorted p-values, reject H_(i) while
+    p_(i) ≤ α / (m − i + 1), stop at the first failure. For every α on a grid, the hypotheses
+    rejected that way are exactly those with adjusted p ≤ α. Also: caps at 1, ties kept."""
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.uniform(0, 0.05, 6), rng.uniform(0, 1, 10), [0.02, 0.02]])
+    adjusted = np.array(holm(p))
+    m = p.size
+    for alpha in np.linspace(0.001, 0.5, 60):
+        rejected = set()
+        for i, index in enumerate(np.argsort(p, kind="stable")):
+            if p[index] > alpha / (m - i):
+                break
+            rejected.add(int(index))
+        assert rejected == set(np.flatnonzero(adjusted <= alpha).tolist())
+    assert adjusted.max() <= 1.0 and np.all(adjusted >= p)
+    assert adjusted[-1] == adjusted[-2]
+
+
+def test_holm_rejects_bad_p_values():
+    assert holm([]) == []
+    with pytest.raises(ValueError, match=r"p_values\[1\]"):
+        holm([0.1, float("nan")])
+    with pytest.raises(ValueError, match=r"p_values\[0\]"):
+        holm([1.5])
