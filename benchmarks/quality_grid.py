@@ -103,12 +103,12 @@ class Budget:
 
 BUDGETS = {
     # 2 CPU cores, smollm2-llava (~135M, 30 layers), sdpa, LoRA dropout off. Measured: an SFT step of
-    # 2 examples ~5.8 s in fp32 on an AVX2-only EPYC; ~3 s in bf16 on a CPU with avx512_bf16 (where
-    # bf16 is emulated it is ~150 s, hence `bf16` only where native); 20 candidates ~2.5 s per user
-    # (fp32, packed). Sized so 13 methods x 3 seeds fit a few hours.
-    "cpu": Budget(sft_steps=16, dpo_steps=4, train_examples=64, eval_users=20, sasrec_epochs=40,
+    # 2 examples ~5.8 s in fp32 on an AVX2-only EPYC; ~2.6 s in bf16 on a CPU with avx512_bf16 (where
+    # bf16 is emulated it is ~150 s, hence `bf16` only where native); 40 users of candidates + hit1
+    # ~55 s (bf16, packed). 13 methods x 3 seeds: ~35 min a seed with bf16 (see results/README.md).
+    "cpu": Budget(sft_steps=48, dpo_steps=8, train_examples=128, eval_users=40, sasrec_epochs=40,
                   extra=("--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--eval-every", "0",
-                         "--eval-examples", "2", "--save-every", "0"), full_users=20, bf16=True,
+                         "--eval-examples", "2", "--save-every", "0"), full_users=40, bf16=True,
                   prompt=("--max-length", "512", "--image-budget", "2", "--lora-dropout", "0",
                           "--attn-implementation", "sdpa"),
                   evaluation=("--scoring-mode", "packed")),
