@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-users", type=int, default=None, help="Override the users evaluated per protocol and seed.")
     parser.add_argument("--sft-steps", type=int, default=None, help="Override the SFT steps of the budget.")
     parser.add_argument("--dpo-steps", type=int, default=None, help="Override the preference-stage steps of the budget.")
+    parser.add_argument("--train-examples", type=int, default=None,
+                        help="Override the SFT rows (and preference pairs) drawn per run; raise it with the steps, or "
+                             "longer runs repeat the same few rows.")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000, help="Resamples of intervals and paired tests.")
     parser.add_argument("--dry-run", action="store_true", help="Print the stage commands without running them.")
     parser.add_argument("--report-only", action="store_true", help="Only rebuild the results page from finished stages.")
@@ -347,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     args = build_parser().parse_args(argv)
     budget = BUDGETS["full" if args.full else "smoke" if args.smoke else "cpu"]
     overrides = {"eval_users": args.eval_users, "full_users": args.eval_users, "sft_steps": args.sft_steps,
-                 "dpo_steps": args.dpo_steps}
+                 "dpo_steps": args.dpo_steps, "train_examples": args.train_examples}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:

@@ -189,3 +189,24 @@ def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, native, tmp_
         if module == "hanorec.evaluate":
             assert run.eval.eval_precision == ("bf16" if bf16 else "fp32"), stage.key
     assert parsed == set(runs)
+
+
+def test_size_overrides_reach_every_stage_command(tiny_recipe, tmp_path, capsys):
+    """``--sft-steps 300 --dpo-steps 40 --train-examples 1000 --eval-users 7`` on the CPU budget
+    (48/8/128/40 by default): the dry run's SFT command carries ``--max-steps 300`` and
+    ``--max-train-examples 1000``, the DPO command ``--max-steps 40`` and ``--max-train-pairs 1000``,
+    the evaluation ``--eval-max-users 7``; nothing runs."""
+    quality = load_driver()
+    recipe = tiny_recipe("tiny-llava")
+    quality.main(["--config", str(recipe), "--seeds", "0", "--methods", "sft,dpo", "--run-root", str(tmp_path / "runs"),
+                  "--out", str(tmp_path / "out"), "--sft-steps", "300", "--dpo-steps", "40", "--train-examples", "1000",
+                  "--eval-users", "7", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+
+    def command(key: str) -> str:
+        return next(line for line in lines if line.startswith("[") and f"] {key}:" in line)
+
+    assert "--max-steps 300" in command("seed0/sft/train") and "--max-train-examples 1000" in command("seed0/sft/train")
+    assert "--max-steps 40" in command("seed0/dpo/train") and "--max-train-pairs 1000" in command("seed0/dpo/train")
+    assert "--eval-max-users 7" in command("seed0/dpo/eval")
+    assert not (tmp_path / "runs" / "seed0" / "sft").exists()
