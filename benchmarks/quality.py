@@ -259,10 +259,11 @@ def plots(methods: Sequence[Method], table: dict, cost: dict, out: Path, stem: s
               if cost[m.name]["train_seconds"] and metrics[0] in table[m.name]]
     if points:
         plt = _pyplot()
-        fig, axis = plt.subplots(figsize=(6, 4))
-        for seconds, value, label in points:
-            axis.scatter(seconds, value)
-            axis.annotate(label, (seconds, value), fontsize="x-small")
+        fig, axis = plt.subplots(figsize=(9, 4))
+        colours = plt.get_cmap("tab20").colors
+        for n, (seconds, value, label) in enumerate(points):  # a legend, not annotations: close points overlap
+            axis.scatter(seconds, value, color=colours[n % len(colours)], marker="osD^v<>"[n % 7], s=40, label=label)
+        axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
         axis.set_xscale("log")
         axis.set_xlabel("training wall time per seed (s, log)")
         axis.set_ylabel(metrics[0])
