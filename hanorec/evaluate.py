@@ -33,7 +33,7 @@ Protocols (DESIGN.md, "Evaluation protocols"; scoring in :mod:`hanorec.scoring`)
   token) and every item's state (final hidden state at the end of its item prompt), the whole
   catalogue encoded once; every item of the user's known sequence before the target is masked
   (the sequence rebuilt from the prepared train rows by
-  :func:`hanorec.baselines.__main__.training_sequences`, plus the validation target for the test
+  :func:`hanorec.data.known.training_sequences`, plus the validation target for the test
   split; the row's ``history`` when rows do not chain) → HR@5/10/20, NDCG@5/10/20, MRR.
 
 ``blind`` (BPO's modality-reliance measure, arXiv 2503.14189): every protocol is evaluated
@@ -62,6 +62,7 @@ import torch
 from hanorec import config as recipe
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
+from hanorec.data.known import known_sequences
 from hanorec.metrics import (
     answer_validity,
     auc_contributions,
@@ -206,33 +207,6 @@ def eval_hit1(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig
     per_user = {"score": scores, "label": labels, "AUC_placement": auc_contributions(scores, labels)}
     summary = {"AUC": {"mean": auc, "low": low, "high": high, "n": len(rows)}}
     return ProtocolResult(user_ids, per_user, summary, time.perf_counter() - start)
-
-
-def known_sequences(prepared: Path, split: str) -> tuple[dict[str, list[int]], int]:
-    """Each user's item indices before the ``split`` target, rebuilt from the ``full`` train rows.
-
-    Reuses the baselines' rebuild (:func:`hanorec.baselines.__main__.training_sequences`):
-    validation → the training sequence; test → training sequence + validation target.
-
-    Returns:
-        ``({user_id: sequence}, users whose rows did not chain and fell back to the row history)``.
-    """
-    from hanorec.baselines.__main__ import (
-        _test_inputs,
-        load_prepared,
-        split_arrays,
-        training_sequences,
-    )
-
-    item_ids, _, rows = load_prepared(prepared, "full")
-    index = {item: i for i, item in enumerate(item_ids)}
-    where = str(prepared / "full")
-    valid = split_arrays(rows["validation"], index, "full", f"{where}/validation")
-    sequences, fallbacks = training_sequences(rows.get("train", []), valid, index, f"{where}/train")
-    if split == "validation":
-        return dict(zip(valid.user_ids, sequences)), fallbacks
-    test = split_arrays(rows[split], index, "full", f"{where}/{split}")
-    return dict(zip(test.user_ids, _test_inputs(sequences, valid, test))), fallbacks
 
 
 def full_ranking_metrics(users: np.ndarray, items: np.ndarray, targets: Sequence[int],

@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from hanorec import config as recipe
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
+from hanorec.data.known import known_sequences
 from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
 from hanorec.metrics import history_mask, match_answer, ranking_metrics, target_ranks
 from hanorec.models.config import ModelConfig
@@ -297,7 +298,7 @@ def mean_reward(model, head: Head, rows: list[dict], cfg: RecPOConfig, *, reason
 
 def known_items(rows: list[dict], catalog, sequences: dict[str, list[int]]) -> tuple[list[int], list[list[int]]]:
     """Target index and the items to mask per row: the user's whole known sequence (rebuilt by
-    :func:`hanorec.evaluate.known_sequences`), the row's history when it could not be rebuilt."""
+    :func:`hanorec.data.known.known_sequences`), the row's history when it could not be rebuilt."""
     targets = [catalog.position(r["target"]) for r in rows]
     masked = [sequences.get(str(r["user_id"])) or [catalog.position(i) for i in r["history"]] for r in rows]
     return targets, masked
@@ -349,8 +350,6 @@ def time_per_user(model, head: Head, rows: list[dict], cfg: RecPOConfig, device)
 
 def evaluate_full(model, head: Head, run: RecPORun, prepared: Path, out_dir: Path, device) -> dict[str, Any]:
     """Test-split ``full`` evaluation: per-user JSONL, summary.json (with timings), report.md."""
-    from hanorec.evaluate import known_sequences
-
     cfg = run.recpo
     rows = load_rows(prepared, [cfg.recpo_protocol], "test", limit=cfg.recpo_eval_users, seed=run.seed)
     head.table.refresh(model, head.collator)

@@ -100,7 +100,7 @@ def test_warmup_item_head_beats_popularity_on_full_protocol(tiny_recipe) -> None
     from datasets import load_from_disk
 
     from hanorec.baselines import MostPopular
-    from hanorec.evaluate import known_sequences
+    from hanorec.data.known import known_sequences
 
     path = tiny_recipe("tiny-llava", recpo={**RL, "recpo_warmup_steps": 25, "max_steps": 25, "max_train_examples": 0,
                                             "per_device_batch_size": 8, "recpo_eval_reasoning": False})

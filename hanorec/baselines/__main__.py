@@ -34,7 +34,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -42,110 +42,19 @@ import numpy as np
 
 from hanorec.baselines.popularity import MostPopular
 from hanorec.baselines.sasrec import SASRec, SASRecConfig
+from hanorec.data.known import (  # noqa: F401  (re-exported for callers of the old home)
+    SplitArrays,
+    load_prepared,
+    split_arrays,
+    test_inputs,
+    training_sequences,
+)
 from hanorec.metrics import history_mask, ranking_metrics, roc_auc, target_ranks
 from hanorec.report import write_report
 from hanorec.stats import bootstrap_auc, compare_runs, summarize
 
 PROTOCOL_KS = {"candidates": (1, 5, 10), "hit3": (1, 3), "full": (5, 10, 20)}
 SELECTION_METRIC = {"candidates": "NDCG@10", "hit3": "NDCG@3", "full": "NDCG@10", "hit1": "AUC"}
-
-
-@dataclass
-class SplitArrays:
-    """One split of a protocol as 0-based item indices."""
-
-    user_ids: list[str]
-    histories: list[list[int]]
-    targets: np.ndarray
-    candidates: np.ndarray | None = None  # [U, C] (candidates, hit3)
-    target_index: np.ndarray | None = None  # [U]
-    queries: np.ndarray | None = None  # [U] (hit1)
-    labels: np.ndarray | None = None  # [U] (hit1)
-    inputs: list[list[int]] | None = None  # model input sequences (default: histories)
-
-    @property
-    def model_inputs(self) -> list[list[int]]:
-        return self.histories if self.inputs is None else self.inputs
-
-
-def _lookup(index: dict[str, int], item_id: str, where: str) -> int:
-    try:
-        return index[str(item_id)]
-    except KeyError:
-        raise ValueError(f"{where}: item id {item_id!r} is not in items/") from None
-
-
-def split_arrays(rows: Sequence[dict[str, Any]], index: dict[str, int], protocol: str,
-                 where: str) -> SplitArrays:
-    """Convert prepared rows (string item ids) to index arrays; errors name split, row, field."""
-    out = SplitArrays([], [], np.zeros(len(rows), dtype=np.int64))
-    candidates, target_index, queries, labels = [], [], [], []
-    for n, row in enumerate(rows):
-        at = f"{where}[{n}]"
-        out.user_ids.append(str(row["user_id"]))
-        out.histories.append([_lookup(index, i, f"{at}.history") for i in row["history"]])
-        out.targets[n] = _lookup(index, row["target"], f"{at}.target")
-        if protocol in ("candidates", "hit3"):
-            candidates.append([_lookup(index, i, f"{at}.candidates") for i in row["candidates"]])
-            target_index.append(int(row["target_index"]))
-            if candidates[-1][target_index[-1]] != out.targets[n]:
-                raise ValueError(f"{at}.target_index: candidates[target_index] != target")
-        elif protocol == "hit1":
-            queries.append(_lookup(index, row["query"], f"{at}.query"))
-            labels.append(int(row["label"]))
-    if candidates:
-        out.candidates, out.target_index = np.array(candidates), np.array(target_index)
-    if queries:
-        out.queries, out.labels = np.array(queries), np.array(labels)
-    return out
-
-
-def _ends_with(sequence: list[int], tail: list[int]) -> bool:
-    return len(tail) <= len(sequence) and sequence[len(sequence) - len(tail):] == tail
-
-
-def _chain(rows: list[tuple[list[int], int]]) -> list[int] | None:
-    """``history_0 + [target_0, target_1, ...]`` when every row's history is the running tail."""
-    sequence = list(rows[0][0]) + [rows[0][1]]
-    for history, target in rows[1:]:
-        if not _ends_with(sequence, history):
-            return None
-        sequence.append(target)
-    return sequence
-
-
-def training_sequences(train_rows: Sequence[dict[str, Any]], valid: SplitArrays,
-                       index: dict[str, int], where: str) -> tuple[list[list[int]], int]:
-    """Each validation user's items before the validation target, rebuilt from train rows.
-
-    Returns:
-        ``(sequences aligned with valid.user_ids, number of users that fell back to the
-        validation history)``.
-    """
-    per_user: dict[str, list[tuple[list[int], int]]] = {}
-    for n, row in enumerate(train_rows):
-        at = f"{where}[{n}]"
-        history = [_lookup(index, i, f"{at}.history") for i in row["history"]]
-        per_user.setdefault(str(row["user_id"]), []).append(
-            (history, _lookup(index, row["target"], f"{at}.target")))
-    sequences, fallbacks = [], 0
-    for user_id, history in zip(valid.user_ids, valid.histories):
-        chained = _chain(per_user[user_id]) if user_id in per_user else None
-        if chained is None or not _ends_with(chained, history):
-            chained, fallbacks = list(history), fallbacks + 1
-        sequences.append(chained)
-    return sequences, fallbacks
-
-
-def _test_inputs(sequences: list[list[int]], valid: SplitArrays, test: SplitArrays) -> list[list[int]]:
-    """Training sequence + validation target per test user (the row history if it disagrees)."""
-    position = {user: u for u, user in enumerate(valid.user_ids)}
-    inputs = []
-    for user_id, history in zip(test.user_ids, test.histories):
-        u = position.get(user_id)
-        candidate = sequences[u] + [int(valid.targets[u])] if u is not None else []
-        inputs.append(candidate if candidate and _ends_with(candidate, history) else list(history))
-    return inputs
 
 
 def score_split(model: MostPopular | SASRec, split: SplitArrays, protocol: str) -> np.ndarray:
@@ -201,21 +110,6 @@ def write_run(out: Path, name: str, split: SplitArrays, metrics: dict[str, np.nd
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
-def load_prepared(prepared_dir: Path, protocol: str) -> tuple[list[str], np.ndarray | None, dict]:
-    """Item ids, the popularity column (or None) and the protocol's splits as row lists."""
-    from datasets import load_from_disk
-
-    items = load_from_disk(str(prepared_dir / "items"))
-    item_ids = [str(i) for i in items["item_id"]]
-    popularity = np.asarray(items["popularity"]) if "popularity" in items.column_names else None
-    splits = load_from_disk(str(prepared_dir / protocol))
-    for name in ("validation", "test"):
-        if name not in splits:
-            raise ValueError(f"{prepared_dir / protocol}: missing split {name!r}")
-    names = [name for name in ("train", "validation", "test") if name in splits]
-    return item_ids, popularity, {name: splits[name].to_list() for name in names}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train/evaluate the requested baselines; returns ``{model: summary}``."""
     prepared, out, protocol = Path(args.prepared_dir), Path(args.out), args.protocol
@@ -228,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if fallbacks:
         print(f"{fallbacks} of {len(sequences)} users: train rows do not chain, "
               "training on the validation history instead")
-    valid.inputs, test.inputs = sequences, _test_inputs(sequences, valid, test)
+    valid.inputs, test.inputs = sequences, test_inputs(sequences, valid, test)
     config = SASRecConfig(**{f.name: getattr(args, f.name) for f in fields(SASRecConfig)})
     results: dict[str, Any] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
@@ -298,3 +192,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+_test_inputs = test_inputs  # the old private name, kept for existing imports
