@@ -245,7 +245,7 @@ def markdown(methods: Sequence[Method], table: dict, tests: list[dict], cost: di
 def plots(methods: Sequence[Method], table: dict, cost: dict, out: Path, stem: str) -> list[str]:
     """Headline metric bars with intervals, and quality against training time."""
     try:
-        from hanorec.report import _pyplot, plot_metric_bars
+        from hanorec.report import plot_metric_bars, pyplot
     except ImportError as err:
         print(f"plots skipped: {err}")
         return []
@@ -258,7 +258,7 @@ def plots(methods: Sequence[Method], table: dict, cost: dict, out: Path, stem: s
     points = [(cost[m.name]["train_seconds"], table[m.name][metrics[0]][0], m.label) for m in methods
               if cost[m.name]["train_seconds"] and metrics[0] in table[m.name]]
     if points:
-        plt = _pyplot()
+        plt = pyplot()
         fig, axis = plt.subplots(figsize=(9, 4))
         colours = plt.get_cmap("tab20").colors
         for n, (seconds, value, label) in enumerate(points):  # a legend, not annotations: close points overlap

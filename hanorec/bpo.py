@@ -42,7 +42,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ from hanorec import config as recipe
 from hanorec.collate import PromptCollator
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
-from hanorec.data.prompts import ANSWERS, GENERAL, response_text
+from hanorec.data.prompts import ANSWERS, GENERAL, LABELS, response_text
 from hanorec.dpo import DPOConfig, load_preference_data
 from hanorec.metrics import match_answer, normalize_title
 from hanorec.models.config import ModelConfig
@@ -129,6 +129,15 @@ def classify_answer(answer: str, row: Mapping[str, Any], catalog: Catalog) -> tu
         return None, "text"
     item = space[index]
     return item, "chosen" if item == row["chosen"] else "item"
+
+
+def label_to_title(answer: str, row: Mapping[str, Any], catalog: Catalog) -> str:
+    """An index-label answer (``answer: index``) as its candidate's title; other text unchanged."""
+    candidates = list(row.get("candidates") or [])
+    label = answer.strip().rstrip(".")
+    if label in LABELS[: len(candidates)]:
+        return response_text(candidates[LABELS.index(label)], catalog)
+    return answer
 
 
 def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str], catalog: Catalog) -> list[dict[str, Any]]:
@@ -228,12 +237,16 @@ def generate(run: BPORun) -> Path:
     rows = load_rows(prepared, run.dpo.dpo_protocols, "train", pairs=True, limit=run.dpo.max_train_pairs, seed=run.seed)
     model, processor = load_trained(run.model, checkpoint)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    blind_prompt = PromptConfig(run.prompt.image_budget, run.prompt.max_length, with_images=False)
+    blind_prompt = replace(run.prompt, with_images=False)
     collator = make_collator(processor, catalog, run.dpo.dpo_protocols[0], blind_prompt)  # rows carry their protocol
+    if collator.style.answer == "head" and cfg.bpo_pick != "score":
+        raise ValueError("prompt.answer: head gives no text answers; use --bpo-pick score")
     if cfg.bpo_pick == "score":
         answers = blind_picks(model, collator, rows, cfg)
     else:
         answers = blind_answers(model, collator, rows, cfg, seed=run.seed)
+        if collator.style.answer == "index":
+            answers = [label_to_title(answer, row, catalog) for answer, row in zip(answers, rows)]
     records = blind_records(rows, answers, catalog)
     meta = {"checkpoint": str(checkpoint), "protocols": list(run.dpo.dpo_protocols), "prepared": str(prepared), **asdict(cfg)}
     counts = write_blind_dataset(records, out, meta)

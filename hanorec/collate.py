@@ -20,6 +20,14 @@ Three encodings:
 * :meth:`PromptCollator.encode_responses` / :meth:`PromptCollator.response_tensor`: response token
   ids with eos, as the ``[B, K+1, R]`` tensor (right-padded with -100) that
   :func:`hanorec.forward.response_logps` takes.
+
+Prompt styles (:class:`hanorec.data.prompts.PromptStyle`): with ``answer: index`` an item's
+response is its candidate label, one token and **no eos** (the label's log-probability at the
+answer position is the whole score, so all candidates are scored from one forward); with
+``answer: head`` rows have no response (the ranking head reads the prompt's last state).
+Item, poster and user placeholders are rewritten to virtual token ids after tokenisation
+(:mod:`hanorec.item_tokens`); the placeholders found must match the rendered slots one for
+one, or a ``ValueError`` names the row.
 """
 
 from __future__ import annotations
@@ -34,7 +42,16 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from hanorec.data.catalog import Catalog
-from hanorec.data.prompts import GENERAL, Prompt, build_prompt, response_text
+from hanorec.data.prompts import (
+    ANSWERS,
+    DEFAULT_STYLE,
+    GENERAL,
+    LABELS,
+    Prompt,
+    PromptStyle,
+    build_prompt,
+)
+from hanorec.item_tokens import ensure_placeholders, virtual_id
 
 IGNORE_INDEX = -100
 #: Per-token keys (padded along the sequence) and their padding value (None = pad token id).
@@ -44,6 +61,29 @@ SEQUENCE_KEYS: dict[str, int | None] = {
 }
 #: Image keys whose per-row tensors are padded to the batch's image count and stacked (Idefics3).
 STACKED_IMAGE_KEYS = ("pixel_values", "pixel_attention_mask")
+
+
+@dataclass
+class ChoiceBatch:
+    """A prompt batch and the K+1 answers to score per row, chosen first (preference pairs).
+
+    Attributes:
+        prompts: Prompt-only model inputs.
+        responses: ``[B, K+1, R]`` response token ids, -100 padded (``title`` / ``index``).
+        choices: ``head``: each row's candidate indices (None: the catalogue).
+        picks: ``head``: ``[B, K+1]`` catalogue indices of the chosen and rejected items.
+    """
+
+    prompts: BatchFeature
+    responses: torch.Tensor | None = None
+    choices: list[list[int] | None] | None = None
+    picks: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> ChoiceBatch:
+        """The batch with its tensors on ``device``."""
+        prompts = BatchFeature({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.prompts.items()})
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return ChoiceBatch(prompts, move(self.responses), self.choices, move(self.picks))
 
 
 @dataclass
@@ -89,6 +129,7 @@ class PromptCollator:
         max_length: Upper bound on tokens per sequence (prompt + response for pairs).
         with_images: False renders "blind" text-only prompts (BPO).
         padding_side: ``right`` (training) or ``left`` (generation); per-call override allowed.
+        style: Answer mode, item/user/poster tokens, title shortening, system prompt.
 
     Attributes:
         num_truncated: Rows shortened (history items dropped) since construction.
@@ -97,15 +138,19 @@ class PromptCollator:
 
     def __init__(self, processor: ProcessorMixin, catalog: Catalog, protocol: str, *, image_budget: int,
                  max_length: int, with_images: bool = True,
-                 padding_side: Literal["left", "right"] = "right") -> None:
+                 padding_side: Literal["left", "right"] = "right", style: PromptStyle = DEFAULT_STYLE) -> None:
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.processor, self.catalog, self.protocol = processor, catalog, protocol
         self.image_budget, self.max_length, self.with_images = image_budget, max_length, with_images
-        self.padding_side = padding_side
+        self.padding_side, self.style = padding_side, style
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.placeholder_ids = ensure_placeholders(self.tokenizer) if style.needs_encoder else {}
+        self._placeholder_kind = {token: kind for kind, token in self.placeholder_ids.items()}
+        if style.answer == "index":
+            check_labels(self.tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; responses must end with one")
         pad = self.tokenizer.pad_token_id
@@ -115,9 +160,12 @@ class PromptCollator:
 
     # ------------------------------------------------------------------ responses
     def encode_responses(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each response text followed by eos (no other special tokens)."""
+        """Token ids of each response text followed by eos (no other special tokens); an index
+        label (``answer: index``) is its single token, without eos."""
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [list(seq) + [self.tokenizer.eos_token_id] for seq in ids]
+        labels = self.style.answer == "index"
+        return [list(seq) + ([] if labels and text in LABELS else [self.tokenizer.eos_token_id])
+                for text, seq in zip(texts, ids)]
 
     def response_tensor(self, texts_per_row: Sequence[Sequence[str]]) -> torch.Tensor:
         """``[B, K+1, R]`` response ids (eos included), right-padded with -100.
@@ -141,21 +189,39 @@ class PromptCollator:
         return [self._response(answer, row) for answer in answers]
 
     def _response(self, answer: str, row: Mapping[str, Any]) -> str:
-        """:func:`response_text`; free text passes through on ``general`` rows."""
-        return response_text(answer, self.catalog, free_text=row.get("protocol", self.protocol) == GENERAL)
+        """The response text of ``answer`` in ``row``: ``Yes``/``No`` as is; an item id as its
+        displayed title, or its candidate label with ``answer: index``; free text passes
+        through on ``general`` rows."""
+        if answer in ANSWERS:
+            return answer
+        if row.get("protocol", self.protocol) == GENERAL:
+            return answer if answer not in self.catalog.index else self.catalog.title(answer)
+        if self.style.answer == "head":
+            raise ValueError("answer: head has no text responses (the ranking head scores items)")
+        if self.style.answer == "index":
+            candidates = list(row.get("candidates") or [])
+            if answer not in candidates:
+                raise ValueError(f"answer: index needs {answer!r} among the row's candidates (user "
+                                 f"{row.get('user_id')!r}); use candidates/hit3/hit1 rows")
+            return LABELS[candidates.index(answer)]
+        return self.style.display_title(self.catalog.title(answer))
+
+    def candidate_texts(self, row: Mapping[str, Any]) -> list[str]:
+        """Response texts of a row's candidates in candidate order (titles, or labels)."""
+        return [self._response(item, row) for item in row["candidates"]]
 
     # ------------------------------------------------------------------ prompts
     def _render(self, row: Mapping[str, Any], max_items: int | None) -> Prompt:
         protocol = row.get("protocol", self.protocol)  # mixed-protocol batches tag their rows
         return build_prompt(row, self.catalog, protocol, image_budget=self.image_budget,
-                            max_items=max_items, with_images=self.with_images)
+                            max_items=max_items, with_images=self.with_images, style=self.style)
 
     def prompt_features(self, prompt: Prompt, images: dict[Path, Image.Image]) -> dict[str, torch.Tensor]:
         """Chat-template and process one rendered prompt: 1-D token tensors + its image inputs.
 
         ``images`` caches opened files across calls (pass ``{}`` for none).
         """
-        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False) + prompt.suffix
         pil = [images.setdefault(p, _load_rgb(p)) for p in prompt.image_paths]
         kwargs: dict[str, Any] = {"images": [pil]} if pil else {}
         out = self.processor(text=[text], return_tensors="pt", **kwargs)
@@ -165,7 +231,23 @@ class PromptCollator:
         if "pixel_values" in features and features["pixel_values"].dim() == 5:  # Idefics3: (1, n, C, H, W)
             features["pixel_values"] = features["pixel_values"][0]
             features["pixel_attention_mask"] = features["pixel_attention_mask"][0]
+        if self.placeholder_ids:
+            features["input_ids"] = self._virtualize(features["input_ids"], prompt)
         return features
+
+    def _virtualize(self, ids: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+        """Rewrite the placeholder tokens to virtual ids, checking them against the slots."""
+        found = [(n, self._placeholder_kind[int(t)]) for n, t in enumerate(ids.tolist())
+                 if int(t) in self._placeholder_kind]
+        kinds = [kind.replace("mention", "item") for kind, _ in prompt.slots]
+        if [kind for _, kind in found] != kinds:
+            raise ValueError(f"prompt placeholders {[k for _, k in found]} do not match its slots {kinds} "
+                             "(a title containing a placeholder text?)")
+        out = ids.clone()
+        for (position, _), (kind, item_id) in zip(found, prompt.slots):
+            index = 0 if item_id is None else self.catalog.position(item_id)
+            out[position] = virtual_id(kind, index)
+        return out
 
     def encode_prompt_row(self, row: Mapping[str, Any], *, reserve: int = 0) -> EncodedRow:
         """Encode one row's prompt, dropping the oldest history items until it fits.
@@ -241,6 +323,16 @@ class PromptCollator:
         reserve = max(len(ids) for row_texts in texts for ids in self.encode_responses(row_texts))
         return self.encode_prompts(rows, reserve=reserve), self.response_tensor(texts)
 
+    def encode_choices(self, rows: Sequence[Mapping[str, Any]]) -> ChoiceBatch:
+        """Pair rows as a :class:`ChoiceBatch`: responses for ``title``/``index``, or the
+        candidate sets and the chosen/rejected item indices for ``head``."""
+        if self.style.answer != "head":
+            return ChoiceBatch(*self.encode_preference(rows))
+        index = self.catalog.index
+        picks = torch.tensor([[index[row["chosen"]], *(index[item] for item in row["rejected"])] for row in rows])
+        choices = [[index[i] for i in row["candidates"]] if row.get("candidates") else None for row in rows]
+        return ChoiceBatch(self.encode_prompts(rows), choices=choices, picks=picks)
+
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> BatchFeature:
         """``DataLoader`` collate function: :meth:`encode_pairs` with each row's answer."""
         return self.encode_pairs(rows)
@@ -263,6 +355,14 @@ class PromptCollator:
             else:
                 out[key] = torch.cat([r[key] for r in rows if key in r])
         return BatchFeature(out)
+
+
+def check_labels(tokenizer: Any) -> None:
+    """Every index label must be exactly one token, distinct from the others."""
+    ids = tokenizer(list(LABELS), add_special_tokens=False)["input_ids"]
+    bad = [label for label, seq in zip(LABELS, ids) if len(seq) != 1]
+    if bad or len({seq[0] for seq in ids}) != len(LABELS):
+        raise ValueError(f"answer: index needs one token per label; this tokenizer splits {bad[:5]}")
 
 
 def _load_rgb(path: Path) -> Image.Image:

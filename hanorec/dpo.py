@@ -56,13 +56,14 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
+from hanorec.collate import ChoiceBatch
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prepare import prepare
-from hanorec.forward import response_logps
 from hanorec.hardness import catalogue_embeddings, catalogue_key, pair_hardness
 from hanorec.losses import hanorec_betas, lora_noise, preference_loss, responsiveness
 from hanorec.models.config import ModelConfig
+from hanorec.readout import answer_logps
 from hanorec.runtime import (
     PromptConfig,
     build_optimizer,
@@ -76,7 +77,6 @@ from hanorec.runtime import (
     prepare_data,
     ranking_check,
     start_stage,
-    to_device,
     total_steps,
     write_json,
     write_stage_report,
@@ -179,15 +179,15 @@ def precompute_reference(model, collators, rows, batch_size: int, accelerator: A
     local = torch.zeros(len(rows), width)
     for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not accelerator.is_main_process):
         ids = mine[start : start + batch_size]
-        prompts, responses = encode_pairs(collators, [rows[i] for i in ids])
+        batch = encode_pairs(collators, [rows[i] for i in ids]).to(accelerator.device)
         with unwrapped.disable_adapter():
-            local[ids] = response_logps(unwrapped, to_device(prompts, accelerator.device), responses.to(accelerator.device), mode=mode).float().cpu()
+            local[ids] = answer_logps(unwrapped, batch, mode=mode).float().cpu()
     return accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
 
 
-def encode_pairs(collators, rows):
-    """Prompt batch and [B, K+1, R] responses; rows carry their protocol."""
-    return collators[rows[0]["protocol"]].encode_preference(rows)
+def encode_pairs(collators, rows) -> ChoiceBatch:
+    """The rows' prompts and chosen/rejected answers (:class:`ChoiceBatch`); rows carry their protocol."""
+    return collators[rows[0]["protocol"]].encode_choices(rows)
 
 
 # --------------------------------------------------------------------------- one step
@@ -199,17 +199,23 @@ class StepOutput:
     metrics: dict[str, float]
 
 
-def preference_step(model, reference_model, prompts, responses, ref_logps, lam, run: DPORun, accelerator: Accelerator, generator) -> StepOutput:
-    """Policy (noisy) and reference log-probs, HaRS β and the loss of one micro-batch."""
+def preference_step(model, reference_model, batch, responses, ref_logps, lam, run: DPORun, accelerator: Accelerator, generator) -> StepOutput:
+    """Policy (noisy) and reference log-probs, HaRS β and the loss of one micro-batch.
+
+    ``batch`` is a :class:`ChoiceBatch` (``responses`` None), or a prompt batch with its
+    ``[B, K+1, R]`` ``responses`` (the title/index form, as TRL-style callers hold them).
+    """
+    if not isinstance(batch, ChoiceBatch):
+        batch = ChoiceBatch(batch, responses)
     cfg = run.dpo
     average = cfg.loss in ("ipo", "simpo")
     noise_logits = cfg.noise_std if cfg.noise == "logits" else 0.0
     noise_ctx = lora_noise(accelerator.unwrap_model(model), cfg.noise_std, generator=generator) if cfg.noise == "lora" else nullcontext()
     with noise_ctx:
-        policy = response_logps(model, prompts, responses, mode=cfg.forward_mode, average=average, noise_std=noise_logits, generator=generator)
+        policy = answer_logps(model, batch, mode=cfg.forward_mode, average=average, noise_std=noise_logits, generator=generator)
     if cfg.reference == "frozen":
         with torch.no_grad(), reference_model() as ref_model:
-            ref_logps = response_logps(ref_model, prompts, responses, mode=cfg.forward_mode, average=average)
+            ref_logps = answer_logps(ref_model, batch, mode=cfg.forward_mode, average=average)
     chosen, rejected = policy[:, 0], policy[:, 1:]
     ref_chosen = ref_rejected = None
     if ref_logps is not None:
@@ -227,7 +233,7 @@ def preference_step(model, reference_model, prompts, responses, ref_logps, lam, 
     out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma if cfg.loss == "simpo" else 0.0)
     loss = out.loss
     if cfg.sft_weight > 0:
-        lengths = (responses[:, 0] != -100).sum(-1).clamp(min=1)
+        lengths = torch.ones_like(policy[:, 0]) if batch.responses is None else (batch.responses[:, 0] != -100).sum(-1).clamp(min=1)
         nll = -(policy[:, 0] if not average else policy[:, 0] * lengths) / lengths
         loss = loss + cfg.sft_weight * nll.mean()
     beta_vec = beta if isinstance(beta, torch.Tensor) else torch.full_like(chosen, beta)
@@ -265,9 +271,9 @@ def validation(model, reference_model, collators, rows, ref_table, lam_table, ru
     batches = 0
     for start in range(0, len(rows), run.dpo.per_device_batch_size):
         chunk = rows[start : start + run.dpo.per_device_batch_size]
-        prompts, responses = encode_pairs(collators, chunk)
+        batch = encode_pairs(collators, chunk).to(accelerator.device)
         ref = None if ref_table is None else ref_table[start : start + len(chunk)].to(accelerator.device)
-        out = preference_step(model, reference_model, to_device(prompts, accelerator.device), responses.to(accelerator.device), ref, lam_table[start : start + len(chunk)], quiet, accelerator, None)
+        out = preference_step(model, reference_model, batch, None, ref, lam_table[start : start + len(chunk)], quiet, accelerator, None)
         for key in ("train/loss", "rewards/accuracies", "rewards/margins"):
             sums[key] = sums.get(key, 0.0) + out.metrics[key]
         batches += 1
@@ -283,6 +289,9 @@ def validation(model, reference_model, collators, rows, ref_table, lam_table, ru
 def main(argv: list[str] | None = None) -> Path:
     run = recipe.parse(DPORun, argv, prog="hanorec.dpo", description=__doc__)
     cfg = run.dpo
+    if run.prompt.answer == "head" and set(cfg.dpo_protocols) - {"candidates", "hit3", "full"}:
+        raise ValueError(f"prompt.answer: head ranks items; dpo_protocols {cfg.dpo_protocols} must be item protocols "
+                         "(candidates, hit3, full), not Yes/No (hit1) or free-text (general) pairs")
     accelerator, out_dir = start_stage(run, "dpo", cfg)
     started = time.time()
 
@@ -344,11 +353,11 @@ def main(argv: list[str] | None = None) -> Path:
         step_metrics: dict[str, float] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             epoch, index, ids = next(batches)
-            prompts, responses = encode_pairs(collators, [train_rows[i] for i in ids])
+            batch = encode_pairs(collators, [train_rows[i] for i in ids]).to(accelerator.device)
             ref = None if ref_train is None else ref_train[ids].to(accelerator.device)
             last = micro == cfg.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not last else nullcontext():
-                out = preference_step(model, reference_model, to_device(prompts, accelerator.device), responses.to(accelerator.device), ref, lam_train[ids], run, accelerator, generator)
+                out = preference_step(model, reference_model, batch, None, ref, lam_train[ids], run, accelerator, generator)
                 accelerator.backward(out.loss / cfg.gradient_accumulation_steps)
             for key, value in out.metrics.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.gradient_accumulation_steps
@@ -377,7 +386,7 @@ def main(argv: list[str] | None = None) -> Path:
     log.log(position.step, val)
     final = out_dir / "final"
     if accelerator.is_main_process:
-        export_model(accelerator.unwrap_model(model), processor, final, run.model, parent=str(sft_dir.resolve()))
+        export_model(accelerator.unwrap_model(model), processor, final, run.model, parent=str(sft_dir.resolve()), prompt_cfg=run.prompt)
         write_json(out_dir / "summary.json", {"stage": "dpo", "steps": position.step, **val, "loss_type": cfg.loss, "hardness": cfg.hardness, "noise": cfg.noise, "reference": cfg.reference, "train_pairs": len(train_rows), "blind_negatives": blind_counts, "seconds": round(time.time() - started, 1), "adapter": str(final)})
         write_stage_report(out_dir, "DPO")
         print(f"DPO done: {position.step} steps, validation accuracy {val['eval/accuracies']:.3f}; adapter in {final}")

@@ -52,7 +52,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,7 @@ from hanorec.data.known import known_sequences
 from hanorec.metrics import (
     answer_validity,
     auc_contributions,
+    full_ranking,
     generated_hit1,
     ranking_metrics,
     target_ranks,
@@ -83,6 +84,7 @@ from hanorec.scoring import (
     candidate_scores,
     candidate_titles,
     generate_answers,
+    head_candidate_scores,
     quick_candidate_hr1,
     scoring_precision,
     yes_no_scores,
@@ -178,15 +180,17 @@ def _summary(per_user: dict[str, np.ndarray], cfg: EvalConfig, seed: int) -> dic
     return summarize(per_user, n_resamples=cfg.bootstrap_resamples, seed=seed)
 
 
-def eval_ranking(model, collator: PromptCollator, rows: list[dict], protocol: str, cfg: EvalConfig, seed: int) -> ProtocolResult:
-    """``candidates`` / ``hit3``: likelihood ranking (+ greedy answers for candidates)."""
+def eval_ranking(model, collator: PromptCollator, rows: list[dict], protocol: str, cfg: EvalConfig, seed: int,
+                 state_cache: dict | None = None) -> ProtocolResult:
+    """``candidates`` / ``hit3``: ranking by the read-out's scores (+ greedy answers for candidates)."""
     start = time.perf_counter()
     scores = candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size, length_normalize=cfg.length_normalize,
-                              mode=cfg.scoring_mode, candidates_per_pass=cfg.candidates_per_pass or None)
+                              mode=cfg.scoring_mode, candidates_per_pass=cfg.candidates_per_pass or None,
+                              state_cache=state_cache)
     targets = [int(row["target_index"]) for row in rows]
     per_user = ranking_metrics(target_ranks(scores, targets), PROTOCOL_KS[protocol])
     records: list[dict[str, Any]] = []
-    if cfg.generate and protocol == "candidates":
+    if cfg.generate and protocol == "candidates" and collator.style.answer != "head":
         answers = generate_answers(model, collator, rows, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
         titles = [candidate_titles(collator, row) for row in rows]
         per_user["gen_valid"] = answer_validity(answers, titles)
@@ -197,10 +201,13 @@ def eval_ranking(model, collator: PromptCollator, rows: list[dict], protocol: st
                           time.perf_counter() - start, records)
 
 
-def eval_hit1(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig, seed: int) -> ProtocolResult:
-    """``hit1``: AUC of the Yes/No log-odds over all examples, cluster bootstrap over users."""
+def eval_hit1(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig, seed: int,
+              state_cache: dict | None = None) -> ProtocolResult:
+    """``hit1``: AUC of the Yes/No log-odds (the head: the query's log-probability) over all
+    examples, cluster bootstrap over users."""
     start = time.perf_counter()
-    scores = yes_no_scores(model, collator, rows, batch_size=cfg.eval_batch_size, mode=cfg.scoring_mode)
+    scores = yes_no_scores(model, collator, rows, batch_size=cfg.eval_batch_size, mode=cfg.scoring_mode,
+                           state_cache=state_cache)
     labels = np.array([int(row["label"]) for row in rows], dtype=np.float64)
     user_ids = [str(r["user_id"]) for r in rows]
     auc, low, high = bootstrap_auc(scores, labels, user_ids, n_resamples=cfg.bootstrap_resamples, seed=seed)
@@ -216,43 +223,48 @@ def full_ranking_metrics(users: np.ndarray, items: np.ndarray, targets: Sequence
     ``score[u, i] = ⟨u/‖u‖, v_i/‖v_i‖⟩``; the items of ``sequences[u]`` are removed from the
     ranking (the target is kept if it repeats an earlier item); ties pessimistic.
     """
-    from hanorec.metrics import history_mask
-
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    scores = unit(users) @ unit(items).T
-    mask = history_mask(sequences, items.shape[0], keep=targets)
-    return ranking_metrics(target_ranks(scores, targets, mask=mask), PROTOCOL_KS["full"])
+    return full_ranking(unit(users) @ unit(items).T, targets, sequences, PROTOCOL_KS["full"])
 
 
 def eval_full(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig, seed: int, prepared: Path,
-              item_cache: dict[bool, np.ndarray]) -> ProtocolResult:
-    """``full``: rank the catalogue by hidden-state cosine; the catalogue is encoded once per image setting."""
+              cache: dict[Any, Any]) -> ProtocolResult:
+    """``full``: rank the whole catalogue, known items masked. The ``head`` read-out scores every
+    item from the user's state; otherwise the cosine between the user's final hidden state and
+    each item prompt's (the catalogue encoded once per image setting)."""
     from hanorec.scoring import item_states, user_states
 
     start = time.perf_counter()
     catalog = collator.catalog
-    if collator.with_images not in item_cache:
-        item_cache[collator.with_images] = item_states(model, collator, catalog.item_ids, batch_size=cfg.item_batch_size)
     sequences, fallbacks = known_sequences(prepared, cfg.eval_split)
     if fallbacks:
         print(f"full: {fallbacks} users' train rows do not chain; their row history is masked instead")
     user_ids = [str(r["user_id"]) for r in rows]
     masked = [sequences.get(u) or [catalog.position(i) for i in row["history"]] for u, row in zip(user_ids, rows)]
     targets = [catalog.position(row["target"]) for row in rows]
-    states = user_states(model, collator, rows, batch_size=cfg.eval_batch_size)
-    per_user = full_ranking_metrics(states, item_cache[collator.with_images], targets, masked)
+    if collator.style.answer == "head":
+        scores = head_candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size, catalogue=True,
+                                       state_cache=cache.setdefault(("head", collator.with_images), {}))
+        per_user = full_ranking(scores, targets, masked, PROTOCOL_KS["full"])
+    else:
+        if ("items", collator.with_images) not in cache:
+            cache["items", collator.with_images] = item_states(model, collator, catalog.item_ids, batch_size=cfg.item_batch_size)
+        states = user_states(model, collator, rows, batch_size=cfg.eval_batch_size)
+        per_user = full_ranking_metrics(states, cache["items", collator.with_images], targets, masked)
     return ProtocolResult(user_ids, per_user, _summary(per_user, cfg, seed), time.perf_counter() - start)
 
 
 def run_protocol(model, collator: PromptCollator, protocol: str, rows: list[dict], cfg: EvalConfig, seed: int,
-                 prepared: Path, item_cache: dict[bool, np.ndarray]) -> ProtocolResult:
+                 prepared: Path, cache: dict[Any, Any]) -> ProtocolResult:
+    """One protocol's result; ``cache`` shares encodings across protocols (item states, head states)."""
+    states = cache.setdefault(("head", collator.with_images), {})
     if protocol == "hit1":
-        return eval_hit1(model, collator, rows, cfg, seed)
+        return eval_hit1(model, collator, rows, cfg, seed, states)
     if protocol == "full":
-        return eval_full(model, collator, rows, cfg, seed, prepared, item_cache)
-    return eval_ranking(model, collator, rows, protocol, cfg, seed)
+        return eval_full(model, collator, rows, cfg, seed, prepared, cache)
+    return eval_ranking(model, collator, rows, protocol, cfg, seed, states)
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -336,15 +348,15 @@ def evaluate(run: EvalRun) -> Path:
     settings = [True, False] if cfg.blind else [True]
     results: dict[str, ProtocolResult] = {}
     gaps: dict[str, list[dict]] = {}
-    item_cache: dict[bool, np.ndarray] = {}
+    cache: dict[Any, Any] = {}  # item states and head states, per image setting
     for protocol in cfg.eval_protocols:
         rows = load_rows(prepared, [protocol], cfg.eval_split, limit=cfg.eval_max_users, seed=run.seed)
         for with_images in settings:
-            prompt_cfg = PromptConfig(run.prompt.image_budget, run.prompt.max_length, with_images and run.prompt.with_images)
+            prompt_cfg = replace(run.prompt, with_images=with_images and run.prompt.with_images)
             collator = make_collator(processor, catalog, protocol, prompt_cfg)
             key = protocol if with_images else f"{protocol}-blind"
             with scoring_precision(model, cfg.eval_precision):
-                results[key] = run_protocol(model, collator, protocol, rows, cfg, run.seed, prepared, item_cache)
+                results[key] = run_protocol(model, collator, protocol, rows, cfg, run.seed, prepared, cache)
             print(f"{key}: " + ", ".join(f"{m} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
                                          for m, v in results[key].summary.items()))
         if cfg.blind:

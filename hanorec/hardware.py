@@ -1,17 +1,19 @@
-"""What the machine runs fast: is bfloat16 native here, or emulated?
+"""What the machine runs fast: is bfloat16 faster than float32 here? Measured, not guessed.
 
-bf16 autocast is a speed lever only where the hardware has bf16 arithmetic: CUDA GPUs from
-Ampere on, and x86 CPUs with ``avx512_bf16`` or AMX. Elsewhere PyTorch emulates it, and the
-emulation is far slower than plain fp32. Measured on a 2-core AMD EPYC with AVX2 only: one SFT
-step of smollm2-llava (2 examples × ~450 tokens) took ~150 s under bf16 autocast against 5.8 s in
-fp32, and scoring 20 candidates for 4 users 52 s against 10 s; on a CPU with ``avx512_bf16`` the
-same bf16 step was about 2× faster than fp32. Stages warn once when asked for bf16 where it is
-emulated, and the quality benchmark's CPU budget only turns bf16 on where it is native.
+bf16 autocast is a speed lever only where bf16 matmuls are fast. CPU flags do not tell: a 2-core
+AMD EPYC with AVX2 only emulates bf16 (a 512² matmul 47× slower than fp32; one smollm2-llava SFT
+step ~150 s against 5.8 s), a 2-core Xeon that reports ``avx512_bf16`` ran a 2048² bf16 matmul
+at ~74 GFLOPS against ~120 in fp32 (an SFT step 1.7× slower), and another machine of the same
+kind ran bf16 ~3× faster than fp32. So :func:`bf16_speedup` times one small matmul in both
+precisions (under half a second, once per process) and :func:`native_bf16` answers from that.
+Stages warn once when asked for bf16 where it measured slower, and the quality benchmark's CPU
+budget only turns bf16 on where it measured faster. The flags are still read for reports.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from pathlib import Path
 
@@ -33,24 +35,50 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-@functools.cache
-def native_bf16(device_type: str = "cpu") -> bool:
-    """True when bfloat16 matmuls run in hardware on ``device_type`` (``"cpu"`` or ``"cuda"``).
+def _matmul_seconds(dtype: torch.dtype, device: str, size: int, repeats: int) -> float:
+    """Best of ``repeats`` timings of one ``size``² matmul in ``dtype`` (after one warm-up)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if attempt:  # the first run warms the kernels up
+            best = min(best, time.perf_counter() - start)
+    return best
 
-    CUDA: :func:`torch.cuda.is_bf16_supported` (without emulation). CPU: the ``avx512_bf16`` or
-    ``amx_bf16`` flag in ``/proc/cpuinfo`` (other systems: False, the safe answer).
+
+@functools.cache
+def bf16_speedup(device_type: str = "cpu", size: int = 256, repeats: int = 3) -> float:
+    """float32 time ÷ bfloat16 time of a ``size``² matmul on ``device_type`` (> 1: bf16 faster).
+
+    Measured once per process (about 0.3 s where bf16 is emulated, milliseconds elsewhere);
+    0 on a CUDA device without bf16.
     """
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)):
+            return 0.0
+        size = max(size, 2048)  # small GPU matmuls measure launch overhead, not arithmetic
+    return _matmul_seconds(torch.float32, device_type, size, repeats) / _matmul_seconds(
+        torch.bfloat16, device_type, size, repeats)
+
+
+@functools.cache
+def native_bf16(device_type: str = "cpu") -> bool:
+    """True when bfloat16 matmuls measured faster than float32 on ``device_type`` (:func:`bf16_speedup`)."""
+    return bf16_speedup(device_type) > 1.0
 
 
 def warn_if_emulated_bf16(what: str, device_type: str = "cpu") -> None:
     """One warning that ``what`` (a flag and value, e.g. ``"--mixed-precision bf16"``) will be slow."""
     if not native_bf16(device_type):
-        warnings.warn(f"{what}: this {device_type.upper()} has no native bfloat16 (no avx512_bf16/AMX), so "
-                      "PyTorch emulates it, which is much slower than fp32 here (see hanorec/hardware.py); "
-                      "use fp32 on this machine", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{what}: bfloat16 matmuls measured slower than float32 on this {device_type.upper()} "
+                      "(emulated or slow bf16; see hanorec/hardware.py); use fp32 on this machine",
+                      RuntimeWarning, stacklevel=3)
 
 
 def describe_machine(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
@@ -64,5 +92,6 @@ def describe_machine(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     model = next((line.partition(":")[2].strip() for line in text.splitlines()
                   if line.partition(":")[0].strip() == "model name"), "unknown CPU")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    bf16 = "native bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "bf16 emulated"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = f"bf16 {bf16_speedup(device):.2f}× fp32 speed (measured)"
     return f"{model}, {os.cpu_count()} cores, {gpu}, {bf16}, torch {torch.__version__}"

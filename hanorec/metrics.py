@@ -180,6 +180,27 @@ def ranking_metrics(ranks: object, ks: Sequence[int] = DEFAULT_KS) -> dict[str, 
     return result
 
 
+FULL_KS = (5, 10, 20)
+
+
+def full_ranking(scores: object, targets: Sequence[int], known: Sequence[Iterable[int]],
+                 ks: Sequence[int] = FULL_KS) -> dict[str, np.ndarray]:
+    """Per-user HR@k, NDCG@k and MRR of a full-catalogue ranking with known items removed.
+
+    ``known[u]`` (the user's sequence before the target) is masked out of user ``u``'s
+    ranking, the target kept even when it repeats an earlier item; ties are pessimistic.
+
+    Args:
+        scores: ``[U, N]`` scores over the whole catalogue.
+        targets: The target index per user.
+        known: Item indices to mask per user.
+        ks: Cut-offs.
+    """
+    matrix = _as_float_matrix(scores)
+    mask = history_mask(known, matrix.shape[1], keep=targets)
+    return ranking_metrics(target_ranks(matrix, targets, mask=mask), ks)
+
+
 def _binary_inputs(scores: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
     score_array = np.asarray(scores, dtype=np.float64).reshape(-1)
     label_array = np.asarray(labels).reshape(-1)

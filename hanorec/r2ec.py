@@ -30,13 +30,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import BatchFeature, StoppingCriteria
 
 from hanorec.collate import PromptCollator, append_response
-from hanorec.forward import MROPE_FAMILIES
+from hanorec.readout import final_states, forward_states, similarity
 from hanorec.scoring import item_prompt, model_device
 
 ANSWER_MARKER = "<answer>"
@@ -170,17 +169,9 @@ def joint_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]], tra
     return collator.collate_features(features, "left")
 
 
-def _forward(model: nn.Module, batch: Mapping[str, Any]) -> Any:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    family = str(getattr(getattr(model, "config", None), "model_type", ""))
-    if family not in MROPE_FAMILIES:  # positions follow the real tokens of a left-padded row
-        inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-    return model(**inputs, output_hidden_states=True, use_cache=False)
-
-
 def last_states(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     """``[B, H]`` final-layer hidden state at the last (marker) token, float32."""
-    return _forward(model, batch).hidden_states[-1][:, -1].float()
+    return final_states(model, batch)
 
 
 def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,7 +183,7 @@ def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[T
     Returns:
         ``(states, token_logps, mask)``.
     """
-    out = _forward(model, batch)
+    out = forward_states(model, batch, logits_to_keep=0)
     labels = batch["labels"]
     width = int((labels != -100).sum(1).max())
     targets = labels[:, -width:]
@@ -203,10 +194,11 @@ def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[T
 
 
 def item_scores(user_states: Tensor, item_states: Tensor, tau: float) -> Tensor:
-    """R²ec item scores ``s[u, v] = cos(h_u, H_V[v]) / τ`` for ``[U, H]`` users and ``[N, H]`` items."""
+    """R²ec item scores ``s[u, v] = cos(h_u, H_V[v]) / τ`` for ``[U, H]`` users and ``[N, H]`` items
+    (:func:`hanorec.readout.similarity`, shared with the ranking head)."""
     if tau <= 0:
         raise ValueError(f"item_scores: tau must be positive, got {tau}")
-    return F.normalize(user_states, dim=-1) @ F.normalize(item_states, dim=-1).T / tau
+    return similarity(user_states, item_states, "cos", tau)
 
 
 class ItemTable:

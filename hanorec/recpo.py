@@ -65,7 +65,7 @@ from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.data.known import known_sequences
 from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
-from hanorec.metrics import history_mask, match_answer, ranking_metrics, target_ranks
+from hanorec.metrics import FULL_KS, full_ranking, history_mask, match_answer
 from hanorec.models.config import ModelConfig
 from hanorec.models.loading import load_backbone
 from hanorec.r2ec import (
@@ -103,7 +103,6 @@ from hanorec.training import (
     batch_stream,
 )
 
-FULL_KS = (5, 10, 20)
 MASKED = -1e4  # score of masked (already seen) items in the rewards: below any cos/τ
 
 
@@ -305,9 +304,8 @@ def known_items(rows: list[dict], catalog, sequences: dict[str, list[int]]) -> t
 
 
 def full_metrics(scores: np.ndarray, targets: list[int], masked: list[list[int]]) -> dict[str, np.ndarray]:
-    """HR/NDCG@5/10/20 and MRR with the ``masked`` items removed (the target kept), ties pessimistic."""
-    mask = history_mask(masked, scores.shape[1], keep=targets)
-    return ranking_metrics(target_ranks(scores, targets, mask=mask), FULL_KS)
+    """HR/NDCG@5/10/20 and MRR with the ``masked`` items removed (:func:`hanorec.metrics.full_ranking`)."""
+    return full_ranking(scores, targets, masked, FULL_KS)
 
 
 def _seconds_per_user(rows: list[dict], score_one) -> float:

@@ -29,12 +29,14 @@ from typing import Any
 __all__ = ["load_training_log", "write_report"]
 
 PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
-NOT_CURVES = frozenset({"step", "time", "epoch"})  # bookkeeping fields of a metrics.jsonl record
+#: Bookkeeping fields of a metrics.jsonl record (counters and clocks, not curves of the run).
+NOT_CURVES = frozenset({"step", "time", "epoch", "train/examples", "train/seconds", "eval/seconds"})
 OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}  # scales unlike the loss's
 MetricTable = Mapping[str, Mapping[str, Any]]  # run -> metric -> {mean, low, high} or (m, l, h)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only), with a clear error when missing."""
     try:
         import matplotlib
     except ImportError as error:
@@ -101,7 +103,7 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> list[str]
     groups = _series(records)
     if not groups:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(groups), 1, figsize=(7, 2.6 * len(groups)), squeeze=False)
     order = sorted(groups, key=lambda g: (PANEL_ORDER.index(g) if g in PANEL_ORDER else len(PANEL_ORDER), g))
     for axis, group in zip(axes[:, 0], order):
@@ -121,7 +123,7 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> list[str]
 def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
                      metrics: list[str], path: Path) -> None:
     """Grouped bars (metric on x, one bar per run) with the interval as error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     runs = list(tables)
     width = 0.8 / max(len(runs), 1)
     many = len(runs) > 4  # legend beside the axes, one distinct colour per run (tab20 beyond 10)
@@ -250,3 +252,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+_pyplot = pyplot  # the former private name (benchmarks imported it)

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -25,6 +25,15 @@ from hanorec.config import to_dict
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prepare import prepare
+from hanorec.data.prompts import PromptStyle
+from hanorec.item_tokens import (
+    SPEC_FILE,
+    attach_item_encoder,
+    attached_encoder,
+    encoder_detached,
+    load_item_encoder,
+    save_item_encoder,
+)
 from hanorec.models.config import ModelConfig
 from hanorec.training import (
     CheckpointManager,
@@ -41,16 +50,39 @@ class PromptConfig:
     image_budget: int = field(default=5, metadata={"help": "Only the most recent N history items carry their image (the rest are titles), so prompts fit the context (HaNoRec interleaves titles and posters)."})
     max_length: int = field(default=1024, metadata={"help": "Token budget of prompt + response; the oldest history items are dropped whole to fit, never cutting image tokens."})
     with_images: bool = field(default=True, metadata={"help": "Render images; false gives the text-only (blind) prompts used by the `SFT text-only` ablation and BPO."})
+    answer: Literal["title", "index", "head"] = field(default="title", metadata={"help": "Read-out of the model's choice: `title` = the item's title as the response (its log-likelihood scores it), `index` = candidates listed with letters and the single label token as the response (LlamaRec, Yue et al. 2023: every candidate scored from one forward), `head` = a ranking head over the answer-position state scores item vectors (R2ec arXiv 2505.16994; docs/guide.md, 'Read-outs')."})
+    item_tokens: bool = field(default=False, metadata={"help": "One collaborative token after each history, candidate and query title: a SASRec item embedding through a trainable MLP (LLaRA's hybrid item representation, Liao et al. SIGIR 2024); the recommender trains on the training split (collab section)."})
+    user_token: bool = field(default=False, metadata={"help": "A user token after the history: the recommender's sequence state over the history shown, projected (A-LLMRec, Kim et al. KDD 2024). Needs item_tokens."})
+    image_tokens: Literal["full", "pooled"] = field(default="full", metadata={"help": "`full`: every image through the vision tower, one token per vision feature; `pooled`: one token per image, the mean of its vision features computed once per item (vision tower and projector frozen)."})
+    title_words: int = field(default=0, metadata={"help": "Keep only the first N words of each title in prompts and title answers (0: whole titles)."})
+    title_year: bool = field(default=True, metadata={"help": "Keep a trailing '(1995)' in titles (false saves ~6 digit tokens per title in byte-level tokenizers)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message replacing the chat template's default one (None: the template's own; SmolLM2's costs ~20 tokens per prompt)."})
+
+    def style(self) -> PromptStyle:
+        """The prompt style these fields describe."""
+        return PromptStyle(answer=self.answer, item_tokens=self.item_tokens, user_token=self.user_token,
+                           image_tokens=self.image_tokens, title_words=self.title_words,
+                           title_year=self.title_year, system_prompt=self.system_prompt)
+
+    def __post_init__(self) -> None:
+        self.style()  # validates the combination
 
 
 def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Path]:
     """The accelerator (CPU when no GPU), ``<run_dir>/<stage>`` with the resolved recipe saved
     in it, and every RNG seeded: the first lines of every training entry point."""
+    from accelerate import DistributedDataParallelKwargs
+
     from hanorec.config import save_yaml
     from hanorec.hardware import warn_if_emulated_bf16
     from hanorec.training import set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # item encoders have features a batch may not use (a row without posters): DDP must allow it
+    prompt = getattr(run, "prompt", None)
+    unused = prompt is not None and prompt.style().needs_encoder
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=handlers)
     if cfg.mixed_precision == "bf16":
         warn_if_emulated_bf16("--mixed-precision bf16", accelerator.device.type)
     out_dir = Path(run.run_dir) / stage
@@ -83,16 +115,22 @@ def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bo
             raise ValueError(f"{folder} does not exist: add {protocol!r} to the data section's protocols")
         part = datasets.load_from_disk(str(folder))[split]
         rows.extend({**r, "protocol": protocol} for r in part.to_list())
-    if limit and len(rows) > limit:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
-        rows = [rows[i] for i in sorted(order.tolist())]
     if not rows:
         raise ValueError(f"no {split} rows for protocols {list(protocols)} in {prepared}")
-    return rows
+    return subsample(rows, limit, seed)
+
+
+def subsample(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded subset of ``limit`` rows in their original order (all rows when ``limit`` is 0)."""
+    if not limit or len(rows) <= limit:
+        return rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
+    return [rows[i] for i in sorted(order.tolist())]
 
 
 def make_collator(processor, catalog: Catalog, protocol: str, prompt_cfg: PromptConfig) -> PromptCollator:
-    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget, max_length=prompt_cfg.max_length, with_images=prompt_cfg.with_images)
+    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget, max_length=prompt_cfg.max_length,
+                          with_images=prompt_cfg.with_images, style=prompt_cfg.style())
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -191,6 +229,9 @@ def load_trained(model_cfg: ModelConfig, folder: str | Path):
     model, processor = load_backbone(base_cfg, for_training=False)
     for adapter in chain if first["adapter"] else chain[1:]:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    encoders = [folder for folder in chain if (folder / SPEC_FILE).is_file()]
+    if encoders:  # the newest stage's item encoder (a later stage saves the one it ran with)
+        attach_item_encoder(model, load_item_encoder(encoders[-1]))
     model.requires_grad_(False)
     return model.eval(), processor
 
@@ -214,18 +255,26 @@ def _replace_path(model_cfg, folder: Path):
     return replace(model_cfg, model_name_or_path=str(folder))
 
 
-def export_model(model, processor, folder: Path, model_cfg: ModelConfig, *, parent: str | None = None) -> None:
+def export_model(model, processor, folder: Path, model_cfg: ModelConfig, *, parent: str | None = None,
+                 prompt_cfg: PromptConfig | None = None) -> None:
     """Save the adapter (or the full model) with the processor and a ``hanorec.json`` lineage.
 
-    ``parent`` names an adapter folder merged into the base before this one (DPO on SFT).
+    ``parent`` names an adapter folder merged into the base before this one (DPO on SFT). An
+    attached item encoder is written beside it (``item_encoder.*``); ``prompt_cfg`` (the
+    prompt section the model was trained with) is recorded in ``hanorec.json``.
     The folder is written next to its final name and renamed into place (atomic).
     """
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    encoder = attached_encoder(model)
+    with encoder_detached(model):  # the encoder is saved on its own, not inside the model's weights
+        model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
-    lineage = {"base_model": model_cfg.model_name_or_path, "adapter": hasattr(model, "peft_config"), "parent": parent, "model": to_dict(model_cfg)}
+    if encoder is not None:
+        save_item_encoder(encoder, tmp)
+    lineage = {"base_model": model_cfg.model_name_or_path, "adapter": hasattr(model, "peft_config"), "parent": parent,
+               "model": to_dict(model_cfg), "prompt": to_dict(prompt_cfg) if prompt_cfg is not None else None}
     (tmp / "hanorec.json").write_text(json.dumps(lineage, indent=2))
     if folder.exists():
         shutil.rmtree(folder)

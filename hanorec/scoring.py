@@ -6,6 +6,13 @@ with an optional progress bar, and returns numpy arrays in row order. The evalua
 (:mod:`hanorec.evaluate`) turns them into metrics; training stages call
 :func:`quick_candidate_hr1` for a validation number.
 
+Every function follows the collator's read-out (``prompt.answer``, :mod:`hanorec.readout`):
+``title`` as described below; ``index`` scores each candidate by its label token's
+log-probability at the answer position (one prompt pass, the labels branch from it);
+``head`` scores items with the ranking head from the answer-position state, which is the
+same for every protocol of one user (the ``head`` prompt has no candidates and no query), so
+a ``state_cache`` dict shared across calls computes it once per user and history.
+
 * **Candidate likelihood** (``candidates``, ``hit3``): ``s_c = log π(title_c ⊕ eos | x)``, the
   summed log-probability of candidate ``c``'s response as the SFT stage trained it (the bare
   title followed by eos, :func:`hanorec.data.prompts.response_text`), or its per-token mean
@@ -34,11 +41,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hanorec.collate import PromptCollator
-from hanorec.data.prompts import Prompt, response_text
-from hanorec.forward import MROPE_FAMILIES, score_candidates
+from hanorec.data.prompts import Prompt
+from hanorec.forward import score_candidates
 from hanorec.hardware import warn_if_emulated_bf16
 from hanorec.losses import sequence_logps
 from hanorec.metrics import target_ranks
+from hanorec.readout import final_states, require_encoder, score_states
 
 Row = Mapping[str, Any]
 YES_NO = ("Yes", "No")
@@ -118,14 +126,60 @@ def _shared_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Ro
 
 
 def candidate_titles(collator: PromptCollator, row: Row) -> list[str]:
-    """Response texts (titles) of a row's candidates, in candidate order."""
-    return [response_text(item, collator.catalog) for item in row["candidates"]]
+    """Response texts of a row's candidates, in candidate order (titles, or index labels)."""
+    return collator.candidate_texts(row)
+
+
+def _state_key(row: Row) -> tuple[str, tuple[str, ...]]:
+    return str(row.get("user_id")), tuple(row["history"])
+
+
+@torch.no_grad()
+def head_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *, batch_size: int = 16,
+                progress: bool = True, state_cache: dict | None = None) -> Tensor:
+    """``[N, H]`` answer-position states of the ``head`` prompts, computed once per user and history."""
+    cache = {} if state_cache is None else state_cache
+    todo = list(dict.fromkeys(key for key in map(_state_key, rows) if key not in cache))
+    pending = set(todo)
+    first = {key: row for row in rows if (key := _state_key(row)) in pending}
+    device = model_device(model)
+    for chunk in _batches(todo, batch_size, "head states", progress):
+        batch = _to(collator.encode_prompts([first[key] for key in chunk]), device)
+        for key, state in zip(chunk, final_states(model, batch).cpu()):
+            cache[key] = state
+    return torch.stack([cache[_state_key(row)] for row in rows])
+
+
+@torch.no_grad()
+def head_candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                          batch_size: int = 16, progress: bool = True, state_cache: dict | None = None,
+                          catalogue: bool = False) -> np.ndarray:
+    """``[N, C]`` head scores of each row's candidates in candidate order, or ``[N, I]`` of the
+    whole catalogue with ``catalogue``."""
+    encoder = require_encoder(model)
+    states = head_states(model, collator, rows, batch_size=batch_size, progress=progress, state_cache=state_cache)
+    device = model_device(model)
+    out = []
+    for start in range(0, len(rows), 256):
+        chunk, part = rows[start : start + 256], states[start : start + 256].to(device)
+        if catalogue:
+            scores, _, _ = score_states(encoder, part, [None] * len(chunk))
+        else:
+            index = collator.catalog.index
+            choices = [[index[item] for item in row["candidates"]] for row in chunk]
+            scores, columns, _ = score_states(encoder, part, choices)
+            where = torch.searchsorted(columns, torch.tensor(choices, device=columns.device))
+            scores = scores.gather(1, where)
+        out.append(scores.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
 
 
 def candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
                      batch_size: int = 4, length_normalize: bool = False, mode: str = "auto",
-                     candidates_per_pass: int | None = None, progress: bool = True) -> np.ndarray:
-    """``[N, C]`` likelihood scores ``log π(title_c ⊕ eos | x)`` of every row's candidates.
+                     candidates_per_pass: int | None = None, progress: bool = True,
+                     state_cache: dict | None = None) -> np.ndarray:
+    """``[N, C]`` scores of every row's candidates: ``log π(title_c ⊕ eos | x)``, the label
+    log-probability (``index``) or the head score (``head``).
 
     Args:
         model: the evaluated (vision-)language model, eval mode.
@@ -136,15 +190,27 @@ def candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[
         mode: shared-prompt path of :func:`hanorec.forward.score_candidates`.
         candidates_per_pass: candidates per prompt pass (None: all).
         progress: show a progress bar.
+        state_cache: ``head`` states shared across calls (:func:`head_states`).
     """
+    if collator.style.answer == "head":
+        return head_candidate_scores(model, collator, rows, batch_size=batch_size, progress=progress,
+                                     state_cache=state_cache)
     return _shared_scores(model, collator, rows, lambda row: candidate_titles(collator, row),
                           batch_size=batch_size, average=length_normalize, mode=mode,
                           candidates_per_pass=candidates_per_pass, desc="candidates", progress=progress)
 
 
 def yes_no_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
-                  batch_size: int = 4, mode: str = "auto", progress: bool = True) -> np.ndarray:
-    """``[N]`` log-odds ``log π(Yes ⊕ eos | x) − log π(No ⊕ eos | x)`` (hit1 rows)."""
+                  batch_size: int = 4, mode: str = "auto", progress: bool = True,
+                  state_cache: dict | None = None) -> np.ndarray:
+    """``[N]`` log-odds ``log π(Yes ⊕ eos | x) − log π(No ⊕ eos | x)`` (hit1 rows); with the
+    ``head`` read-out, the head's log-probability of the query item over the catalogue."""
+    if collator.style.answer == "head":
+        scores = head_candidate_scores(model, collator, rows, batch_size=batch_size, progress=progress,
+                                       state_cache=state_cache, catalogue=True)
+        logps = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+        queries = [collator.catalog.position(row["query"]) for row in rows]
+        return logps[np.arange(len(rows)), queries]
     logps = _shared_scores(model, collator, rows, lambda row: list(YES_NO), batch_size=batch_size,
                            average=False, mode=mode, candidates_per_pass=None, desc="hit1",
                            progress=progress)
@@ -185,12 +251,8 @@ def generate_answers(model: nn.Module, collator: PromptCollator, rows: Sequence[
 
 
 def _last_hidden(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Final-layer hidden state at the last token of each left-padded prompt ``[B, H]``."""
-    family = str(getattr(getattr(model, "config", None), "model_type", ""))
-    if family not in MROPE_FAMILIES:  # positions follow the real tokens, as in generation
-        batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-    output = model(**batch, output_hidden_states=True, use_cache=False)
-    return output.hidden_states[-1][:, -1].float()
+    """Final-layer hidden state at the last token of each prompt ``[B, H]``."""
+    return final_states(model, batch)
 
 
 @torch.no_grad()
@@ -205,13 +267,26 @@ def user_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
 
 
 def item_prompt(collator: PromptCollator, item_id: str) -> Prompt:
-    """One-turn item description prompt: ``[image] "<title>"`` then a description request."""
-    catalog = collator.catalog
+    """One-turn item description prompt: ``[image] "<title>"[<|item|>]`` then a description request
+    (the image as a poster token with ``image_tokens: pooled``, the item token when the style has them)."""
+    from hanorec.item_tokens import PLACEHOLDERS
+
+    catalog, style = collator.catalog, collator.style
     path: Path | None = catalog.image_path(item_id) if collator.with_images else None
-    content: list[dict[str, Any]] = [{"type": "image"}] if path is not None else []
-    content.append({"type": "text", "text": f'A {catalog.item_noun}: "{catalog.title(item_id)}"\n'
-                                            f"Describe this {catalog.item_noun}."})
-    return Prompt([{"role": "user", "content": content}], [path] if path is not None else [], 1)
+    content: list[dict[str, Any]] = []
+    slots: list[tuple[str, str | None]] = []
+    text = ""
+    if path is not None and style.image_tokens == "pooled":
+        text, slots = PLACEHOLDERS["poster"], [("poster", item_id)]
+    elif path is not None:
+        content.append({"type": "image"})
+    text += f'A {catalog.item_noun}: "{style.display_title(catalog.title(item_id))}"'
+    if style.item_tokens:
+        text += PLACEHOLDERS["mention"]
+        slots.append(("mention", item_id))
+    content.append({"type": "text", "text": f"{text}\nDescribe this {catalog.item_noun}."})
+    images = [path] if path is not None and style.image_tokens != "pooled" else []
+    return Prompt([{"role": "user", "content": content}], images, 1, slots)
 
 
 @torch.no_grad()

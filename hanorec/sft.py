@@ -21,6 +21,16 @@ Design choices:
 * **Atomic checkpoints**, kept ``keep_checkpoints`` deep; the trainable weights as safetensors.
 * **Several protocols at once.** ``sft_protocols`` mixes the tasks (by default the candidate
   ranking and the Yes/No task), each row rendered with its own protocol's prompt.
+* **Read-outs** (``prompt.answer``, :mod:`hanorec.readout`). ``title`` and ``index``
+  minimise the answer tokens' NLL (the title and eos, or the one label token); ``head``
+  minimises ``−log π(target | x)`` of the ranking head over the row's candidates (the
+  catalogue for rows without candidates). The loss unit is then the row, not the token.
+* **Collaborative tokens** (``prompt.item_tokens``/``user_token``, :mod:`hanorec.collab`). The
+  item encoder is built before training (its recommender trained on the training split once per
+  prepared folder) and trains with the adapter. With ``collab.collab_holdout: T`` and
+  ``collab.collab_rows: heldout`` the stage trains on the rows whose target is one of each
+  user's last T training items, the ones the recommender did not train on, so the user
+  states it learns from are out-of-sample, as at test time.
 """
 
 from __future__ import annotations
@@ -31,15 +41,20 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
+from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
+from hanorec.item_features import attach_for_recipe
 from hanorec.losses import sequence_logps
+from hanorec.metrics import target_ranks
 from hanorec.models.config import ModelConfig
 from hanorec.models.loading import load_backbone
+from hanorec.readout import head_logps, row_choices
 from hanorec.runtime import (
     PromptConfig,
     build_optimizer,
@@ -50,14 +65,15 @@ from hanorec.runtime import (
     maybe_resume,
     optimizer_step,
     prepare_data,
-    ranking_check,
     save_gradients,
     start_stage,
+    subsample,
     to_device,
     total_steps,
     write_json,
     write_stage_report,
 )
+from hanorec.scoring import head_candidate_scores, quick_candidate_hr1
 from hanorec.training import (
     CheckpointManager,
     EarlyStopping,
@@ -74,6 +90,7 @@ class SFTConfig(TrainConfig):
 
     sft_protocols: list[str] = field(default_factory=lambda: ["candidates", "hit1"], metadata={"help": "Protocols whose train rows are mixed into SFT (hit1, hit3, candidates, full)."})
     max_train_examples: int = field(default=0, metadata={"help": "Use a seeded subset of this many training rows (0: all)."})
+    rank_examples: int = field(default=0, metadata={"help": "Validation `candidates` rows (users) of the periodic HR@1 check (0: the candidates rows among the eval_examples ones; -1: all)."})
     debug_gradients_path: str | None = field(default=None, metadata={"help": "Write the (process-averaged) gradients of the first optimizer step to this safetensors file and continue; used by the distributed-equivalence test."})
 
 
@@ -84,6 +101,7 @@ class SFTRun:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    collab: CollabConfig = field(default_factory=CollabConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -95,33 +113,99 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return -logps.sum(), (labels[:, 1:] != -100).sum()
 
 
+def head_nll(model, collator: PromptCollator, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed ``−log π(target | x)`` of the ranking head over each row's candidates (or the
+    catalogue), and the number of rows."""
+    index = collator.catalog.index
+    batch = to_device(collator.encode_prompts(rows), device)
+    picks = torch.tensor([[index[row["target"]]] for row in rows])
+    logps = head_logps(model, batch, row_choices(rows, index), picks)
+    return -logps.sum(), torch.tensor(len(rows), device=logps.device)
+
+
+def sft_objective(model, collator: PromptCollator, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the rows' supervised answers and its unit count (tokens, or rows for the head)."""
+    if collator.style.answer == "head":
+        return head_nll(model, collator, rows, device)
+    return token_nll(model, to_device(collator.encode_pairs(rows), device))
+
+
 @torch.no_grad()
-def validation_loss(model, collator: PromptCollator, rows: list[dict], batch_size: int, device) -> float:
-    """Token-mean NLL on the validation rows."""
+def validation(model, collator: PromptCollator, rows: list[dict], rank_rows: list[dict], batch_size: int,
+               device) -> dict[str, float]:
+    """Unit-mean NLL on the validation rows and HR@1 (the read-out's scores) on ``rank_rows``.
+
+    With the head both come from one forward per distinct prompt (states cached).
+    """
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = to_device(collator.encode_pairs(rows[start : start + batch_size]), device)
-        nll, tokens = token_nll(model, batch)
-        total, count = total + float(nll), count + int(tokens)
+    if collator.style.answer == "head":
+        out = _head_validation(model, collator, rows, rank_rows, batch_size)
+    else:
+        total, count = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            nll, units = sft_objective(model, collator, rows[start : start + batch_size], device)
+            total, count = total + float(nll), count + int(units)
+        out = {"eval/loss": total / max(count, 1)}
+        if rank_rows:
+            out["eval/candidates_hr1"] = quick_candidate_hr1(model, collator, rank_rows, batch_size)
     model.train()
-    return total / max(count, 1)
+    return out
+
+
+def _head_validation(model, collator: PromptCollator, rows: list[dict], rank_rows: list[dict],
+                     batch_size: int) -> dict[str, float]:
+    cache: dict = {}
+    index = collator.catalog.index
+    losses = []
+    for candidates in (True, False):
+        part = [r for r in rows if bool(r.get("candidates")) == candidates]
+        if not part:
+            continue
+        scores = head_candidate_scores(model, collator, part, batch_size=batch_size, progress=False,
+                                       state_cache=cache, catalogue=not candidates)
+        targets = [int(r["target_index"]) if candidates else index[r["target"]] for r in part]
+        losses.extend(np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(part)), targets])
+    out = {"eval/loss": float(np.mean(losses))}
+    if rank_rows:
+        scores = head_candidate_scores(model, collator, rank_rows, batch_size=batch_size, progress=False,
+                                       state_cache=cache)
+        ranks = target_ranks(scores, [int(r["target_index"]) for r in rank_rows])
+        out["eval/candidates_hr1"] = float(np.mean(ranks == 1))
+    return out
+
+
+def training_rows(prepared, run: SFTRun, catalog, collab) -> list[dict]:
+    """The SFT rows: every protocol's train rows, the recommender's held-out ones when asked,
+    then a seeded subset of ``max_train_examples``."""
+    rows = load_rows(prepared, run.sft.sft_protocols, "train")
+    if collab is not None and collab.holdout > 0 and run.collab.collab_rows == "heldout":
+        rows = [r for r in rows if collab.is_heldout(r, catalog.index)]
+        if not rows:
+            raise ValueError("collab.collab_rows: heldout left no training row (is collab_holdout larger than 0 "
+                             "and the train split complete?)")
+    return subsample(rows, run.sft.max_train_examples, run.seed)
 
 
 def main(argv: list[str] | None = None) -> Path:
     run = recipe.parse(SFTRun, argv, prog="hanorec.sft", description=__doc__)
     cfg = run.sft
+    setup_started = time.time()
     accelerator, out_dir = start_stage(run, "sft", cfg)
 
     # Data: prepared once, rows of every SFT protocol, a fixed validation subset.
     prepared = prepare_data(run.data, accelerator)
     catalog = load_catalog(run.data, prepared)
-    train_rows = load_rows(prepared, cfg.sft_protocols, "train", limit=cfg.max_train_examples, seed=run.seed)
     val_rows = load_rows(prepared, cfg.sft_protocols, "validation", limit=cfg.eval_examples, seed=run.seed)
     rank_rows = [r for r in val_rows if r["protocol"] == "candidates"]
+    if cfg.rank_examples and "candidates" in cfg.sft_protocols:
+        rank_rows = load_rows(prepared, ["candidates"], "validation", limit=max(cfg.rank_examples, 0), seed=run.seed)
 
-    # Model: backbone + LoRA (or QLoRA / full), AdamW + cosine schedule.
+    # Model: backbone + LoRA (or QLoRA / full) + the item encoder the prompt style needs,
+    # AdamW + cosine schedule.
     model, processor = load_backbone(run.model, for_training=True)
+    _, collab = attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(), run.collab,
+                                  with_images=run.prompt.with_images, progress=accelerator.is_main_process)
+    train_rows = training_rows(prepared, run, catalog, collab)
     collator = make_collator(processor, catalog, cfg.sft_protocols[0], run.prompt)
     order = EpochBatches(len(train_rows), cfg.per_device_batch_size, seed=run.seed, rank=accelerator.process_index, world=accelerator.num_processes)
     steps = total_steps(cfg, len(order))
@@ -138,20 +222,19 @@ def main(argv: list[str] | None = None) -> Path:
     batches = batch_stream(order, position)
     bar = tqdm(total=steps, initial=position.step, desc="sft", disable=not accelerator.is_main_process)
     model.train()
-    started = time.time()
+    started, eval_seconds = time.time(), -float(position.extra.get("train_seconds", 0.0))  # resumed runs count on
     while position.step < steps:
         loss_sum, token_sum = 0.0, 0
         for micro in range(cfg.gradient_accumulation_steps):
             epoch, index, ids = next(batches)
-            batch = to_device(collator.encode_pairs([train_rows[i] for i in ids]), accelerator.device)
-            tokens_here = (batch["labels"][:, 1:] != -100).sum()
-            global_tokens = accelerator.reduce(tokens_here.clone(), reduction="sum")
+            rows = [train_rows[i] for i in ids]
             last = micro == cfg.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not last else nullcontext():
-                nll, _ = token_nll(model, batch)
-                loss = nll * accelerator.num_processes / (global_tokens * cfg.gradient_accumulation_steps)
+                nll, units = sft_objective(model, collator, rows, accelerator.device)
+                global_units = accelerator.reduce(units.detach().clone(), reduction="sum")
+                loss = nll * accelerator.num_processes / (global_units * cfg.gradient_accumulation_steps)
                 accelerator.backward(loss)
-            loss_sum, token_sum = loss_sum + float(nll.detach()), token_sum + int(tokens_here)
+            loss_sum, token_sum = loss_sum + float(nll.detach()), token_sum + int(units)
             position.epoch, position.batch_in_epoch = epoch, index + 1
         if cfg.debug_gradients_path and position.step == 0 and accelerator.is_main_process:
             save_gradients(accelerator.unwrap_model(model), cfg.debug_gradients_path)
@@ -159,14 +242,20 @@ def main(argv: list[str] | None = None) -> Path:
         position.step += 1
         bar.update()
         if position.step % cfg.log_every == 0 or position.step == steps:
-            log.log(position.step, {"train/loss": loss_sum / max(token_sum, 1), "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0], "train/epoch": position.epoch + position.batch_in_epoch / len(order)})
+            examples = position.step * cfg.gradient_accumulation_steps * order.global_batch
+            log.log(position.step, {"train/loss": loss_sum / max(token_sum, 1), "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                                    "train/epoch": position.epoch + position.batch_in_epoch / len(order), "train/examples": examples,
+                                    "train/seconds": time.time() - started - eval_seconds})
         stop = False
         if cfg.eval_every and position.step % cfg.eval_every == 0:
-            val = validation_loss(model, collator, val_rows, cfg.per_device_batch_size, accelerator.device)
-            log.log(position.step, {"eval/loss": val, **ranking_check(accelerator.unwrap_model(model), collator, rank_rows, cfg)})
-            stop = stopper.update(val)
+            eval_started = time.time()
+            val = validation(accelerator.unwrap_model(model), collator, val_rows, rank_rows, cfg.per_device_batch_size, accelerator.device)
+            eval_seconds += time.time() - eval_started
+            log.log(position.step, {**val, "eval/seconds": time.time() - eval_started})
+            stop = stopper.update(val["eval/loss"])
         if (cfg.save_every and position.step % cfg.save_every == 0) or stop:
             position.extra["early_stopping"] = stopper.state_dict()
+            position.extra["train_seconds"] = time.time() - started - eval_seconds
             if accelerator.is_main_process:
                 checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, position)
             accelerator.wait_for_everyone()
@@ -174,17 +263,19 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"early stopping at step {position.step}: no validation improvement in {cfg.early_stopping_patience} evaluations")
             break
     bar.close()
+    train_seconds = time.time() - started - eval_seconds
 
-    # Export: the adapter (PeftModel.from_pretrained loads it) and a summary.
-    val = validation_loss(model, collator, val_rows, cfg.per_device_batch_size, accelerator.device)
-    ranking = ranking_check(accelerator.unwrap_model(model), collator, rank_rows, cfg)
-    log.log(position.step, {"eval/loss": val, **ranking})
+    # Export: the adapter (PeftModel.from_pretrained loads it), the item encoder, a summary.
+    val = validation(accelerator.unwrap_model(model), collator, val_rows, rank_rows, cfg.per_device_batch_size, accelerator.device)
+    log.log(position.step, val)
     final = out_dir / "final"
     if accelerator.is_main_process:
-        export_model(accelerator.unwrap_model(model), processor, final, run.model)
-        write_json(out_dir / "summary.json", {"stage": "sft", "steps": position.step, "eval/loss": val, **ranking, "train_examples": len(train_rows), "truncated_examples": collator.num_truncated, "seconds": round(time.time() - started, 1), "adapter": str(final)})
+        export_model(accelerator.unwrap_model(model), processor, final, run.model, prompt_cfg=run.prompt)
+        write_json(out_dir / "summary.json", {"stage": "sft", "steps": position.step, **val, "train_examples": len(train_rows), "truncated_examples": collator.num_truncated,
+                                              "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 1),
+                                              "setup_seconds": round(started - setup_started, 1), "collab": collab.meta if collab is not None else None, "adapter": str(final)})
         write_stage_report(out_dir, "SFT")
-        print(f"SFT done: {position.step} steps, validation loss {val:.4f}; adapter in {final}")
+        print(f"SFT done: {position.step} steps, validation loss {val['eval/loss']:.4f}; adapter in {final}")
     accelerator.wait_for_everyone()
     return final
 

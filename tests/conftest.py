@@ -25,6 +25,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_NAMES = ("tiny-llava", "tiny-qwen2-vl", "tiny-idefics3")
+PLANTED_ITEMS, PLANTED_USERS = 24, 48
 
 
 @pytest.fixture(scope="session")
@@ -131,5 +132,59 @@ def tiny_sft(tiny_recipe: Callable[..., Path]) -> Callable[[str], Path]:
         if backbone not in done:
             done[backbone] = sft.main(["--config", str(tiny_recipe(backbone, sft={"max_steps": 4}))])
         return done[backbone]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def planted_recipe(tmp_path_factory, tiny_backbone_dirs):
+    """Factory ``planted_recipe(**section_overrides) -> recipe.yaml`` over planted-signal data.
+
+    24 items whose titles are all "Movie", no images; each of 48 users walks through the
+    catalogue in order (item k is followed by k+1) from a random start. Only the collaborative
+    modality can tell the items apart. The recipe trains the ranking head with item and user
+    tokens on tiny-llava; its recommender holds out 2 training items per user.
+    """
+    import numpy as np
+    import yaml
+
+    root = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(1, PLANTED_USERS + 1):
+        start = int(rng.integers(PLANTED_ITEMS))
+        for step in range(int(rng.integers(9, 13))):
+            lines.append(f"{user}\t{(start + step) % PLANTED_ITEMS + 1}\t4\t{1000 + step}\n")
+    (root / "p.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines))
+    (root / "p.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                 + "".join(f"{k}\tMovie\t1990\tDrama\n" for k in range(1, PLANTED_ITEMS + 1)))
+    counter = iter(range(100))
+
+    def make(**sections: dict) -> Path:
+        run_dir = root / f"run{next(counter)}"
+        recipe = {
+            "run_dir": str(run_dir), "seed": 0,
+            "data": {"dataset_format": "recbole", "interactions_path": str(root / "p.inter"),
+                     "items_path": str(root / "p.item"), "output_dir": str(root / "prepared"), "item_noun": "movie",
+                     "protocols": ["hit1", "hit3", "candidates", "full"], "num_candidates": 6,
+                     "hit3_candidates": 4, "num_negatives": 3, "max_history": 5},
+            "model": {"model_name_or_path": str(tiny_backbone_dirs["tiny-llava"]), "lora_r": 4, "lora_alpha": 8,
+                      "lora_dropout": 0.0},
+            "prompt": {"image_budget": 0, "max_length": 512, "answer": "head", "item_tokens": True,
+                       "user_token": True, "title_year": False},
+            "collab": {"collab_holdout": 2, "sasrec_epochs": 60, "sasrec_eval_every": 5, "sasrec_patience": 4,
+                       "sasrec_hidden_size": 16, "sasrec_num_heads": 1, "sasrec_dropout": 0.1, "sasrec_max_len": 12},
+            "sft": {"sft_protocols": ["candidates"], "learning_rate": 1e-2, "per_device_batch_size": 8,
+                    "warmup_ratio": 0.0, "eval_examples": 16},
+            "dpo": {"dpo_protocols": ["candidates"], "learning_rate": 5e-3, "per_device_batch_size": 4, "max_steps": 8,
+                    "warmup_ratio": 0.0, "eval_examples": 8},
+            "eval": {"bootstrap_resamples": 100},
+        }
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        run_dir.mkdir(parents=True)
+        path = run_dir / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
 
     return make

@@ -176,3 +176,54 @@ def test_answer_of_rows():
     assert answer_of({"query": "i2", "label": 1, "target": "i2"}) == "Yes"
     assert answer_of({"query": "i5", "label": 0, "target": "i2"}) == "No"
     assert answer_of({"target": "i9", "candidates": ["i9"]}) == "i9"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_item_tokens_become_virtual_ids(name, backbones, tiny_catalog):
+    """Each placeholder becomes its slot's virtual id, in order, for every family; the rest of
+    the sequence equals the prompt rendered without item tokens, placeholders removed."""
+    from hanorec.data.prompts import PromptStyle
+    from hanorec.item_tokens import MENTION_BASE, USER_ID, VIRTUAL_BASE
+
+    _, processor = backbones[name]
+    style = PromptStyle(item_tokens=True, user_token=True)
+    ids = _collator(processor, tiny_catalog, style=style).encode_prompts(_rows()[:1], padding_side="right")["input_ids"][0]
+    virtual = ids[ids >= VIRTUAL_BASE].tolist()
+    history = ["i0", "i1", "i2", "i3", "i4", "i5", "i10"]
+    positions = [tiny_catalog.position(i) for i in history + ["i7", "i8", "i9"]]
+    assert virtual[:7] == [VIRTUAL_BASE + p for p in positions[:7]]
+    assert virtual[7:10] == [MENTION_BASE + p for p in positions[7:]]
+    assert virtual[10] == USER_ID == int(ids[-1])  # the answer position
+    plain = _collator(processor, tiny_catalog).encode_prompts(_rows()[:1])["input_ids"][0]
+    assert ids[ids < VIRTUAL_BASE].tolist() == plain.tolist()  # only the placeholders are new
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_index_answers_are_one_label_token_without_eos(name, backbones, tiny_catalog):
+    """answer: index — the SFT response of u2 (target i1 at index 1) is the single token 'B';
+    preference responses are [B, K+1, 1]; Yes/No keep their eos."""
+    from hanorec.data.prompts import PromptStyle
+
+    _, processor = backbones[name]
+    collator = _collator(processor, tiny_catalog, style=PromptStyle(answer="index"))
+    batch = collator(_rows())
+    scored = batch["labels"][1][batch["labels"][1] != IGNORE_INDEX].tolist()
+    assert scored == processor.tokenizer("B", add_special_tokens=False)["input_ids"]
+    _, responses = collator.encode_preference(_rows())
+    assert responses.shape == (2, 3, 1)
+    assert collator.candidate_texts(_rows()[1]) == ["A", "B", "C"]
+    assert collator.encode_responses(["Yes"])[0][-1] == processor.tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="among the row's candidates"):
+        collator.encode_pairs([{**_rows()[0], "chosen": "i11"}])
+
+
+def test_head_choices_batch(backbones, tiny_catalog):
+    """answer: head — pair rows become candidate index lists and [B, K+1] picks, chosen first."""
+    from hanorec.data.prompts import PromptStyle
+
+    _, processor = backbones["tiny-llava"]
+    batch = _collator(processor, tiny_catalog, style=PromptStyle(answer="head")).encode_choices(_rows())
+    pos = tiny_catalog.position
+    assert batch.responses is None
+    assert batch.picks.tolist() == [[pos("i7"), pos("i8"), pos("i9")], [pos("i1"), pos("i2"), pos("i11")]]
+    assert batch.choices == [[pos("i7"), pos("i8"), pos("i9")], [pos("i2"), pos("i1"), pos("i11")]]

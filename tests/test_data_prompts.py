@@ -85,3 +85,50 @@ def test_messages_fit_real_chat_templates(tiny_backbone_dirs, tiny_catalog: Cata
     assert text.count(image_token) == len(prompt.image_paths) == 2
     assert text.index('"Title 0 (1990)"') < text.index('"Title 3 (1993)"') < text.index(
         "Candidates:")
+
+
+def test_index_style_lists_labels_and_item_slots(tiny_catalog: Catalog) -> None:
+    """answer: index lists 'A. "Title"<|item|>' per candidate and asks for a letter; with item
+    tokens, history items (``item``), candidates (``mention``) and the user token get a slot, in
+    text order, the user token last, after the prompt."""
+    from hanorec.data.prompts import PromptStyle
+
+    style = PromptStyle(answer="index", item_tokens=True, user_token=True, title_year=False)
+    prompt = build_prompt(ROW, tiny_catalog, "candidates", image_budget=0, style=style)
+    texts = _texts(prompt)
+    assert texts[1:5] == ['"Title 0"<|item|>\n', '"Title 1"<|item|>\n', '"Title 10"<|item|>\n', '"Title 3"<|item|>\n']
+    assert texts[5] == ('Candidates:\nA. "Title 5"<|item|>\nB. "Title 4"<|item|>\nC. "Title 6"<|item|>\n'
+                        "Which movie will the user watch next? Answer with its letter.")
+    assert prompt.suffix == "<|user|>"  # after the generation prompt: the answer position
+    assert prompt.slots == [("item", "i0"), ("item", "i1"), ("item", "i10"), ("item", "i3"),
+                            ("mention", "i5"), ("mention", "i4"), ("mention", "i6"), ("user", None)]
+
+
+def test_head_style_asks_without_candidates_or_query(tiny_catalog: Catalog) -> None:
+    """answer: head renders the same history prompt for every protocol (no list, no query);
+    pooled posters are '<|poster|>' slots instead of images; a system prompt is its own turn."""
+    from hanorec.data.prompts import PromptStyle
+
+    style = PromptStyle(answer="head", image_tokens="pooled", system_prompt="Recommend.", title_words=1)
+    prompts = [build_prompt({**ROW, "query": "i7", "label": 1}, tiny_catalog, protocol, image_budget=2, style=style)
+               for protocol in ("candidates", "hit1", "hit3", "full")]
+    assert all(p.messages == prompts[0].messages for p in prompts)
+    head = prompts[0]
+    assert head.messages[0] == {"role": "system", "content": [{"type": "text", "text": "Recommend."}]}
+    user = [c["text"] for c in head.messages[1]["content"]]
+    assert user[-2:] == ['<|poster|>"Title"\n', "Which movie will the user watch next?"]
+    assert head.image_paths == [] and head.slots == [("poster", "i3")]  # i10 has no image
+
+
+def test_style_checks_and_display_titles() -> None:
+    from hanorec.data.prompts import PromptStyle
+
+    assert PromptStyle(title_year=False).display_title("Heat (1995)") == "Heat"
+    assert PromptStyle(title_year=False).display_title("(1995)") == "(1995)"  # never empty
+    assert PromptStyle(title_words=2).display_title("Star Wars (1977)") == "Star Wars"
+    with pytest.raises(ValueError, match="user_token needs"):
+        PromptStyle(user_token=True)
+    with pytest.raises(ValueError, match="answer must be one of"):
+        PromptStyle(answer="letters")
+    with pytest.raises(ValueError, match="image_tokens"):
+        PromptStyle(image_tokens="mean")

@@ -20,6 +20,25 @@ convention); the trailing empty ``ASSISTANT:`` is the generation slot.
 The messages go through ``processor.apply_chat_template(messages,
 add_generation_prompt=True, tokenize=False)``; the response (`response_text`) is the
 bare title or ``Yes`` / ``No``.
+
+**Prompt style** (:class:`PromptStyle`, the recipe's ``prompt:`` section): how the model reads
+out its answer and which extra tokens the prompt carries.
+
+- ``answer``: ``title`` (the response is the item's title, as above), ``index`` (candidates
+  are listed as ``A. "Title"`` … and the response is the single label token; LlamaRec,
+  Yue et al. 2023) or ``head`` (no candidate list and no query: every protocol asks for the
+  next item and a ranking head scores items from the hidden state at the answer position,
+  :mod:`hanorec.readout`).
+- ``item_tokens``: a ``<|item|>`` placeholder after each history title, candidate title and
+  ``hit1`` query (LLaRA's hybrid item representation); ``user_token``: ``<|user|>`` as the
+  prompt's last token, after the chat template's generation prompt (:attr:`Prompt.suffix`),
+  where the answer is read; ``image_tokens: pooled``: a ``<|poster|>`` placeholder per history image instead of
+  the image (one token, the item's pooled vision features). The collator turns the
+  placeholders into virtual token ids (:mod:`hanorec.item_tokens`); :attr:`Prompt.slots` lists
+  them in text order.
+- ``title_year: false`` drops a trailing ``(1995)`` from titles (six digit tokens in many
+  tokenizers); ``title_words: N`` keeps the first N words; ``system_prompt`` replaces the chat
+  template's default system message (SmolLM2's is ~20 tokens).
 """
 
 from __future__ import annotations
@@ -32,7 +51,13 @@ from typing import Any
 
 from hanorec.data.catalog import Catalog
 from hanorec.data.images import safe_image_path
+from hanorec.item_tokens import PLACEHOLDERS
 
+ANSWER_MODES = ("title", "index", "head")
+IMAGE_TOKEN_MODES = ("full", "pooled")
+#: Index labels, one token each in common tokenizers (checked by the collator).
+LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 VERBS = {"movie": "watch", "film": "watch", "show": "watch", "book": "read", "song": "listen to",
          "track": "listen to", "video": "watch"}
 ANSWERS = ("Yes", "No")
@@ -54,32 +79,124 @@ class Prompt:
     messages: list[dict[str, Any]]
     image_paths: list[Path] = field(default_factory=list)
     num_history_items: int = 0
+    slots: list[tuple[str, str | None]] = field(default_factory=list)
+    suffix: str = ""
 
 
-def _quoted(catalog: Catalog, item_id: str) -> str:
-    return f'"{catalog.title(item_id)}"'
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a prompt reads out the answer and which item tokens it carries (module docstring)."""
+
+    answer: str = "title"
+    item_tokens: bool = False
+    user_token: bool = False
+    image_tokens: str = "full"
+    title_words: int = 0
+    title_year: bool = True
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer not in ANSWER_MODES:
+            raise ValueError(f"prompt.answer must be one of {ANSWER_MODES}, got {self.answer!r}")
+        if self.image_tokens not in IMAGE_TOKEN_MODES:
+            raise ValueError(f"prompt.image_tokens must be one of {IMAGE_TOKEN_MODES}, got {self.image_tokens!r}")
+        if self.user_token and not self.item_tokens:
+            raise ValueError("prompt.user_token needs prompt.item_tokens: the user token is the recommender's "
+                             "state over the history's item tokens")
+        if self.title_words < 0:
+            raise ValueError(f"prompt.title_words must be >= 0, got {self.title_words}")
+
+    @property
+    def needs_encoder(self) -> bool:
+        """Whether the model needs an :class:`hanorec.item_tokens.ItemEncoder`."""
+        return self.item_tokens or self.image_tokens == "pooled" or self.answer == "head"
+
+    def display_title(self, title: str) -> str:
+        """The title as the prompt shows it (year and words cut as configured)."""
+        if not self.title_year:
+            title = _YEAR.sub("", title) or title
+        if self.title_words:
+            title = " ".join(title.split()[: self.title_words])
+        return title
 
 
-def _question(row: Mapping[str, Any], catalog: Catalog, protocol: str) -> str:
+DEFAULT_STYLE = PromptStyle()
+
+
+class _Writer:
+    """Accumulates a user turn's content parts, images and placeholder slots in text order.
+
+    Text goes into the current part until :meth:`close` (or an image) ends it, so a history
+    item is one text part and the question another, as in the layout above.
+    """
+
+    def __init__(self, catalog: Catalog, style: PromptStyle) -> None:
+        self.catalog, self.style = catalog, style
+        self.content: list[dict[str, Any]] = []
+        self.images: list[Path] = []
+        self.slots: list[tuple[str, str | None]] = []
+        self._open: list[str] = []
+
+    def text(self, text: str) -> None:
+        self._open.append(text)
+
+    def close(self) -> None:
+        if self._open:
+            self.content.append({"type": "text", "text": "".join(self._open)})
+            self._open = []
+
+    def placeholder(self, kind: str, item_id: str | None) -> None:
+        self.text(PLACEHOLDERS[kind])
+        self.slots.append((kind, item_id))
+
+    def image(self, item_id: str, path: Path) -> None:
+        if self.style.image_tokens == "pooled":
+            self.placeholder("poster", item_id)
+        else:
+            self.close()
+            self.content.append({"type": "image"})
+            self.images.append(path)
+
+    def item(self, item_id: str, prefix: str = "", suffix: str = "\n", kind: str = "mention") -> None:
+        """``prefix"Title"<|item|>suffix`` (the item token only when the style has them);
+        ``kind`` is ``item`` for history items, ``mention`` for candidates and queries."""
+        self.text(f'{prefix}"{self.style.display_title(self.catalog.title(item_id))}"')
+        if self.style.item_tokens:
+            self.placeholder(kind, item_id)
+        self.text(suffix)
+
+
+def _question(writer: _Writer, row: Mapping[str, Any], protocol: str) -> None:
+    """Write the protocol's question (and candidate list) for the style's answer mode."""
+    catalog, style = writer.catalog, writer.style
     noun = catalog.item_noun
     verb = VERBS.get(noun, "choose")
-    if protocol == "hit1":
-        return f"Will the user like {_quoted(catalog, row['query'])}? Answer Yes or No."
-    if protocol == "full":
-        return f"Which {noun} will the user {verb} next? Answer with its title."
-    listing = "\n".join(_quoted(catalog, item) for item in row["candidates"])
-    if protocol == "hit3":
-        ask = (f"Which 3 of these {noun}s is the user most likely to {verb} next? Answer with "
-               "their titles, most likely first, one per line.")
-    elif protocol == "candidates":
-        ask = f"Which {noun} will the user {verb} next? Answer with its title."
-    else:
+    if protocol not in ("hit1", "hit3", "candidates", "full"):
         raise ValueError(f"unknown protocol {protocol!r}")
-    return f"Candidates:\n{listing}\n{ask}"
+    if style.answer == "head" or protocol == "full":
+        tail = "" if style.answer == "head" else " Answer with its title."
+        writer.text(f"Which {noun} will the user {verb} next?{tail}")
+        return
+    if protocol == "hit1":
+        writer.item(row["query"], prefix="Will the user like ", suffix="? Answer Yes or No.")
+        return
+    writer.text("Candidates:\n")
+    candidates = list(row["candidates"])
+    if style.answer == "index" and len(candidates) > len(LABELS):
+        raise ValueError(f"answer: index labels at most {len(LABELS)} candidates, the row has {len(candidates)}")
+    for number, item in enumerate(candidates):
+        writer.item(item, prefix=f"{LABELS[number]}. " if style.answer == "index" else "")
+    what = "letter" if style.answer == "index" else "title"
+    if protocol == "hit3":
+        writer.text(f"Which 3 of these {noun}s is the user most likely to {verb} next? Answer with their "
+                    f"{what}s, most likely first, one per line.")
+    else:
+        writer.text(f"Which {noun} will the user {verb} next? Answer with its {what}.")
 
 
 def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, image_budget: int,
-                 max_items: int | None = None, with_images: bool = True) -> Prompt:
+                 max_items: int | None = None, with_images: bool = True,
+                 style: PromptStyle = DEFAULT_STYLE) -> Prompt:
     """Render one prepared row as chat messages.
 
     Args:
@@ -90,6 +207,7 @@ def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, ima
         image_budget: How many of the most recent history items get their image.
         max_items: Keep only the most recent `max_items` history items (None: all).
         with_images: False renders a text-only ("blind", BPO) prompt.
+        style: Answer mode, item tokens, title shortening, system prompt.
 
     Raises:
         ValueError: Empty history (after truncation) or an unknown protocol.
@@ -101,19 +219,26 @@ def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, ima
         history = history[-max_items:] if max_items > 0 else []
     if not history:
         raise ValueError(f"row of user {row.get('user_id')!r} has an empty history")
-    noun = catalog.item_noun
-    content: list[dict[str, Any]] = [{"type": "text", "text": (
-        f"A user interacted with these {noun}s, oldest first:\n")}]
-    images: list[Path] = []
+    writer = _Writer(catalog, style)
+    writer.text(f"A user interacted with these {catalog.item_noun}s, oldest first:\n")
+    writer.close()
     first_with_image = len(history) - max(image_budget, 0)
     for position, item_id in enumerate(history):
         path = catalog.image_path(item_id) if with_images and position >= first_with_image else None
         if path is not None:
-            content.append({"type": "image"})
-            images.append(path)
-        content.append({"type": "text", "text": f"{_quoted(catalog, item_id)}\n"})
-    content.append({"type": "text", "text": _question(row, catalog, protocol)})
-    return Prompt([{"role": "user", "content": content}], images, len(history))
+            writer.image(item_id, path)
+        writer.item(item_id, kind="item")
+        writer.close()
+    _question(writer, row, protocol)
+    writer.close()
+    messages = [{"role": "user", "content": writer.content}]
+    if style.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": style.system_prompt}]})
+    suffix = ""
+    if style.user_token:  # last, after the generation prompt: the answer position
+        suffix = PLACEHOLDERS["user"]
+        writer.slots.append(("user", None))
+    return Prompt(messages, writer.images, len(history), writer.slots, suffix)
 
 
 def conversation_turns(text: str) -> list[tuple[str, str]]:

@@ -1,0 +1,196 @@
+"""Learning curves: validation HR@1 against examples seen and training time, per modality and read-out.
+
+    python benchmarks/learning_curve.py [--config configs/ml100k-smollm2.yaml] [--examples 2400]
+        [--eval-every 800] [--conditions titles,collab,...] [--run-root runs/learning-curve]
+
+What makes a small LLM recommender learn on a CPU budget? Each *condition* is one SFT run of
+``hanorec.sft`` (a subprocess, as a user would run it) on the recipe, with one change:
+
+==================  =========================================================================
+``titles``          head read-out, titles only (no collaborative token, no poster)
+``collab``          + one collaborative (SASRec) token after every title (LLaRA)
+``collab-user``     + the user token at the answer position (A-LLMRec's user state)
+``posters``         + the posters, one pooled token each
+``index``           index read-out (labels A–T, one label token), collaborative + user tokens
+``title``           title read-out (the title's likelihood), collaborative + user tokens
+==================  =========================================================================
+
+Every run sees the same examples in the same order (seeded) and is scored on **all** validation
+users of the ``candidates`` protocol (20 candidates, the read-out's own scores) every
+``--eval-every`` examples. Reference lines on the same users and candidates: most-popular and
+the collaborative recommender itself (the SASRec that feeds the tokens, reading the same
+10-item history). Training time excludes the periodic evaluations; set-up (recommender
+training, item features) is reported apart.
+
+A run whose ``sft/summary.json`` exists is reused, so an interrupted benchmark resumes run by
+run. Output: ``<run-root>/learning_curve.{md,json,png}`` (copied to ``benchmarks/results/`` with
+``--publish``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEAD = ("--answer", "head")
+COLLAB_USER = ("--item-tokens", "true", "--user-token", "true")
+NO_IMAGES = ("--with-images", "false")
+CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "titles": ("head, titles only", (*HEAD, "--item-tokens", "false", "--user-token", "false", *NO_IMAGES)),
+    "collab": ("head, + collaborative tokens", (*HEAD, "--item-tokens", "true", "--user-token", "false", *NO_IMAGES)),
+    "collab-user": ("head, + user token", (*HEAD, *COLLAB_USER, *NO_IMAGES)),
+    "posters": ("head, + posters (pooled)", (*HEAD, *COLLAB_USER, "--with-images", "true", "--image-tokens", "pooled")),
+    "index": ("index labels, collaborative + user", ("--answer", "index", *COLLAB_USER, *NO_IMAGES)),
+    "title": ("title likelihood, collaborative + user", ("--answer", "title", *COLLAB_USER, *NO_IMAGES)),
+}
+
+
+def run_condition(name: str, args: argparse.Namespace, batch: int) -> Path:
+    """One SFT run (skipped when finished); returns its folder."""
+    folder = Path(args.run_root) / name
+    if (folder / "sft" / "summary.json").is_file():
+        print(f"{name}: reusing {folder}")
+        return folder
+    steps = max(1, args.examples // batch)
+    flags = [sys.executable, "-m", "hanorec.sft", "--config", args.config, "--run-dir", str(folder),
+             "--max-steps", str(steps), "--eval-every", str(max(1, args.eval_every // batch)),
+             "--rank-examples", "-1", "--eval-examples", "64", "--save-every", "0", "--max-train-examples", "0",
+             *CONDITIONS[name][1], *args.extra]
+    print(f"{name}: {' '.join(flags[3:])}", flush=True)
+    started = time.time()
+    subprocess.run(flags, check=True, cwd=ROOT)
+    print(f"{name}: {time.time() - started:.0f} s")
+    return folder
+
+
+def curve(folder: Path) -> dict[str, Any]:
+    """Eval points (examples, training seconds, HR@1) and the run's summary."""
+    from hanorec.training import read_metrics
+
+    records = read_metrics(folder / "sft" / "metrics.jsonl")
+    train = {r["step"]: r for r in records if "train/examples" in r}
+    points = [{"examples": train[r["step"]]["train/examples"], "seconds": train[r["step"]]["train/seconds"],
+               "hr1": r["eval/candidates_hr1"]} for r in records if "eval/candidates_hr1" in r and r["step"] in train]
+    summary = json.loads((folder / "sft" / "summary.json").read_text())
+    return {"points": points, "summary": summary}
+
+
+def references(config: str) -> dict[str, float]:
+    """Most-popular and the collaborative recommender (same history) on the validation candidates."""
+    import torch
+
+    from hanorec import config as recipe
+    from hanorec.collab import collab_features, user_states
+    from hanorec.metrics import target_ranks
+    from hanorec.runtime import load_catalog, load_rows, prepare_data
+    from hanorec.sft import SFTRun
+
+    run = recipe.parse(SFTRun, ["--config", config], prog="learning_curve", description="")
+    from accelerate import Accelerator
+
+    prepared = prepare_data(run.data, Accelerator(cpu=True))
+    catalog = load_catalog(run.data, prepared)
+    rows = load_rows(prepared, ["candidates"], "validation")
+    index = catalog.index
+    candidates = torch.tensor([[index[i] for i in r["candidates"]] for r in rows])
+    targets = [int(r["target_index"]) for r in rows]
+    import datasets
+
+    popularity = torch.tensor(datasets.load_from_disk(str(prepared / "items"))["popularity"], dtype=torch.float64)
+    features = collab_features(prepared, len(catalog), run.collab)
+    states = user_states(features.model, [[index[i] for i in r["history"]] for r in rows], run.collab.sasrec_max_len)
+    sasrec = torch.einsum("ud,ucd->uc", states, features.item_embeddings[candidates]).double()
+    hr1 = lambda scores: float(np.mean(target_ranks(scores.numpy(), targets) == 1))  # noqa: E731
+    return {"Most popular": hr1(popularity[candidates]), "SASRec (the token recommender)": hr1(sasrec),
+            "users": len(rows)}
+
+
+def write_outputs(results: dict[str, dict[str, Any]], refs: dict[str, float], out: Path, machine: str) -> None:
+    """``learning_curve.json``, ``.md`` (table) and ``.png`` (HR@1 vs examples and vs time)."""
+    (out / "learning_curve.json").write_text(json.dumps({"conditions": results, "references": refs, "machine": machine}, indent=2))
+    marks = sorted({p["examples"] for r in results.values() for p in r["points"]})
+    lines = [f"Validation HR@1 on all {refs['users']} users (`candidates`, 20 candidates; chance 0.05) after N training "
+             f"examples. Machine: {machine}.", "",
+             "| condition | " + " | ".join(f"{int(m)}" for m in marks) + " | train s / example | set-up s |",
+             "|---|" + "---:|" * (len(marks) + 2)]
+    for name, result in results.items():
+        by = {p["examples"]: p["hr1"] for p in result["points"]}
+        summary = result["summary"]
+        per = summary["train_seconds"] / max(1, summary["train_examples_seen"])
+        lines.append(f"| {CONDITIONS[name][0]} | " + " | ".join(f"{by[m]:.3f}" if m in by else "–" for m in marks)
+                     + f" | {per:.2f} | {summary.get('setup_seconds', 0):.0f} |")
+    for label in ("Most popular", "SASRec (the token recommender)"):
+        lines.append(f"| {label} | " + " | ".join(f"{refs[label]:.3f}" for _ in marks) + " | – | – |")
+    (out / "learning_curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results, refs, out / "learning_curve.png")
+
+
+def plot(results: dict[str, dict[str, Any]], refs: dict[str, float], path: Path) -> None:
+    from hanorec.report import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, result in results.items():
+        points = result["points"]
+        for axis, key, scale in ((axes[0], "examples", 1), (axes[1], "seconds", 60)):
+            axis.plot([p[key] / scale for p in points], [p["hr1"] for p in points], marker="o", label=CONDITIONS[name][0])
+    for axis, xlabel in ((axes[0], "training examples seen"), (axes[1], "training minutes (2 CPU cores)")):
+        for (label, style) in (("Most popular", ":"), ("SASRec (the token recommender)", "--")):
+            axis.axhline(refs[label], color="grey", linestyle=style, label=label)
+        axis.axhline(0.05, color="lightgrey", linestyle="-", label="chance (1/20)")
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("validation HR@1 (943 users)")
+    axes[1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/ml100k-smollm2.yaml", help="The recipe the conditions modify.")
+    parser.add_argument("--examples", type=int, default=2400, help="Training examples per condition.")
+    parser.add_argument("--eval-every", type=int, default=800, help="Examples between validation HR@1 checks.")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"Comma-separated subset of {list(CONDITIONS)}.")
+    parser.add_argument("--run-root", default="runs/learning-curve", help="Folder of the runs and outputs.")
+    parser.add_argument("--publish", action="store_true", help="Copy the table and plot to benchmarks/results/.")
+    parser.add_argument("extra", nargs="*", help="More hanorec.sft flags for every condition (after --).")
+    args = parser.parse_args(argv)
+    from hanorec import config as recipe
+    from hanorec.hardware import describe_machine
+    from hanorec.sft import SFTRun
+
+    run = recipe.parse(SFTRun, ["--config", args.config, *args.extra], prog="learning_curve", description="")
+    batch = run.sft.per_device_batch_size * run.sft.gradient_accumulation_steps
+    names = [n.strip() for n in args.conditions.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONDITIONS]
+    if unknown:
+        parser.error(f"unknown condition(s) {unknown}; choose from {list(CONDITIONS)}")
+    out = Path(args.run_root)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        result = curve(run_condition(name, args, batch))
+        result["summary"]["train_examples_seen"] = result["summary"]["steps"] * batch
+        results[name] = result
+    write_outputs(results, references(args.config), out, describe_machine())
+    if args.publish:
+        for suffix in ("md", "png", "json"):
+            shutil.copy(out / f"learning_curve.{suffix}", ROOT / "benchmarks" / "results" / f"learning_curve.{suffix}")
+
+
+if __name__ == "__main__":
+    main()

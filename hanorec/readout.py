@@ -1,0 +1,184 @@
+"""Read-outs: how the model's choice among items becomes scores and log-probabilities.
+
+Three read-outs (the ``prompt.answer`` setting), one contract: for a prompt ``x`` and a set
+of items ``C`` (the row's candidates, or the whole catalogue), a log-probability
+``log π(v | x)`` for each ``v`` in ``C`` — what SFT maximises for the target, what DPO, S-DPO
+and HaNoRec's HaRS/NoDO take as the policy's chosen and rejected log-probs, and what the
+evaluation ranks by.
+
+* ``title`` — ``log π(title_v ⊕ eos | x)``, the title's sequence log-likelihood under the LM
+  (:mod:`hanorec.forward`; the prompt is shared by the candidates).
+* ``index`` — candidates listed with labels ``A``, ``B``, …; ``log π(label_v | x)``, the
+  label token's log-probability at the answer position: every candidate from one forward
+  (LlamaRec, Yue et al. 2023).
+* ``head`` — a ranking head over the final hidden state ``h`` at the answer position (the
+  prompt's last token): ``s_v = ⟨h, e_v⟩/√d`` (``dot``) or ``cos(h, e_v)/τ`` (``cos``, R²ec,
+  arXiv 2505.16994), with ``e_v`` the item's vector from :class:`hanorec.item_tokens.ItemEncoder`
+  (its projected collaborative embedding, plus learned title and poster terms), and
+  ``log π(v | x) = s_v − log Σ_{u∈C} exp s_u``. NoDO's logit noise (HaNoRec eq. 9) is added
+  to ``s`` before the softmax.
+
+This module holds the ``head`` computations and the final-state extraction that R²ec's item
+head (:mod:`hanorec.r2ec`) and the hidden-state scoring share; ``title`` and ``index`` go
+through :func:`hanorec.forward.response_logps` with the collator's responses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hanorec.collate import ChoiceBatch
+from hanorec.forward import MROPE_FAMILIES, response_logps
+from hanorec.item_tokens import ItemEncoder, attached_encoder
+
+
+def forward_states(model: nn.Module, batch: Mapping[str, Any], *, logits_to_keep: int = 1) -> Any:
+    """Model output with hidden states; ``labels`` dropped, positions set for left padding.
+
+    For a left-padded batch the positions follow each row's real tokens
+    (``cumsum(mask) − 1``), as in generation; M-RoPE backbones compute theirs.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    family = str(getattr(getattr(model, "config", None), "model_type", ""))
+    mask = inputs.get("attention_mask")
+    if family not in MROPE_FAMILIES and mask is not None and bool((mask[:, 0] == 0).any()):
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=logits_to_keep)
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token (left or right padding)."""
+    return attention_mask.long().cumsum(-1).argmax(-1)
+
+
+def final_states(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    """``[B, H]`` final-layer hidden state at each row's last real token (float32)."""
+    hidden = forward_states(model, batch).hidden_states[-1]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_positions(batch["attention_mask"]).to(hidden.device)].float()
+
+
+def similarity(users: Tensor, items: Tensor, kind: str = "cos", tau: float = 0.02) -> Tensor:
+    """Scores ``[U, N]`` (or ``[U, C]`` for per-user ``items`` ``[U, C, H]``).
+
+    ``dot``: ``⟨h, e⟩ / √d``; ``cos``: ``cos(h, e) / τ`` (R²ec's item head, τ = 0.02 there).
+    """
+    if kind == "cos":
+        if tau <= 0:
+            raise ValueError(f"similarity: tau must be positive, got {tau}")
+        users, items, scale = F.normalize(users, dim=-1), F.normalize(items, dim=-1), 1.0 / tau
+    elif kind == "dot":
+        scale = 1.0 / math.sqrt(users.shape[-1])
+    else:
+        raise ValueError(f"similarity: kind must be 'dot' or 'cos', got {kind!r}")
+    if items.dim() == 3:
+        return torch.einsum("uh,uch->uc", users, items) * scale
+    return users @ items.T * scale
+
+
+def require_encoder(model: nn.Module) -> ItemEncoder:
+    """The model's attached item encoder (the head's item vectors); a clear error without one."""
+    encoder = attached_encoder(model)
+    if encoder is None:
+        raise ValueError("answer: head needs an item encoder on the model (see hanorec.item_features)")
+    return encoder
+
+
+def choice_columns(choices: Sequence[Sequence[int] | None], num_items: int,
+                   device: torch.device) -> tuple[Tensor | None, Tensor]:
+    """The items to score and a ``[B, M]`` mask of which each row may choose.
+
+    Rows with a list (their candidates) choose among it; ``None`` rows choose among the whole
+    catalogue. When every row has a list only their union is scored (``columns`` = its
+    catalogue indices); otherwise every item is (``columns`` None, column ``i`` = item ``i``).
+
+    Returns:
+        ``(columns or None, allowed [B, M])``.
+    """
+    if all(c is not None for c in choices):
+        columns = torch.tensor(sorted({int(i) for c in choices for i in c}), dtype=torch.long)
+        where = {int(item): n for n, item in enumerate(columns.tolist())}
+        allowed = torch.zeros(len(choices), len(columns), dtype=torch.bool)
+        for row, items in enumerate(choices):
+            allowed[row, [where[int(i)] for i in items]] = True
+        return columns.to(device), allowed.to(device)
+    allowed = torch.ones(len(choices), num_items, dtype=torch.bool)
+    for row, items in enumerate(choices):
+        if items is not None:
+            allowed[row] = False
+            allowed[row, list(items)] = True
+    return None, allowed.to(device)
+
+
+def head_logps(model: nn.Module, batch: Mapping[str, Any], choices: Sequence[Sequence[int] | None],
+               picks: Tensor, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """``[B, P]`` head log-probabilities ``log π(v | x)`` of the items ``picks`` (catalogue indices).
+
+    Args:
+        model: The policy with an attached :class:`ItemEncoder`.
+        batch: Prompt-only batch (any padding side).
+        choices: Per row, the candidate indices it chooses among (None: the catalogue).
+        picks: ``[B, P]`` catalogue indices to return (each among its row's choices).
+        noise_std: σ of NoDO Gaussian noise added to the scores (training policy only).
+        generator: Generator of the noise.
+    """
+    scores, columns, allowed = head_scores(model, batch, choices)
+    if noise_std > 0:
+        noise = torch.randn(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+        scores = scores + noise_std * noise
+    logps = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    positions = picks.to(scores.device) if columns is None else _positions(columns, picks.to(scores.device))
+    picked = logps.gather(1, positions)
+    if not bool(torch.isfinite(picked).all()):
+        raise ValueError("head_logps: a pick is not among its row's choices")
+    return picked
+
+
+def head_scores(model: nn.Module, batch: Mapping[str, Any],
+                choices: Sequence[Sequence[int] | None]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Raw head scores ``[B, M]`` of the scored columns, the columns and the allowed mask."""
+    return score_states(require_encoder(model), final_states(model, batch), choices)
+
+
+def score_states(encoder: ItemEncoder, states: Tensor,
+                 choices: Sequence[Sequence[int] | None]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Head scores of answer-position ``states`` ``[B, H]`` (see :func:`choice_columns`)."""
+    columns, allowed = choice_columns(choices, encoder.spec.num_items, states.device)
+    vectors = encoder.item_vectors(columns).float()
+    return similarity(states, vectors, encoder.spec.similarity, encoder.spec.tau), columns, allowed
+
+
+def _positions(columns: Tensor, picks: Tensor) -> Tensor:
+    """Column position of each picked catalogue index (``columns`` sorted)."""
+    positions = torch.searchsorted(columns, picks)
+    if bool((positions >= len(columns)).any()) or not bool((columns[positions.clamp(max=len(columns) - 1)] == picks).all()):
+        raise ValueError("head_logps: a pick is not among its row's choices")
+    return positions
+
+
+def row_choices(rows: Sequence[Mapping[str, Any]], index: Mapping[str, int]) -> list[list[int] | None]:
+    """Each row's candidate indices (``candidates`` rows) or None (choose from the catalogue)."""
+    return [[index[i] for i in row["candidates"]] if row.get("candidates") else None for row in rows]
+
+
+def answer_logps(model: nn.Module, batch: ChoiceBatch, *, mode: str = "auto", average: bool = False,
+                 noise_std: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """``[B, K+1]`` log-probabilities of each row's chosen and rejected answers, any read-out.
+
+    ``title``/``index``: :func:`hanorec.forward.response_logps` (shared prompt; ``average``
+    length-normalises for IPO/SimPO; NoDO noise on the logits at response positions).
+    ``head``: :func:`head_logps` over the row's candidates (``average`` has nothing to
+    normalise: an answer is one choice).
+    """
+    if batch.responses is not None:
+        return response_logps(model, batch.prompts, batch.responses, mode=mode, average=average,
+                              noise_std=noise_std, generator=generator)
+    if batch.picks is None or batch.choices is None:
+        raise ValueError("answer_logps: the batch has neither responses nor head picks")
+    return head_logps(model, batch.prompts, batch.choices, batch.picks, noise_std=noise_std, generator=generator)
