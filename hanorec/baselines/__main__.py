@@ -42,6 +42,7 @@ import numpy as np
 
 from hanorec.baselines.popularity import MostPopular
 from hanorec.baselines.sasrec import SASRec, SASRecConfig
+from hanorec.cli import ArgumentParser
 from hanorec.metrics import history_mask, ranking_metrics, roc_auc, target_ranks
 from hanorec.report import write_report
 from hanorec.stats import bootstrap_auc, compare_runs, summarize
@@ -277,7 +278,7 @@ def _compare_and_report(out: Path, protocol: str, results: dict[str, Any],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hanorec.baselines", description=__doc__,
+    parser = ArgumentParser(prog="python -m hanorec.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared-dir", required=True, help="Output dir of `python -m hanorec.data prepare`.")
     parser.add_argument("--protocol", default="candidates", choices=["candidates", "hit3", "full", "hit1"])
@@ -297,4 +298,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2
