@@ -16,17 +16,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from hanorec.cli import short_repr
 from hanorec.data.errors import DataFileError
+from hanorec.data.readers.text import check_id_column, decode, is_utf8, read_bytes
 
 _SEP = "\x1f"  # stands in for multi-character delimiters such as MovieLens-1M's "::"
 
 
 def _load_text(path: Path, delimiter: str, encoding: str) -> tuple[bytes, str]:
-    if not path.is_file():
-        raise DataFileError(path, None, "file not found")
-    data = path.read_bytes()
-    if encoding.lower().replace("-", "") not in ("utf8", "ascii"):
-        data = data.decode(encoding).encode("utf-8")
+    data = read_bytes(path)
+    if not data.strip():
+        raise DataFileError(path, None, "the file is empty")
+    text = decode(path, data, encoding)
+    if not is_utf8(encoding):
+        data = text.encode("utf-8")
     if len(delimiter) > 1:
         data, delimiter = data.replace(delimiter.encode(), _SEP.encode()), _SEP
     data = data.rstrip(b"\r\n") + b"\n"
@@ -45,7 +48,7 @@ def _first_bad_line(data: bytes, delimiter: str, expected: int, quoting: bool,
                       else csv.QUOTE_NONE)
     for number, fields in enumerate(rows, start=1):
         if number > header_lines and len(fields) != expected:
-            return number, f"expected {expected} fields, got {len(fields)}: {fields!r:.120}"
+            return number, f"expected {expected} fields, got {len(fields)}: {short_repr(fields, 120)}"
     return 0, "unparseable content"
 
 
@@ -57,14 +60,16 @@ def read_delimited(path: str | Path, *, delimiter: str, names: list[str] | None 
         path: The file.
         delimiter: Field separator (may be several characters, e.g. ``"::"``).
         names: Column names when the file has no header; None reads them from line 1.
-        encoding: Text encoding (MovieLens raw files are latin-1).
+        encoding: Text encoding (MovieLens raw files are latin-1); a UTF-8 byte-order mark is
+            removed first, and undecodable bytes are an error naming their line.
         quoting: Honour ``"`` quoting (CSV); off for the tab/pipe formats.
 
     Returns:
         The table (all columns ``string``) and the number of header lines (0 or 1).
 
     Raises:
-        DataFileError: Missing file or a line with the wrong number of fields.
+        DataFileError: Missing or empty file, bytes not valid in `encoding`, or a line with the
+            wrong number of fields.
     """
     path = Path(path)
     data, delimiter = _load_text(path, delimiter, encoding)
@@ -96,6 +101,7 @@ def float_column(table: pa.Table, name: str, path: str | Path, first_line: int) 
         first_line: Source line of row 0.
     """
     column = table.column(name).combine_chunks()
+    _no_nulls(column, name, path, first_line)
     try:
         values = pc.cast(pc.utf8_trim_whitespace(column), pa.float64()).to_numpy(
             zero_copy_only=False)
@@ -104,8 +110,8 @@ def float_column(table: pa.Table, name: str, path: str | Path, first_line: int) 
             try:
                 float(text)
             except (TypeError, ValueError):
-                raise DataFileError(path, first_line + row, f"not a number: {text!r}",
-                                    name) from None
+                raise DataFileError(path, first_line + row,
+                                    f"not a number: {short_repr(text)}", name) from None
         raise
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
@@ -115,10 +121,20 @@ def float_column(table: pa.Table, name: str, path: str | Path, first_line: int) 
     return values
 
 
+def _no_nulls(column: pa.Array, name: str, path: str | Path, first_line: int) -> None:
+    if column.null_count:
+        row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
+        raise DataFileError(path, first_line + row, "missing value (null)", name)
+
+
 def id_column(table: pa.Table, name: str, path: str | Path, first_line: int) -> pa.Array:
-    """Column `name` as trimmed, non-empty strings; an empty id raises with its line."""
-    column = pc.utf8_trim_whitespace(table.column(name).combine_chunks())
+    """Column `name` as trimmed, non-empty strings without control characters; a missing,
+    empty or damaged id raises with its line."""
+    column = table.column(name).combine_chunks()
+    _no_nulls(column, name, path, first_line)
+    column = pc.utf8_trim_whitespace(column)
     empty = pc.equal(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
     if empty.any():
         raise DataFileError(path, first_line + int(np.argmax(empty)), "empty id", name)
+    check_id_column(column, path, first_line, name)
     return column

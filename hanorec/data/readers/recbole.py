@@ -23,20 +23,20 @@ def _strip_types(names: list[str]) -> list[str]:
     return [name.split(":", 1)[0] for name in names]
 
 
-def read_atomic_inter(path: str | Path) -> Interactions:
+def read_atomic_inter(path: str | Path, encoding: str | None = None) -> Interactions:
     """Read a ``.inter`` file (needs ``user_id``, ``item_id``, ``timestamp``; ``rating``
     optional)."""
-    table, _ = read_delimited(path, delimiter="\t")
+    table, _ = read_delimited(path, delimiter="\t", encoding=encoding or "utf-8")
     table = table.rename_columns(_strip_types(table.column_names))
     rating = "rating" if "rating" in table.column_names else None
     return interactions_from_table(table, path, 2, user="user_id", item="item_id",
                                    timestamp="timestamp", rating=rating)
 
 
-def read_atomic_item(path: str | Path) -> Catalogue:
+def read_atomic_item(path: str | Path, encoding: str | None = None) -> Catalogue:
     """Read a ``.item`` file; the title gets the release year appended: ``"Toy Story (1995)"``."""
     path = Path(path)
-    table, _ = read_delimited(path, delimiter="\t")
+    table, _ = read_delimited(path, delimiter="\t", encoding=encoding or "utf-8")
     names = _strip_types(table.column_names)
     title_field = next((n for n in _TITLE_FIELDS if n in names), None)
     if "item_id" not in names or title_field is None:
