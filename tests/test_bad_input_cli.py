@@ -152,12 +152,12 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch, ca
     assert exit_info.value.code == 2
 
 
-def _python(args: list[str], **env: str) -> subprocess.CompletedProcess:
+def _python(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env}
     environ.pop(cli.DEBUG_ENV, None)
     environ.update(env)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environ,
-                          timeout=300, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT)
 
 
 def test_a_real_process_exits_2_with_one_line_and_rejects_a_misspelled_section(tmp_path):
@@ -186,7 +186,7 @@ def test_error_exit_is_clean_with_a_thread_still_alive(tmp_path):
         "def main(argv):\n"
         "    raise ValueError('x.csv, line 2: broken')\n"
         "run(main, [])\n")
-    proc = _python([str(script)])
+    proc = _python([str(script)], timeout=120)  # without os._exit it waits for the thread
     assert proc.returncode == 2 and proc.stderr.strip() == "error: x.csv, line 2: broken"
 
 

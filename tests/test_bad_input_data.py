@@ -231,7 +231,8 @@ def test_a_truncated_or_fake_image_is_refused_at_prepare(tmp_path):
     root = tmp_path / "images"
     for k in range(1, 13):
         png(root / f"{k}.png")
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.jpg", quality=90)
+    noise = np.random.default_rng(1).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg", quality=90)  # headers intact when cut
     data = (tmp_path / "full.jpg").read_bytes()
     (root / "3.png").unlink()
     (root / "3.jpg").write_bytes(data[: len(data) // 2])
