@@ -207,6 +207,8 @@ def _section_from_mapping(cls: type[T], mapping: dict[str, Any], where: str) -> 
         return cls(**kwargs)
     except FieldError as err:
         raise ConfigError(f"{where}.{err.field}: {err.message}") from None
+    except ValueError as err:  # a section's own check: the message names the field
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def is_project_run(run_cls: type) -> bool:

@@ -126,8 +126,8 @@ def test_every_entry_point_answers_a_user_error_with_one_line(case, tmp_path, mo
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
     module, argv, expected = _cases(tmp_path)[case]
     if case == "data show":  # a prepared folder to show from
-        from hanorec.data.prepare import prepare
         from hanorec.data.config import DataConfig
+        from hanorec.data.prepare import prepare
 
         prepare(DataConfig(**write_recbole(tmp_path / "data")), progress=False)
     code, _, err = run_main(module, argv, monkeypatch, capsys)
@@ -281,6 +281,12 @@ def test_config_errors_name_the_file_and_key_not_the_dataclass(tmp_path):
             parse_data_cli(["--config", str(path)])
     with pytest.raises(ConfigError, match=r"--k-core \(data\.k_core\): must be >= 0"):
         parse_data_cli(["--k-core", "-3"])
+    from hanorec.sft import SFTRun
+
+    with pytest.raises(ConfigError, match=r"r\.yaml: model\.lora_r: must be positive"):
+        recipe.from_yaml_dict(SFTRun, {"model": {"lora_r": 0}}, "r.yaml")
+    with pytest.raises(ConfigError, match=r"r\.yaml: sft\.per_device_batch_size: must be >= 1"):
+        recipe.from_yaml_dict(SFTRun, {"sft": {"per_device_batch_size": 0}}, "r.yaml")
 
 
 def test_an_alias_bomb_is_refused_in_a_short_message(tmp_path):
