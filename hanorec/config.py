@@ -345,7 +345,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise _yaml_error(path, err) from None
     finally:
         loader.dispose()
-    raw = {} if raw is None else raw
+    if raw is None:
+        raise ConfigError(f"{path}: the recipe is empty; write at least a data: section (see "
+                          "configs/demo.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     recipe = Recipe(raw)

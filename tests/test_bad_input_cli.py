@@ -247,7 +247,7 @@ def test_flags_are_never_prefix_matched(tmp_path, monkeypatch, capsys):
 
 def test_duplicate_keys_random_bytes_and_bom_in_a_recipe(tmp_path):
     """YAML keeps only the last of two equal keys: refused. A recipe of random bytes names its
-    file and line. A UTF-8 byte-order mark is accepted."""
+    file and line; an empty recipe is refused. A UTF-8 byte-order mark is accepted."""
     from hanorec.data.cli_args import DataRun
 
     twice = write_recipe(tmp_path, "data:\n  k_core: 2\ndata:\n  k_core: 3\n", "twice.yaml")
@@ -258,6 +258,9 @@ def test_duplicate_keys_random_bytes_and_bom_in_a_recipe(tmp_path):
     noise.write_bytes(b"data:\n  item_noun: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"noise\.yaml, line 2: not UTF-8"):
         recipe.load_yaml(noise)
+    empty = write_recipe(tmp_path, "# nothing yet\n", "empty.yaml")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the recipe is empty"):
+        recipe.load_yaml(empty)  # it used to build the default data set
     bom = tmp_path / "bom.yaml"
     bom.write_bytes(b"\xef\xbb\xbfdata:\n  k_core: 2\n")
     assert recipe.from_yaml_dict(DataRun, recipe.load_yaml(bom), str(bom)).data.k_core == 2

@@ -97,6 +97,24 @@ def test_parquet_nulls_and_non_parquet_files_are_located(tmp_path):
                          genres_separator="|", image=None)
 
 
+def test_duplicate_columns_and_unsafe_image_paths_are_located(tmp_path):
+    """A header naming a column twice was a pyarrow KeyError; an image column leaving the image
+    root now names the catalogue line too."""
+    table = tmp_path / "t.csv"
+    table.write_text("user,user,item,ts\n1,2,a,3\n")
+    with pytest.raises(DataFileError, match=r"t\.csv, line 1: column 'user' appears twice"):
+        read_table_interactions(table, user="user", item="item", timestamp="ts", rating=None)
+    from hanorec.data.images import UnsafeImagePathError, check_images
+
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title,image\na,A,a.png\nb,B,../b.png\n")
+    catalogue = read_table_items(items, item_id="item_id", title="title", genres=None,
+                                 genres_separator="|", image="image")
+    png(tmp_path / "root" / "a.png")
+    with pytest.raises(UnsafeImagePathError, match=r"items\.csv, line 3, field 'image': .*'\.\.'"):
+        check_images(catalogue, tmp_path / "root", "text-only")
+
+
 @pytest.mark.parametrize("manifest", ['{"fingerprint": "ab', '{"fingerprint": "x"}', '[1, 2]'])
 def test_a_damaged_manifest_in_the_output_folder_means_a_rebuild(tmp_path, manifest, capsys):
     """A killed run's half-written manifest.json (or one without counts) is reported and the

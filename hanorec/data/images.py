@@ -40,6 +40,10 @@ class UnsafeImagePathError(ValueError):
     """An image path that would escape the image root."""
 
 
+class UnsafeCatalogueImageError(DataFileError, UnsafeImagePathError):
+    """An unsafe image path read from a catalogue file, located by file, line and field."""
+
+
 def safe_image_path(root: str | Path, relative: str) -> Path:
     """Resolve `relative` under `root`, refusing anything that leaves it.
 
@@ -180,7 +184,11 @@ def check_images(catalogue: Catalogue, image_root: str | Path | None, policy: st
         relative = catalogue.image[index] or folder.get(item_id)
         problem, detail = "missing", ""
         if relative is not None:
-            full = safe_image_path(image_root, relative)
+            try:
+                full = safe_image_path(image_root, relative)
+            except UnsafeImagePathError as error:
+                raise UnsafeCatalogueImageError(catalogue.source, catalogue.line[index],
+                                                str(error), "image") from None
             problem, detail = ("missing", "") if not full.is_file() else inspect_image(
                 full, max_pixels)
         if problem == "huge" or (problem == "large" and large_policy == "error"):

@@ -159,8 +159,6 @@ def read_mmsafe(path: str | Path, image_root: str | Path, *,
         ValueError: A missing, empty or undecodable file, or an unsupported extension.
     """
     path, root = Path(path), Path(image_root)
-    if not root.is_dir():
-        raise DataFileError(root, None, "the image root is not a folder")
     rows = _load_raw(path)
     if not rows:
         raise DataFileError(path, None, "no rows: an MMSafe-PO file needs at least one row")

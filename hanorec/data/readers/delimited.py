@@ -52,6 +52,14 @@ def _first_bad_line(data: bytes, delimiter: str, expected: int, quoting: bool,
     return 0, "unparseable content"
 
 
+def _unique_names(path: Path, names: list[str]) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise DataFileError(path, 1, f"column {name!r} appears twice in the header")
+        seen.add(name)
+
+
 def read_delimited(path: str | Path, *, delimiter: str, names: list[str] | None = None,
                    encoding: str = "utf-8", quoting: bool = False) -> tuple[pa.Table, int]:
     """Parse a delimited file into a table of string columns.
@@ -77,6 +85,7 @@ def read_delimited(path: str | Path, *, delimiter: str, names: list[str] | None 
     if names is None:
         first = data.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
         names = next(csv.reader([first], delimiter=delimiter))
+        _unique_names(path, names)
     read = pacsv.ReadOptions(column_names=names, skip_rows=header_lines, block_size=1 << 24)
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
                                ignore_empty_lines=False)

@@ -26,6 +26,9 @@ def _read_parquet(path: Path) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
         raise DataFileError(path, None, f"not a readable Parquet file ({error})") from None
+    if len(set(table.column_names)) < len(table.column_names):
+        twice = next(n for n in table.column_names if table.column_names.count(n) > 1)
+        raise DataFileError(path, None, f"column {twice!r} appears twice")
     columns = []
     for column in table.schema:
         try:
