@@ -219,6 +219,21 @@ def test_empty_splits_and_counts_are_reported(tmp_path, capsys):
     assert "1 duplicate (user, item, timestamp), 1 of 1 user with too few interactions" in out
 
 
+def test_old_mac_line_ends_utf16_and_unreachable_temporal_quantiles(tmp_path):
+    """CR-only line ends were a csv-module traceback; a UTF-16 file gets a hint; temporal
+    quantiles that leave no target were an IndexError."""
+    path = tmp_path / "x.inter"
+    path.write_bytes((INTER_HEADER + "1\t1\t5\t10\n2\t1\t5\t11\n").replace("\n", "\r").encode())
+    assert read_atomic_inter(path).user.to_pylist() == ["1", "2"]
+    path.write_bytes((INTER_HEADER + "1\t1\t5\t10\n").encode("utf-16"))
+    with pytest.raises(DataFileError, match=r"x\.inter: the file is UTF-16"):
+        read_atomic_inter(path)
+    config = DataConfig(**write_source(tmp_path / "t"), split="temporal",
+                        temporal_quantiles=[0.01, 0.02])
+    with pytest.raises(ValueError, match=r"the train split is empty: temporal_quantiles"):
+        prepare(config, progress=False)
+
+
 def test_an_empty_file_is_called_empty(tmp_path):
     """It was reported as a blank line inside the file."""
     path = tmp_path / "x.inter"

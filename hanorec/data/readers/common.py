@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from hanorec.cli import short_repr
 from hanorec.data.errors import DataFileError
 from hanorec.data.readers.delimited import float_column, id_column
 from hanorec.data.readers.text import check_id, clean_title
@@ -23,7 +24,8 @@ def interactions_from_table(table: pa.Table, path: str | Path, first_line: int, 
     """
     for name in (user, item, timestamp, rating):
         if name is not None and name not in table.column_names:
-            raise DataFileError(path, None, f"missing column {name!r}; have {table.column_names}")
+            raise DataFileError(path, None, f"missing column {name!r}; have "
+                                f"{short_repr(table.column_names, 200)}")
     if table.num_rows == 0:
         raise DataFileError(path, None, "no interactions (the file has no data rows)")
     return Interactions(

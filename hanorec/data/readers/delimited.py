@@ -32,8 +32,10 @@ def _load_text(path: Path, delimiter: str, encoding: str) -> tuple[bytes, str]:
         data = text.encode("utf-8")
     if len(delimiter) > 1:
         data, delimiter = data.replace(delimiter.encode(), _SEP.encode()), _SEP
-    data = data.rstrip(b"\r\n") + b"\n"
-    unix = b"\n" + data.replace(b"\r\n", b"\n")
+    if b"\r" in data:  # Windows (CRLF) or classic Mac (CR) line ends: read as LF
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = data.rstrip(b"\n") + b"\n"
+    unix = b"\n" + data
     blank = unix.find(b"\n\n")
     if blank >= 0:
         raise DataFileError(path, unix[:blank].count(b"\n") + 1,
@@ -43,7 +45,7 @@ def _load_text(path: Path, delimiter: str, encoding: str) -> tuple[bytes, str]:
 
 def _first_bad_line(data: bytes, delimiter: str, expected: int, quoting: bool,
                     header_lines: int) -> tuple[int, str]:
-    text = io.StringIO(data.decode("utf-8"))
+    text = io.StringIO(data.decode("utf-8"), newline="")
     rows = csv.reader(text, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoting
                       else csv.QUOTE_NONE)
     for number, fields in enumerate(rows, start=1):
@@ -96,7 +98,8 @@ def read_delimited(path: str | Path, *, delimiter: str, names: list[str] | None 
                                convert_options=convert)
     except pa.ArrowInvalid as error:
         line, why = _first_bad_line(data, delimiter, len(names), quoting, header_lines)
-        raise DataFileError(path, line or None, f"malformed line: {why} ({error})") from None
+        raise DataFileError(path, line or None,
+                            f"malformed line: {why} ({str(error)[:120]})") from None
     return table.combine_chunks(), header_lines
 
 

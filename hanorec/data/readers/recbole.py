@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hanorec.cli import short_repr
 from hanorec.data.errors import DataFileError
 from hanorec.data.readers.common import CatalogueBuilder, interactions_from_table, with_year
 from hanorec.data.readers.delimited import read_delimited
@@ -40,7 +41,8 @@ def read_atomic_item(path: str | Path, encoding: str | None = None) -> Catalogue
     names = _strip_types(table.column_names)
     title_field = next((n for n in _TITLE_FIELDS if n in names), None)
     if "item_id" not in names or title_field is None:
-        raise DataFileError(path, 1, f"header needs item_id and one of {_TITLE_FIELDS}: {names}")
+        raise DataFileError(path, 1, f"header needs item_id and one of {_TITLE_FIELDS}: "
+                            f"{short_repr(names, 200)}")
     genre_field = next((n for n in _GENRE_FIELDS if n in names), None)
     columns = {n: table.column(i).to_pylist() for i, n in enumerate(names)}
     years = columns.get("release_year", [""] * table.num_rows)

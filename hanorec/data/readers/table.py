@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hanorec.cli import short_repr
 from hanorec.data.errors import DataFileError
 from hanorec.data.readers.common import CatalogueBuilder, interactions_from_table
 from hanorec.data.readers.delimited import read_delimited
@@ -68,7 +69,8 @@ def read_table_items(path: str | Path, *, item_id: str, title: str, genres: str 
     table, first_line = read_any_table(path, encoding)
     for name in (item_id, title, genres, image):
         if name is not None and name not in table.column_names:
-            raise DataFileError(path, None, f"missing column {name!r}; have {table.column_names}")
+            raise DataFileError(path, None, f"missing column {name!r}; have "
+                                f"{short_repr(table.column_names, 200)}")
     ids, titles = table.column(item_id).to_pylist(), table.column(title).to_pylist()
     genre_values = table.column(genres).to_pylist() if genres else [None] * len(ids)
     images = table.column(image).to_pylist() if image else [None] * len(ids)

@@ -75,6 +75,10 @@ def decode(path: str | Path, data: bytes, encoding: str, *, first_line: int = 1)
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as error:
+        if first_line == 1 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataFileError(path, None, "the file is UTF-16 (it starts with a UTF-16 "
+                                "byte-order mark); save it as UTF-8 or set data.encoding: "
+                                "utf-16") from None
         start = data.rfind(b"\n", 0, error.start) + 1
         line = first_line + data.count(b"\n", 0, error.start)
         raise DataFileError(path, line, f"byte 0x{data[error.start]:02x} at column "
