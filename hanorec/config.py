@@ -343,6 +343,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         raise _yaml_error(path, err) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the recipe is nested too deeply to read") from None
     finally:
         loader.dispose()
     if raw is None:

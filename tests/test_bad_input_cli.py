@@ -258,6 +258,10 @@ def test_duplicate_keys_random_bytes_and_bom_in_a_recipe(tmp_path):
     noise.write_bytes(b"data:\n  item_noun: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"noise\.yaml, line 2: not UTF-8"):
         recipe.load_yaml(noise)
+    deep = write_recipe(tmp_path, "data:\n  protocols: " + "[" * 3000 + "]" * 3000 + "\n",
+                        "deep.yaml")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: the recipe is nested too deeply"):
+        recipe.load_yaml(deep)  # was a RecursionError traceback
     empty = write_recipe(tmp_path, "# nothing yet\n", "empty.yaml")
     with pytest.raises(ConfigError, match=r"empty\.yaml: the recipe is empty"):
         recipe.load_yaml(empty)  # it used to build the default data set
