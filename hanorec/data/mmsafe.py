@@ -133,21 +133,26 @@ def validate_row(row: Mapping[str, Any], path: Path, number: int, image_root: Pa
     if images is not None and not isinstance(images, (str, list)):
         raise MMSafeRowError(path, number, f"expected a path or a list of paths, got {images!r}", "image")
     for relative in image_list(images):
+        if not isinstance(relative, str) or not relative.strip():
+            raise MMSafeRowError(path, number, f"expected a path, got {relative!r:.60}", "image")
         try:
             full = safe_image_path(image_root, relative)
         except ValueError as err:
             raise MMSafeRowError(path, number, str(err), "image") from err
         if not full.is_file():
-            raise MMSafeRowError(path, number, f"{full} does not exist", "image")
+            what = "is a folder, not an image" if full.is_dir() else "does not exist"
+            raise MMSafeRowError(path, number, f"{full} {what}", "image")
         _check_image(full, path, number, max_pixels)
     placeholders = row["prompt"].count(IMAGE_PLACEHOLDER)
     if placeholders > len(image_list(images)):
         raise MMSafeRowError(path, number, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but "
                              f"{len(image_list(images))} image(s)", "prompt")
     try:
-        conversation_turns(row["prompt"])
+        turns = conversation_turns(row["prompt"])
     except ValueError as err:
         raise MMSafeRowError(path, number, str(err), "prompt") from None
+    if not image_list(images) and not any(body.strip() for _, body in turns):
+        raise MMSafeRowError(path, number, "the conversation has no text and no image", "prompt")
 
 
 def read_mmsafe(path: str | Path, image_root: str | Path, *,
