@@ -62,10 +62,12 @@ def short_repr(value: Any, limit: int = 60) -> str:
 
 def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """Fold ``text`` onto one line and cut it to ``limit`` characters."""
-    folded = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    if len(folded) <= limit:
+    text = str(text)
+    head = text[: 4 * limit]  # never fold megabytes
+    folded = " ".join(part.strip() for part in head.splitlines() if part.strip())
+    if len(folded) <= limit and len(head) == len(text):
         return folded
-    return f"{folded[:limit]}… ({len(folded) - limit} more characters)"
+    return f"{folded[:limit]}… (message cut, {len(text)} characters in all)"
 
 
 def describe(error: BaseException) -> str:
@@ -79,10 +81,7 @@ def describe(error: BaseException) -> str:
     if isinstance(error, UnicodeDecodeError):
         return (f"text is not valid {error.encoding} (byte 0x{error.object[error.start]:02x} at "
                 f"offset {error.start}); convert the file to UTF-8 or set its encoding")
-    text = str(error)
-    if isinstance(error, KeyError) and error.args:
-        text = str(error.args[0])
-    return text or type(error).__name__
+    return str(error) or type(error).__name__
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -155,7 +155,10 @@ def convert_value(value: Any, tp: Any, where: str) -> Any:
     if isinstance(value, str):
         return _convert_scalar(value, inner, where)
     if inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _finite(float(value), where)
+        try:
+            return _finite(float(value), where)
+        except OverflowError:
+            raise ConfigError(f"{where}: must be a finite number, got {short_repr(value)}") from None
     if inner is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if typing.get_origin(inner) is typing.Literal:
