@@ -308,10 +308,12 @@ def mix_blind_negatives(rows: list[dict[str, Any]], path: str | Path, *, ratio: 
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "generate":
-        raise SystemExit("usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR] [--bpo-out DIR] (see generate --help)")
+        raise ValueError("usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR] [--bpo-out DIR] (see generate --help)")
     run = recipe.parse(BPORun, argv[1:], prog="hanorec.bpo generate", description=__doc__)
     return generate(run)
 
 
 if __name__ == "__main__":
-    main()
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2

@@ -407,4 +407,6 @@ def _reference_context(model):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from hanorec.cli import run as run_cli
+
+    run_cli(main, sys.argv[1:])  # user errors: one `error:` line, exit 2

@@ -47,7 +47,6 @@ per protocol and metric (paired bootstrap and Wilcoxon), printing the table and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -60,6 +59,7 @@ import numpy as np
 import torch
 
 from hanorec import config as recipe
+from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.data.known import known_sequences
@@ -415,7 +415,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _compare_main(argv: list[str]) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m hanorec.evaluate compare",
+    parser = ArgumentParser(prog="python -m hanorec.evaluate compare",
                                      description="Paired comparison of two evaluation folders (<run_dir>/eval/<name>).")
     parser.add_argument("run_a")
     parser.add_argument("run_b")
@@ -434,4 +434,6 @@ def main(argv: list[str] | None = None) -> Path | list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2

@@ -469,4 +469,6 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from hanorec.cli import run as run_cli
+
+    run_cli(main, sys.argv[1:])  # user errors: one `error:` line, exit 2

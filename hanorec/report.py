@@ -19,12 +19,13 @@ the first run directory (or ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from hanorec.cli import ArgumentParser
 
 __all__ = ["load_training_log", "write_report"]
 
@@ -240,7 +241,7 @@ def _load_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hanorec.report",
+    parser = ArgumentParser(prog="python -m hanorec.report",
                                      description="Write report.md + plots for run directories.")
     parser.add_argument("run_dirs", nargs="+", type=Path, help="Run directories with summary.json.")
     parser.add_argument("--out", type=Path, default=None, help="Report directory (default: first run).")
@@ -250,8 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(write_report(args.out or args.run_dirs[0], title=args.title, metrics_tables=tables))
 
 
-if __name__ == "__main__":
-    main()
-
-
 _pyplot = pyplot  # the former private name (benchmarks imported it)
+
+
+if __name__ == "__main__":
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2

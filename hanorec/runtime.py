@@ -157,11 +157,10 @@ def maybe_resume(cfg: TrainConfig, out_dir: Path, model, optimizer, scheduler) -
     """Restore the newest checkpoint when ``--resume`` is on (a fresh position otherwise)."""
     if not cfg.resume:
         return LoopPosition()
-    latest = CheckpointManager(out_dir).latest()
+    latest, position = CheckpointManager(out_dir).resume(model, optimizer, scheduler)  # skips damaged ones
     if latest is None:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
         return LoopPosition()
-    position = CheckpointManager.load(latest, model, optimizer, scheduler)
     print(f"resumed from {latest} (step {position.step})")
     return position
 

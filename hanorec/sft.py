@@ -281,4 +281,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from hanorec.cli import run as run_cli
+
+    run_cli(main, sys.argv[1:])  # user errors: one `error:` line, exit 2

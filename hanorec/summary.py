@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hanorec.cli import ArgumentParser
 from hanorec.report import load_training_log, plot_metric_bars, plot_training_curves
 
 #: The headline metrics of each protocol, in report order.
@@ -97,10 +98,12 @@ def write_summary(run_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m hanorec.summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m hanorec.summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="Run folder (the recipe's run_dir).")
     return write_summary(parser.parse_args(argv).run_dir)
 
 
 if __name__ == "__main__":
-    main()
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2

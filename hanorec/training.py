@@ -9,9 +9,13 @@ What lives here is the plumbing a training loop needs and that should be written
   every global batch, so "where the data was" is just ``(epoch, batch_in_epoch)``.
 * ``CheckpointManager`` — atomic checkpoints (written to a temporary folder, fsynced, then
   renamed), kept N deep, with the trainable weights as safetensors, the optimizer and scheduler
-  states, every RNG state and the data position; ``torch.load(weights_only=True)`` only.
+  states, every RNG state and the data position; ``torch.load(weights_only=True)`` only. A
+  checkpoint is verified in full (both files load, the tensor names and shapes fit the model,
+  the optimizer groups match) before anything is restored, and :meth:`CheckpointManager.resume`
+  falls back to the newest checkpoint that passes, with a one-line warning per damaged one.
 * ``MetricsLogger`` — one JSON object per line in ``metrics.jsonl``; on resume, lines past the
-  resumed step are dropped so the log reads as one uninterrupted run.
+  resumed step are dropped so the log reads as one uninterrupted run (a line torn by a kill is
+  dropped too).
 * ``cosine_with_warmup`` and ``EarlyStopping``.
 """
 
@@ -31,6 +35,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from hanorec.config import FieldError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -57,6 +63,34 @@ class TrainConfig:
     early_stopping_patience: int = field(default=0, metadata={"help": "Stop after N evaluations without improvement of the validation loss (0: off)."})
     log_every: int = field(default=1, metadata={"help": "Write training metrics every N optimizer steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the newest complete checkpoint in the run directory."})
+
+    def __post_init__(self) -> None:
+        for name, ok, message in self._train_checks():
+            if not ok:
+                raise FieldError(type(self).__name__, name, message)
+
+    def _train_checks(self) -> list[tuple[str, bool, str]]:
+        """``(field, holds, message)`` range checks of the optimisation fields."""
+        def at_least(name: str, low: float) -> tuple[str, bool, str]:
+            value = getattr(self, name)
+            return name, math.isfinite(value) and value >= low, f"must be >= {low}, got {value}"
+
+        return [
+            ("learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0,
+             f"must be a positive number, got {self.learning_rate}"),
+            at_least("weight_decay", 0), at_least("max_grad_norm", 0), at_least("max_steps", 0),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, f"must be in [0, 1), got {self.adam_beta1}"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, f"must be in [0, 1), got {self.adam_beta2}"),
+            ("num_epochs", self.max_steps > 0 or (math.isfinite(self.num_epochs)
+                                                  and self.num_epochs > 0),
+             f"must be positive when max_steps is 0, got {self.num_epochs}"),
+            at_least("per_device_batch_size", 1), at_least("gradient_accumulation_steps", 1),
+            ("warmup_ratio", 0 <= self.warmup_ratio <= 1,
+             f"must be in [0, 1], got {self.warmup_ratio}"),
+            at_least("eval_every", 0), at_least("eval_examples", 0), at_least("save_every", 0),
+            at_least("keep_checkpoints", 1), at_least("early_stopping_patience", 0),
+            at_least("log_every", 1),
+        ]
 
 
 def set_seed(seed: int) -> None:
@@ -155,7 +189,7 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -165,6 +199,15 @@ class MetricsLogger:
         row.update({k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in values.items()})
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    """The ``step`` of a metrics line, or None for a line a kill tore in half."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return int(row.get("step", 0)) if isinstance(row, dict) else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -274,26 +317,102 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[Path | None, LoopPosition]:
+        """Restore the newest checkpoint that verifies; damaged ones are skipped with a warning.
+
+        Returns:
+            The checkpoint used (None when the run directory holds none) and its position.
+
+        Raises:
+            CheckpointError: Checkpoints exist but none of them can be restored.
+        """
+        found = self.checkpoints()
+        for path in reversed(found):
+            try:
+                return path, self.load(path, model, optimizer, scheduler)
+            except CheckpointError as err:
+                print(f"warning: --resume skips {path.name}: {err}")
+        if found:
+            raise CheckpointError(f"{self.run_dir}: none of the {len(found)} checkpoints can be resumed (see the warnings); delete them or run without --resume")
+        return None, LoopPosition()
+
     @staticmethod
     def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopPosition:
-        """Restore weights, optimizer, scheduler and RNG states; return the loop position."""
+        """Restore weights, optimizer, scheduler and RNG states; return the loop position.
+
+        Everything is read and checked (:func:`read_checkpoint`) before anything is restored.
+
+        Raises:
+            CheckpointError: A file that does not load, names or shapes that do not fit the
+                model, or optimizer groups that do not match.
+        """
         path = Path(path)
-        weights = load_file(str(path / "trainable.safetensors"))
+        weights, state = read_checkpoint(path, model, optimizer)
         params = dict(model.named_parameters())
-        missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
-        unknown = sorted(set(weights) - set(params))
-        if missing or unknown:
-            raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        try:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path / 'state.pt'}: cannot be restored ({type(err).__name__}: {err})") from None
         pos = state["position"]
         return LoopPosition(step=pos["step"], epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"], extra=state.get("extra") or {})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored (damaged file, or written for another model)."""
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    file = path / "trainable.safetensors"
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
+        raise CheckpointError(f"{file}: cannot be read ({err})") from None
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    file = path / "state.pt"
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - zip, unpickling and OS errors alike
+        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+    position = state.get("position") if isinstance(state, dict) else None
+    if not isinstance(position, dict) or not all(isinstance(position.get(k), int) for k in ("step", "epoch", "batch_in_epoch")) or not {"optimizer", "rng", "scheduler"} <= set(state):
+        raise CheckpointError(f"{file}: not a hanorec training state (optimizer, scheduler, rng and position expected)")
+    return state
+
+
+def read_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint against ``model`` (and ``optimizer``) without applying it.
+
+    Returns:
+        The trainable weights and the training state.
+
+    Raises:
+        CheckpointError: The reason, naming the file.
+    """
+    path = Path(path)
+    weights = _load_weights(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
+    unknown = sorted(set(weights) - set(params))
+    if missing or unknown:
+        raise CheckpointError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
+    shapes = [n for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
+    if shapes:
+        name = shapes[0]
+        raise CheckpointError(f"{path}: checkpoint does not fit the model ({name} has shape {tuple(weights[name].shape)}, the model {tuple(params[name].shape)})")
+    state = _load_state(path)
+    if optimizer is not None:
+        saved = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
+        if [len(g.get("params", [])) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise CheckpointError(f"{path / 'state.pt'}: the optimizer state does not match the model's trainable parameters")
+    return weights, state
 
 
 def batch_stream(order: EpochBatches, position: LoopPosition):

@@ -42,6 +42,7 @@ import numpy as np
 
 from hanorec.baselines.popularity import MostPopular
 from hanorec.baselines.sasrec import SASRec, SASRecConfig
+from hanorec.cli import ArgumentParser
 from hanorec.data.known import (  # noqa: F401  (re-exported for callers of the old home)
     SplitArrays,
     load_prepared,
@@ -171,7 +172,7 @@ def _compare_and_report(out: Path, protocol: str, results: dict[str, Any],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hanorec.baselines", description=__doc__,
+    parser = ArgumentParser(prog="python -m hanorec.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared-dir", required=True, help="Output dir of `python -m hanorec.data prepare`.")
     parser.add_argument("--protocol", default="candidates", choices=["candidates", "hit3", "full", "hit1"])
@@ -190,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     run(build_parser().parse_args(argv))
 
 
-if __name__ == "__main__":
-    main()
-
 _test_inputs = test_inputs  # the old private name, kept for existing imports
+
+
+if __name__ == "__main__":
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2

@@ -8,15 +8,18 @@
 - ``show --config X.yaml [--index 0] [--protocol candidates] [--split test]
   [--image-budget 5] [--model-dir DIR]``: print one rendered prompt and its response
   (for ``show`` only, ``--split`` is the dataset split, not ``DataConfig.split``).
+
+Errors in the recipe, the flags or the input files end with one ``error: ...`` line and exit
+status 2 (``--debug`` or ``HANOREC_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from hanorec.cli import ArgumentParser, run
 from hanorec.data.cli_args import help_text, parse_data_cli
-from hanorec.data.config import DataConfig, default_cache_dir
+from hanorec.data.config import PROTOCOLS, DataConfig, default_cache_dir
 
 __all__ = ["main", "parse_data_cli"]
 
@@ -41,7 +44,15 @@ def _show(config: DataConfig, args: argparse.Namespace) -> None:
     from hanorec.data.prompts import build_prompt, plain_text, response_text
 
     output = config.path(config.output_dir)
-    row = datasets.load_from_disk(str(output / args.protocol))[args.split][args.index]
+    folder = output / args.protocol
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: protocol {args.protocol!r} is not prepared here; run "
+                         "`python -m hanorec.data prepare` with it in data.protocols")
+    rows = datasets.load_from_disk(str(folder))[args.split]
+    if not 0 <= args.index < len(rows):
+        raise ValueError(f"--index {args.index}: the {args.split} split of {args.protocol} has "
+                         f"{len(rows)} rows (0 to {len(rows) - 1})")
+    row = rows[args.index]
     catalog = Catalog.from_prepared(output)
     prompt = build_prompt(row, catalog, args.protocol, image_budget=args.image_budget)
     if args.model_dir:
@@ -59,21 +70,24 @@ def _show(config: DataConfig, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m hanorec.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="DataConfig flags:\n" + help_text())
+    parser = ArgumentParser(prog="python -m hanorec.data", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="DataConfig flags:\n" + help_text())
     parser.add_argument("command", choices=["prepare", "fetch-ml100k", "render-posters", "show"])
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if reusable")
     parser.add_argument("--no-posters", action="store_true", help="fetch-ml100k: skip posters")
     parser.add_argument("--workers", type=int, default=2, help="poster rendering processes")
     parser.add_argument("--cache-dir", default=None,
                         help="data cache (default $HANOREC_CACHE or ~/.cache/hanorec)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also: HANOREC_DEBUG=1)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "show":  # here --split names the dataset split, not DataConfig.split
-        show = argparse.ArgumentParser(prog="python -m hanorec.data show")
+        show = ArgumentParser(prog="python -m hanorec.data show")
         show.add_argument("--index", type=int, default=0, help="row index")
-        show.add_argument("--protocol", default="candidates", help="protocol")
-        show.add_argument("--split", default="test", help="train, validation or test")
+        show.add_argument("--protocol", default="candidates", choices=PROTOCOLS, help="protocol")
+        show.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                          help="train, validation or test")
         show.add_argument("--image-budget", type=int, default=5, help="images in the prompt")
         show.add_argument("--model-dir", default=None, help="saved processor directory")
         show_args, rest = show.parse_known_args(rest)
@@ -108,8 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as error:  # bad input: one clear line naming file/line/field
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 
-from hanorec.data.images import PLACEHOLDER_FILE, PLACEHOLDER_IMAGE, safe_image_path
+from hanorec.data.errors import DataFileError, read_json
+from hanorec.data.images import (
+    PLACEHOLDER_FILE,
+    PLACEHOLDER_IMAGE,
+    PREPARED_PREFIX,
+    safe_image_path,
+)
 
 
 class Catalog:
@@ -22,31 +27,40 @@ class Catalog:
         placeholder: Path of the placeholder image, if any.
         item_noun: Noun used in prompts (``movie``, ``product``...).
         genres: Optional genre lists.
+        prepared_dir: The prepared folder that ``<prepared>/...`` images (downscaled copies)
+            are relative to.
     """
 
     def __init__(self, item_ids: list[str], titles: list[str], images: list[str | None] | None = None,
                  image_root: str | Path | None = None, placeholder: str | Path | None = None,
-                 item_noun: str = "item", genres: list[list[str]] | None = None) -> None:
+                 item_noun: str = "item", genres: list[list[str]] | None = None,
+                 prepared_dir: str | Path | None = None) -> None:
         self.item_ids, self.titles = list(item_ids), list(titles)
         self.images = list(images) if images is not None else [None] * len(self.item_ids)
         self.genres = genres
         self.image_root = None if image_root is None else Path(image_root)
         self.placeholder = None if placeholder is None else Path(placeholder)
         self.item_noun = item_noun
+        self.prepared_dir = None if prepared_dir is None else Path(prepared_dir)
         self.index = {item_id: i for i, item_id in enumerate(self.item_ids)}
 
     @classmethod
     def from_prepared(cls, prepared_dir: str | Path, image_root: str | Path | None = None) -> Catalog:
         """Load ``items/`` (image root and noun from ``manifest.json`` unless overridden)."""
         prepared = Path(prepared_dir)
+        if not (prepared / "items").is_dir():
+            raise DataFileError(prepared, None, "not a prepared data folder (no items/); run "
+                                "`python -m hanorec.data prepare` or `hanorec.data.mmsafe convert`")
         items = datasets.load_from_disk(str(prepared / "items"))
         manifest_path = prepared / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+        if not isinstance(manifest, dict):
+            raise DataFileError(manifest_path, None, "expected a JSON object; prepare again")
         columns = items.to_dict()
         return cls(columns["item_id"], columns["title"], columns["image"],
                    image_root if image_root is not None else manifest.get("image_root"),
                    prepared / PLACEHOLDER_FILE, manifest.get("item_noun", "item"),
-                   columns["genres"])
+                   columns["genres"], prepared_dir=prepared)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -69,6 +83,11 @@ class Catalog:
             return None
         if image == PLACEHOLDER_IMAGE:
             return self.placeholder
+        if image.startswith(PREPARED_PREFIX):
+            if self.prepared_dir is None:
+                raise ValueError(f"item {item_id!r} has the prepared image {image!r} but the "
+                                 "catalog has no prepared_dir")
+            return safe_image_path(self.prepared_dir, image[len(PREPARED_PREFIX):])
         if self.image_root is None:
             raise ValueError(f"item {item_id!r} has image {image!r} but the catalog has no "
                              "image_root")

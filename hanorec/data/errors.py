@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 class DataFileError(ValueError):
@@ -21,3 +23,21 @@ class DataFileError(ValueError):
         where += f", field {field!r}" if field else ""
         super().__init__(f"{where}: {message}")
         self.path, self.line, self.field = str(path), line, field
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a damaged one is a :class:`DataFileError` naming its line.
+
+    Raises:
+        DataFileError: Missing, unreadable, not UTF-8 or not valid JSON.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFileError(path, None, f"cannot be read: {error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataFileError(path, error.lineno, f"not valid JSON ({error.msg}, column "
+                            f"{error.colno})") from None

@@ -12,7 +12,12 @@ A row of an MMSafe-PO file (JSON list, JSON Lines, or Parquet) has
 
 A malformed row is a :class:`MMSafeRowError` (a ``ValueError``) naming the file, the 1-based row
 number and the field: a missing field, an empty ``chosen`` / ``rejected``, an image path that
-escapes the root or does not exist, more ``<image>`` placeholders than images.
+escapes the root or does not exist, an image that does not decode in full or has more than
+``max_image_pixels`` pixels, more ``<image>`` placeholders than images, a conversation that does
+not end with a user turn (or an empty ``ASSISTANT:``), or a number of rejected responses that
+differs from the first row's (DPO batches them). A file without rows is an error too. Like the
+recommendation readers, a UTF-8 byte-order mark is removed and undecodable bytes are reported
+with their line.
 
 :func:`convert_mmsafe` turns a file into a folder that the preference loop reads like prepared
 recommendation data: ``pairs/general`` (a ``DatasetDict`` with ``train`` and ``validation``),
@@ -35,11 +40,14 @@ from typing import Any
 import datasets
 import pyarrow
 
+from hanorec.cli import ArgumentParser, run
 from hanorec.data.errors import DataFileError
-from hanorec.data.images import safe_image_path
-from hanorec.data.prompts import GENERAL, IMAGE_PLACEHOLDER
+from hanorec.data.images import inspect_image, safe_image_path
+from hanorec.data.prompts import GENERAL, IMAGE_PLACEHOLDER, conversation_turns
+from hanorec.data.readers.text import read_text, require_file
 
 REQUIRED_FIELDS = ("prompt", "image", "chosen", "rejected")
+MAX_IMAGE_PIXELS = 16_000_000
 ITEM_FEATURES = datasets.Features({
     "item_id": datasets.Value("string"), "title": datasets.Value("string"),
     "genres": datasets.Sequence(datasets.Value("string")), "image": datasets.Value("string"),
@@ -58,14 +66,21 @@ class MMSafeRowError(DataFileError):
 
 def _load_raw(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``.json`` (list or JSON Lines), ``.jsonl`` or ``.parquet`` file, in file order."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+    require_file(path)
     if path.suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path)).to_list()
-    text = path.read_text(encoding="utf-8")
+        try:
+            return datasets.Dataset.from_parquet(str(path)).to_list()
+        except (pyarrow.ArrowException, OSError, ValueError) as err:
+            raise DataFileError(path, None, f"not a readable Parquet file ({err})") from None
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r} (use .json, .jsonl or .parquet)")
+    text = read_text(path, "utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    elif path.suffix in (".json", ".jsonl"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFileError(path, err.lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -73,8 +88,6 @@ def _load_raw(path: Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise MMSafeRowError(path, number, f"invalid JSON: {err}") from err
-    else:
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r} (use .json, .jsonl or .parquet)")
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise MMSafeRowError(path, number, f"expected an object, got {type(row).__name__}")
@@ -93,7 +106,17 @@ def rejected_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def validate_row(row: Mapping[str, Any], path: Path, number: int, image_root: Path) -> None:
+def _check_image(full: Path, path: Path, number: int, max_pixels: int) -> None:
+    status, detail = inspect_image(full, max_pixels)
+    if status == "corrupt":
+        raise MMSafeRowError(path, number, f"{full} is not a readable image ({detail})", "image")
+    if status in ("large", "huge"):
+        raise MMSafeRowError(path, number, f"{full} is too large ({detail} pixels; the limit is "
+                             f"{max_pixels}): shrink it", "image")
+
+
+def validate_row(row: Mapping[str, Any], path: Path, number: int, image_root: Path, *,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Check one row (see the module docstring); raise :class:`MMSafeRowError` on the first fault."""
     for name in REQUIRED_FIELDS:
         if name not in row:
@@ -110,29 +133,46 @@ def validate_row(row: Mapping[str, Any], path: Path, number: int, image_root: Pa
     if images is not None and not isinstance(images, (str, list)):
         raise MMSafeRowError(path, number, f"expected a path or a list of paths, got {images!r}", "image")
     for relative in image_list(images):
+        if not isinstance(relative, str) or not relative.strip():
+            raise MMSafeRowError(path, number, f"expected a path, got {relative!r:.60}", "image")
         try:
             full = safe_image_path(image_root, relative)
         except ValueError as err:
             raise MMSafeRowError(path, number, str(err), "image") from err
         if not full.is_file():
-            raise MMSafeRowError(path, number, f"{full} does not exist", "image")
+            what = "is a folder, not an image" if full.is_dir() else "does not exist"
+            raise MMSafeRowError(path, number, f"{full} {what}", "image")
+        _check_image(full, path, number, max_pixels)
     placeholders = row["prompt"].count(IMAGE_PLACEHOLDER)
     if placeholders > len(image_list(images)):
         raise MMSafeRowError(path, number, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but "
                              f"{len(image_list(images))} image(s)", "prompt")
+    try:
+        turns = conversation_turns(row["prompt"])
+    except ValueError as err:
+        raise MMSafeRowError(path, number, str(err), "prompt") from None
+    if not image_list(images) and not any(body.strip() for _, body in turns):
+        raise MMSafeRowError(path, number, "the conversation has no text and no image", "prompt")
 
 
-def read_mmsafe(path: str | Path, image_root: str | Path) -> list[dict[str, Any]]:
+def read_mmsafe(path: str | Path, image_root: str | Path, *,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> list[dict[str, Any]]:
     """Read and validate an MMSafe-PO file; rows come back as in the file (metadata kept).
 
     Raises:
         MMSafeRowError: A malformed row (file, row number and field in the message).
-        ValueError: A missing file or an unsupported extension.
+        ValueError: A missing, empty or undecodable file, or an unsupported extension.
     """
     path, root = Path(path), Path(image_root)
     rows = _load_raw(path)
+    if not rows:
+        raise DataFileError(path, None, "no rows: an MMSafe-PO file needs at least one row")
     for number, row in enumerate(rows, 1):
-        validate_row(row, path, number, root)
+        validate_row(row, path, number, root, max_pixels=max_pixels)
+        count, first = len(rejected_list(row["rejected"])), len(rejected_list(rows[0]["rejected"]))
+        if count != first:
+            raise MMSafeRowError(path, number, f"{count} rejected response(s), but row 1 has "
+                                 f"{first}; every row needs the same number", "rejected")
     return rows
 
 
@@ -169,8 +209,23 @@ def to_general_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _check_out_dir(out: Path) -> None:
+    """``out`` may be new, empty, or an earlier conversion (it is replaced); nothing else."""
+    if out.exists() and not out.is_dir():
+        raise DataFileError(out, None, "--out is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        manifest = out / "manifest.json"
+        try:
+            earlier = json.loads(manifest.read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != "mmsafe-po":
+            raise DataFileError(out, None, "--out is a non-empty folder that is not an earlier "
+                                "conversion; it would be replaced, so choose a new folder")
+
+
 def convert_mmsafe(path: str | Path, image_root: str | Path, out_dir: str | Path, *,
-                   validation_fraction: float = 0.1) -> Path:
+                   validation_fraction: float = 0.1, max_pixels: int = MAX_IMAGE_PIXELS) -> Path:
     """Read, validate and save an MMSafe-PO file as a preference-data folder (written atomically).
 
     The last ``max(1, round(validation_fraction · N))`` rows form the validation split (none
@@ -179,7 +234,8 @@ def convert_mmsafe(path: str | Path, image_root: str | Path, out_dir: str | Path
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    rows = to_general_rows(read_mmsafe(path, image_root))
+    _check_out_dir(Path(out_dir))
+    rows = to_general_rows(read_mmsafe(path, image_root, max_pixels=max_pixels))
     held = 0 if len(rows) < 2 else max(1, round(validation_fraction * len(rows)))
     out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
     if tmp.exists():
@@ -199,19 +255,24 @@ def convert_mmsafe(path: str | Path, image_root: str | Path, out_dir: str | Path
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m hanorec.data.mmsafe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``convert``: MMSafe-PO file -> preference-data folder; returns the folder."""
+    parser = ArgumentParser(prog="python -m hanorec.data.mmsafe", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="MMSafe-PO file -> preference-data folder (pairs/general)")
     convert.add_argument("--input", required=True, help="MMSafe-PO .json / .jsonl / .parquet file")
     convert.add_argument("--image-root", required=True, help="Folder the rows' image paths are relative to")
     convert.add_argument("--out", required=True, help="Output folder (pass it to hanorec.dpo --preference-data)")
     convert.add_argument("--validation-fraction", type=float, default=0.1)
+    convert.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                         help="Largest image (width x height) a row may use (default: %(default)s)")
+    convert.add_argument("--debug", action="store_true", help="Show the traceback of an error")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = convert_mmsafe(args.input, args.image_root, args.out, validation_fraction=args.validation_fraction)
+    out = convert_mmsafe(args.input, args.image_root, args.out, validation_fraction=args.validation_fraction,
+                         max_pixels=args.max_image_pixels)
     print(f"converted {args.input} -> {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -24,13 +24,25 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from hanorec.data.checks import (
+    apply_title_policy,
+    check_output_dir,
+    check_ratings,
+    check_sampling_sizes,
+    check_splits,
+    load_manifest,
+    summary_lines,
+)
 from hanorec.data.config import DataConfig
 from hanorec.data.fetch import sha256_file
 from hanorec.data.images import (
     PLACEHOLDER_FILE,
     PLACEHOLDER_IMAGE,
-    attach_images,
+    PREPARED_PREFIX,
+    RESIZED_DIR,
+    check_images,
     write_placeholder,
+    write_resized,
 )
 from hanorec.data.pairs import pair_columns
 from hanorec.data.protocols import (
@@ -62,7 +74,8 @@ def source_record(config: DataConfig) -> dict[str, Any]:
     for key in ("interactions_path", "items_path"):
         path = config.path(getattr(config, key))
         if not path.is_file():
-            raise ValueError(f"{key}: {path}: file not found")
+            what = "a folder, not a file" if path.is_dir() else "file not found"
+            raise ValueError(f"{path}: {what} (data.{key})")
         record[key] = {"path": str(path), "size": path.stat().st_size,
                        "sha256": sha256_file(path)}
     root = config.path(config.image_root)
@@ -82,10 +95,16 @@ def fingerprint(config: DataConfig, sources: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _reusable(output: Path, expected: str) -> dict[str, Any] | None:
+def _reusable(output: Path, expected: str, *, quiet: bool = False) -> dict[str, Any] | None:
+    """The manifest of a complete preparation with fingerprint `expected`, else None; a
+    damaged or incomplete manifest (a killed run) is reported and means a rebuild."""
     manifest = output / "manifest.json"
     if manifest.is_file():
-        data = json.loads(manifest.read_text())
+        data, problem = load_manifest(manifest)
+        if data is None:
+            if not quiet:
+                print(f"note: {manifest} is unusable ({problem}); rebuilding {output}")
+            return None
         complete = all((output / name).is_dir() for name in ["items", *data["counts"]])
         if data.get("fingerprint") == expected and complete:
             return data
@@ -98,7 +117,7 @@ def is_current(config: DataConfig) -> bool:
     output = config.path(config.output_dir)
     if not (output / "manifest.json").is_file():
         return False
-    return _reusable(output, fingerprint(config, source_record(config))) is not None
+    return _reusable(output, fingerprint(config, source_record(config)), quiet=True) is not None
 
 
 def _save(table: pa.Table, path: Path, name: str, digest: str) -> None:
@@ -152,6 +171,7 @@ def prepare(config: DataConfig, *, item_embeddings: np.ndarray | None = None,
     """
     timings = {} if timings is None else timings
     output = config.path(config.output_dir)
+    check_output_dir(output)
     with _stage(timings, "hash sources"):
         sources = source_record(config)
         digest = fingerprint(config, sources)
@@ -160,9 +180,16 @@ def prepare(config: DataConfig, *, item_embeddings: np.ndarray | None = None,
         return manifest
     with _stage(timings, "read"):
         interactions, catalogue = read_source(config)
+        check_ratings(interactions, *config.ratings_allowed(),
+                      config.rating_column if config.dataset_format == "table" else "rating")
+        catalogue.stats["titles_truncated"] = apply_title_policy(
+            catalogue, config.max_title_chars, config.long_title_policy)
     with _stage(timings, "images"):
-        images, image_counts = attach_images(catalogue, config.path(config.image_root),
-                                             config.missing_image_policy)
+        image_check = check_images(catalogue, config.path(config.image_root),
+                                   config.missing_image_policy,
+                                   max_pixels=config.max_image_pixels,
+                                   large_policy=config.large_image_policy)
+        images, image_counts = image_check.images, image_check.counts
     with _stage(timings, "sequences"):
         min_length = config.min_history + (2 if config.split == "leave-one-out" else 1)
         sequences = build_sequences(
@@ -174,14 +201,21 @@ def prepare(config: DataConfig, *, item_embeddings: np.ndarray | None = None,
                               max_history=config.max_history,
                               train_targets_per_user=config.train_targets_per_user,
                               quantiles=config.temporal_quantiles)
+        check_splits(targets, config, sequences.num_users)
         popularity = training_popularity(sequences, config.split, len(catalogue),
                                          config.temporal_quantiles)
         context = SamplingContext.from_sequences(sequences, len(catalogue))
+        check_sampling_sizes(config, targets, context.allowed, sequences.user_ids,
+                             len(catalogue))
     if output.exists():
-        for name in ["manifest.json", "items", "pairs", PLACEHOLDER_FILE, *config.protocols]:
+        for name in ["manifest.json", "items", "pairs", PLACEHOLDER_FILE, RESIZED_DIR,
+                     *config.protocols]:
             target = output / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
+    kept = {name.rsplit("/", 1)[-1] for name in images if name and name.startswith(PREPARED_PREFIX)}
+    write_resized({k: v for k, v in image_check.resize.items() if k in kept},
+                  output / RESIZED_DIR, config.max_image_pixels)
     item_ids = pa.array(catalogue.item_id, pa.string())
     user_ids = pa.array(sequences.user_ids, pa.string())
     with _stage(timings, "histories"):
@@ -227,6 +261,7 @@ def prepare(config: DataConfig, *, item_embeddings: np.ndarray | None = None,
         datasets.utils.enable_progress_bars()
     stats = dict(sequences.stats)
     stats["items_without_interactions_dropped"] = unused
+    stats.update(catalogue.stats)
     stats.update(image_counts)
     stats["images_placeholder"] = images.count(PLACEHOLDER_IMAGE)
     stats["items_text_only"] = images.count(None)
@@ -247,4 +282,6 @@ def prepare(config: DataConfig, *, item_embeddings: np.ndarray | None = None,
         "config": asdict(config),
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for line in summary_lines(manifest):
+        print(line)
     return manifest

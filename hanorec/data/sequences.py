@@ -157,7 +157,10 @@ def build_sequences(interactions: Interactions, catalogue: Catalogue, *, tie_bre
     keep &= ~short[users]
     users, items, times, lines = users[keep], items[keep], times[keep], lines[keep]
     if len(users) == 0:
-        raise DataFileError(interactions.source, None, "no interactions left after filtering")
+        dropped = {k: v for k, v in stats.items() if k.endswith("_dropped") and v}
+        raise DataFileError(interactions.source, None, "no interactions left after filtering "
+                            f"({stats['interactions_read']} read; dropped: {dropped}; a user "
+                            f"needs at least {min_length} interactions)")
     rank = np.empty(len(user_names), dtype=np.int64)
     rank[natural_order(user_names)] = np.arange(len(user_names))
     users = rank[users]

@@ -73,7 +73,8 @@ def leave_one_out(sequences: Sequences, *, min_history: int, max_history: int,
 def _first_in(sequences: Sequences, eligible: np.ndarray, max_history: int) -> Targets:
     users = sequences.user_of_position()
     positions = np.flatnonzero(eligible)
-    first = np.concatenate([[True], users[positions][1:] != users[positions][:-1]])
+    first = np.concatenate([[True], users[positions][1:] != users[positions][:-1]])[
+        : len(positions)]  # no eligible position: no target (an empty split, reported later)
     positions = positions[first]
     return _targets(sequences, users[positions], positions, max_history)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,7 @@ class Catalogue:
         image: Image path per item, relative to the image root (None: text-only).
         line: 1-based source line of each item.
         source: The file the items came from.
+        stats: Counts of what the reader or a policy changed (``titles_cleaned``, ...).
     """
 
     item_id: list[str]
@@ -64,6 +65,7 @@ class Catalogue:
     image: list[str | None]
     line: list[int]
     source: str
+    stats: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -74,5 +76,5 @@ class Catalogue:
         return Catalogue(
             item_id=[self.item_id[i] for i in pick], title=[self.title[i] for i in pick],
             genres=[self.genres[i] for i in pick], image=[self.image[i] for i in pick],
-            line=[self.line[i] for i in pick], source=self.source,
+            line=[self.line[i] for i in pick], source=self.source, stats=dict(self.stats),
         )

