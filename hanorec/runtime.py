@@ -65,6 +65,10 @@ class PromptConfig:
                            title_year=self.title_year, system_prompt=self.system_prompt)
 
     def __post_init__(self) -> None:
+        if self.max_length <= 0:
+            raise ValueError(f"prompt.max_length must be positive, got {self.max_length}")
+        if self.image_budget < 0:
+            raise ValueError(f"prompt.image_budget must be >= 0, got {self.image_budget}")
         self.style()  # validates the combination
 
 
