@@ -11,6 +11,7 @@ What makes a small LLM recommender learn on a CPU budget? Each *condition* is on
 ``collab``          + one collaborative (SASRec) token after every title (LLaRA)
 ``collab-user``     + the user token at the answer position (A-LLMRec's user state)
 ``posters``         + the posters, one pooled token each
+``no-titles``       head, collaborative + user tokens, no titles and no posters
 ``index``           index read-out (labels A–T, one label token), collaborative + user tokens
 ``title``           title read-out (the title's likelihood), collaborative + user tokens
 ==================  =========================================================================
@@ -51,6 +52,7 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "collab": ("head, + collaborative tokens", (*HEAD, "--item-tokens", "true", "--user-token", "false", *NO_IMAGES)),
     "collab-user": ("head, + user token", (*HEAD, *COLLAB_USER, *NO_IMAGES)),
     "posters": ("head, + posters (pooled)", (*HEAD, *COLLAB_USER, "--with-images", "true", "--image-tokens", "pooled")),
+    "no-titles": ("head, tokens only (no titles)", (*HEAD, *COLLAB_USER, *NO_IMAGES, "--titles", "false")),
     "index": ("index labels, collaborative + user", ("--answer", "index", *COLLAB_USER, *NO_IMAGES)),
     "title": ("title likelihood, collaborative + user", ("--answer", "title", *COLLAB_USER, *NO_IMAGES)),
 }

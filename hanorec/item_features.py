@@ -66,7 +66,7 @@ def build_encoder(model: nn.Module, processor: Any, catalog: Catalog, style: Pro
     spec = EncoderSpec(
         hidden=hidden, num_items=len(catalog),
         collab_dim=int(collab.item_embeddings.shape[1]) if style.item_tokens else 0,
-        text=style.answer == "head", image=pooled, user=style.user_token,
+        text=style.answer == "head" and style.titles, image=pooled, user=style.user_token,
         projector_hidden=collab_cfg.projector_hidden, similarity=collab_cfg.head_similarity,
         tau=collab_cfg.head_tau, sasrec=collab.meta["sasrec"] if style.user_token else None)
     encoder = ItemEncoder(spec)

@@ -57,12 +57,13 @@ class PromptConfig:
     title_words: int = field(default=0, metadata={"help": "Keep only the first N words of each title in prompts and title answers (0: whole titles)."})
     title_year: bool = field(default=True, metadata={"help": "Keep a trailing '(1995)' in titles (false saves ~6 digit tokens per title in byte-level tokenizers)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message replacing the chat template's default one (None: the template's own; SmolLM2's costs ~20 tokens per prompt)."})
+    titles: bool = field(default=True, metadata={"help": "Show item titles; false leaves each item as its item token only (the ablation of what titles add; needs item_tokens and an index or head answer)."})
 
     def style(self) -> PromptStyle:
         """The prompt style these fields describe."""
         return PromptStyle(answer=self.answer, item_tokens=self.item_tokens, user_token=self.user_token,
                            image_tokens=self.image_tokens, title_words=self.title_words,
-                           title_year=self.title_year, system_prompt=self.system_prompt)
+                           title_year=self.title_year, system_prompt=self.system_prompt, titles=self.titles)
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:

@@ -132,3 +132,15 @@ def test_style_checks_and_display_titles() -> None:
         PromptStyle(answer="letters")
     with pytest.raises(ValueError, match="image_tokens"):
         PromptStyle(image_tokens="mean")
+    with pytest.raises(ValueError, match="titles: false needs"):
+        PromptStyle(titles=False, item_tokens=True)  # a title answer needs titles
+
+
+def test_no_titles_leaves_the_item_tokens(tiny_catalog: Catalog) -> None:
+    """titles: false — each history item and candidate is its item token alone."""
+    from hanorec.data.prompts import PromptStyle
+
+    style = PromptStyle(answer="index", item_tokens=True, titles=False)
+    texts = _texts(build_prompt(ROW, tiny_catalog, "candidates", image_budget=0, style=style))
+    assert texts[1:5] == ["<|item|>\n"] * 4
+    assert texts[5].startswith("Candidates:\nA. <|item|>\nB. <|item|>\nC. <|item|>\n")

@@ -37,8 +37,9 @@ out its answer and which extra tokens the prompt carries.
   placeholders into virtual token ids (:mod:`hanorec.item_tokens`); :attr:`Prompt.slots` lists
   them in text order.
 - ``title_year: false`` drops a trailing ``(1995)`` from titles (six digit tokens in many
-  tokenizers); ``title_words: N`` keeps the first N words; ``system_prompt`` replaces the chat
-  template's default system message (SmolLM2's is ~20 tokens).
+  tokenizers); ``title_words: N`` keeps the first N words; ``titles: false`` shows no titles at
+  all (an item is its item token: the ablation of what titles add); ``system_prompt`` replaces
+  the chat template's default system message (SmolLM2's is ~20 tokens).
 """
 
 from __future__ import annotations
@@ -94,8 +95,12 @@ class PromptStyle:
     title_words: int = 0
     title_year: bool = True
     system_prompt: str | None = None
+    titles: bool = True
 
     def __post_init__(self) -> None:
+        if not self.titles and (self.answer == "title" or not self.item_tokens):
+            raise ValueError("prompt.titles: false needs item_tokens (an item is then only its token) and an "
+                             "index or head answer (a title answer needs titles)")
         if self.answer not in ANSWER_MODES:
             raise ValueError(f"prompt.answer must be one of {ANSWER_MODES}, got {self.answer!r}")
         if self.image_tokens not in IMAGE_TOKEN_MODES:
@@ -158,9 +163,12 @@ class _Writer:
             self.images.append(path)
 
     def item(self, item_id: str, prefix: str = "", suffix: str = "\n", kind: str = "mention") -> None:
-        """``prefix"Title"<|item|>suffix`` (the item token only when the style has them);
-        ``kind`` is ``item`` for history items, ``mention`` for candidates and queries."""
-        self.text(f'{prefix}"{self.style.display_title(self.catalog.title(item_id))}"')
+        """``prefix"Title"<|item|>suffix`` (the item token only when the style has them, the
+        title only when it shows titles); ``kind`` is ``item`` for history items, ``mention``
+        for candidates and queries."""
+        self.text(prefix)
+        if self.style.titles:
+            self.text(f'"{self.style.display_title(self.catalog.title(item_id))}"')
         if self.style.item_tokens:
             self.placeholder(kind, item_id)
         self.text(suffix)
