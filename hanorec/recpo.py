@@ -61,9 +61,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
+from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.data.known import known_sequences
+from hanorec.item_features import attach_for_recipe
 from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
 from hanorec.metrics import FULL_KS, full_ranking, history_mask, match_answer
 from hanorec.models.config import ModelConfig
@@ -142,6 +144,7 @@ class RecPORun:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    collab: CollabConfig = field(default_factory=CollabConfig)
     recpo: RecPOConfig = field(default_factory=RecPOConfig)
 
 
@@ -367,11 +370,21 @@ def evaluate_full(model, head: Head, run: RecPORun, prepared: Path, out_dir: Pat
 # ------------------------------------------------------------------------------ entry point
 
 
-def load_policy(run: RecPORun):
-    """LoRA policy on the base backbone, or on the SFT model named by ``recpo_init_checkpoint``."""
+def load_policy(run: RecPORun, catalog=None, prepared: Path | None = None):
+    """LoRA policy on the base backbone, or on the SFT model named by ``recpo_init_checkpoint``.
+
+    A policy from the base backbone gets the item encoder its prompt style asks for (built from
+    ``catalog`` and ``prepared``; one from SFT brings its own).
+    """
     if run.recpo.recpo_init_checkpoint:
         return load_policy_from_sft(run.model, run.recpo.recpo_init_checkpoint)
-    return load_backbone(run.model, for_training=True)
+    model, processor = load_backbone(run.model, for_training=True)
+    if run.prompt.style().needs_encoder:
+        if catalog is None or prepared is None:
+            raise ValueError("load_policy: the prompt style needs item tokens; pass the catalogue and prepared folder")
+        attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(), run.collab,
+                          with_images=run.prompt.with_images)
+    return model, processor
 
 
 def check_config(cfg: RecPOConfig) -> None:
@@ -394,7 +407,7 @@ def main(argv: list[str] | None = None) -> Path:
     catalog = load_catalog(run.data, prepared)
     train_rows = load_rows(prepared, [cfg.recpo_protocol], "train", limit=cfg.max_train_examples, seed=run.seed)
 
-    model, processor = load_policy(run)
+    model, processor = load_policy(run, catalog, prepared)
     collator = make_collator(processor, catalog, cfg.recpo_protocol, run.prompt)
     marker = marker_ids(collator.tokenizer)
     head = Head(collator, marker, ItemTable(catalog.item_ids, marker, cfg.item_batch_size), cfg.item_tau, cfg.max_trace_tokens)
@@ -442,7 +455,7 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model)
         result = evaluate_full(policy, head, run, prepared, out_dir, accelerator.device)
-        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint)
+        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint, prompt_cfg=run.prompt)
         summary = {"stage": "recpo", "protocol": cfg.recpo_protocol, "split": "test", "steps": position.step,
                    "train_examples": len(train_rows), "seconds": round(train_seconds, 1), "adapter": str(final), **result}
         write_json(out_dir / "summary.json", summary)
