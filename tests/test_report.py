@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hanorec.report import load_training_log, write_report
-from hanorec.report import main as report_main
+from hanorec.report.__main__ import main as report_main
 
 
 def _write_log(run_dir):

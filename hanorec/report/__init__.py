@@ -12,9 +12,11 @@
 
 matplotlib (``pip install hanorec[report]``) is imported lazily with the Agg backend.
 
-Command line: ``python -m hanorec.report RUN_DIR [RUN_DIR ...]`` reads each run's
-``summary.json`` (``{"metrics": {name: {"mean", "low", "high"}}}``) and writes the report into
-the first run directory (or ``--out``).
+:func:`try_write_report` is the same, but prints a note instead of failing when matplotlib
+is missing (the stages use it: their JSON outputs never depend on the optional extra).
+
+This package is a library; its command line, ``python -m hanorec.report RUN_DIR ...``, lives
+in :mod:`hanorec.report.__main__`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hanorec.cli import ArgumentParser
-
-__all__ = ["load_training_log", "write_report"]
+__all__ = ["load_training_log", "plot_metric_bars", "plot_training_curves", "pyplot",
+           "try_write_report", "write_report"]
 
 PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
 #: Bookkeeping fields of a metrics.jsonl record (counters and clocks, not curves of the run).
@@ -230,31 +231,21 @@ def write_report(
     return report
 
 
-def _load_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        raise ValueError(f"{path}: no summary.json in the run directory")
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(summary.get("metrics"), dict):
-        raise ValueError(f"{path}: field 'metrics' must map metric names to {{mean, low, high}}")
-    return summary["metrics"]
+def try_write_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
+    """:func:`write_report`, or None with a one-line note when matplotlib is not installed.
 
+    Args:
+        run_dir: The run directory.
+        **kwargs: The keyword arguments of :func:`write_report`.
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m hanorec.report",
-                                     description="Write report.md + plots for run directories.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="Run directories with summary.json.")
-    parser.add_argument("--out", type=Path, default=None, help="Report directory (default: first run).")
-    parser.add_argument("--title", default="hanorec report")
-    args = parser.parse_args(argv)
-    tables = {run.name or str(run): _load_summary(run) for run in args.run_dirs}
-    print(write_report(args.out or args.run_dirs[0], title=args.title, metrics_tables=tables))
+    Returns:
+        Path of ``report.md``, or None when the plots (the optional ``report`` extra) are missing.
+    """
+    try:
+        return write_report(run_dir, **kwargs)
+    except ImportError as err:  # matplotlib is the optional `report` extra
+        print(f"report skipped: {err}")
+        return None
 
 
 _pyplot = pyplot  # the former private name (benchmarks imported it)
-
-
-if __name__ == "__main__":
-    from hanorec.cli import run as run_cli
-
-    run_cli(main)  # user errors: one `error:` line, exit 2
