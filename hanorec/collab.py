@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from hanorec.baselines.sasrec import SASRec, SASRecConfig, SASRecModel
 from hanorec.data.known import known_sequences
+from hanorec.data.prepared import read_manifest
 from hanorec.metrics import history_mask, ndcg, target_ranks
 
 FORMAT_VERSION = 1
@@ -115,7 +116,7 @@ class CollabFeatures:
 
 def cache_key(prepared: Path, cfg: CollabConfig) -> str:
     """Hash of the prepared data's fingerprint and the recommender's settings."""
-    manifest = json.loads((Path(prepared) / "manifest.json").read_text())
+    manifest = read_manifest(prepared)
     settings = {**asdict(cfg.sasrec()), "collab_holdout": cfg.collab_holdout, "version": FORMAT_VERSION}
     blob = json.dumps({"data": manifest.get("fingerprint"), "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
