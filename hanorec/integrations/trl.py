@@ -74,10 +74,18 @@ _require_trl()
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from hanorec.losses import hanorec_betas, preference_loss, responsiveness, sequence_logps  # noqa: E402
+from hanorec.losses import (  # noqa: E402
+    HARDNESS_MODES,
+    LOSSES,
+    hars_betas,
+    preference_loss,
+    preference_metrics,
+    sequence_logps,
+)
 
-HARDNESS_MODES = ("none", "static", "dynamic")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+#: The registry's pairwise losses that take a reference (TRL's batch has one rejected response
+#: per prompt, and its own reference forward): sigmoid, ipo, hinge.
+LOSS_TYPES = tuple(n for n, s in LOSSES.items() if s.pairwise and not s.reference_free)
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 
 
@@ -175,7 +183,7 @@ class HaNoRecDPOTrainer(DPOTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
         """HaNoRec loss of one batch (``[chosen rows; rejected rows]``, TRL's layout); see the module docstring."""
         mode = "train" if self.model.training else "eval"
-        average = self.loss_types[0] == "ipo"
+        average = LOSSES[self.loss_types[0]].length_averaged
         policy, outputs = self._policy_logps(model, inputs, noise_std=self.noise_std if mode == "train" else 0.0, average=average)
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(inputs, average=average)
@@ -207,33 +215,16 @@ class HaNoRecDPOTrainer(DPOTrainer):
 
     def _betas(self, h: Tensor, lam: Tensor) -> tuple[Tensor, float]:
         """Per-sample β (HaNoRec eq. 11) and η (eq. 8 over the global batch; 1 unless dynamic)."""
-        if self.hardness == "none":
-            return torch.full_like(h, self.beta), 1.0
-        if self.hardness == "static":
-            return hanorec_betas(lam, 1.0, self.beta), 1.0
-        eta = responsiveness(self.accelerator.gather(h.detach().contiguous()), self.beta)
-        return hanorec_betas(lam, eta, self.beta), float(eta)
+        beta, eta = hars_betas(self.hardness, self.beta, lam, h, gather=self.accelerator.gather)
+        return beta, float(eta)
 
     def _log_metrics(self, mode: str, out: Any, chosen: Tensor, rejected: Tensor, beta: Tensor, eta: float, lam: Tensor) -> None:
         """Append TRL's reward metrics and HaNoRec's ``hars/*``, ``nodo/std`` to ``self._metrics``."""
-        gather = self.accelerator.gather
-        betas = gather(beta.detach().contiguous())
-        values = {
-            "rewards/chosen": gather(out.chosen_rewards).mean(),
-            "rewards/rejected": gather(out.rejected_rewards).mean(),
-            "rewards/accuracies": gather(out.accuracies).mean(),
-            "rewards/margins": gather(out.margins).mean(),
-            "logps/chosen": gather(chosen.detach()).mean(),
-            "logps/rejected": gather(rejected.detach()).mean(),
-            "hars/beta_mean": betas.mean(),
-            "hars/beta_min": betas.min(),
-            "hars/beta_max": betas.max(),
-            "hars/eta": eta,
-            "hars/lambda_mean": gather(lam.detach().contiguous()).mean(),
-            "nodo/std": self.noise_std if mode == "train" else 0.0,
-        }
+        noise_std = self.noise_std if mode == "train" else 0.0
+        values = preference_metrics(out, chosen, rejected, beta, eta, lam, noise_std,
+                                    gather=self.accelerator.gather)
         for key, value in values.items():
-            self._metrics[mode][key].append(float(value))
+            self._metrics[mode][key].append(value)
 
 
 def _without(inputs: dict[str, Any], key: str) -> dict[str, Any]:
