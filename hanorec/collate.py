@@ -52,8 +52,8 @@ from hanorec.data.prompts import (
     build_prompt,
 )
 from hanorec.item_tokens import ensure_placeholders, virtual_id
+from hanorec.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 #: Per-token keys (padded along the sequence) and their padding value (None = pad token id).
 SEQUENCE_KEYS: dict[str, int | None] = {
     "input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0,

@@ -36,11 +36,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from hanorec.losses import sequence_logps
+from hanorec.losses import IGNORE_INDEX, sequence_logps
+from hanorec.models.families import MROPE_FAMILIES, SHARED_FAMILIES, UNSHARED_FAMILIES
 
 Mode = Literal["auto", "kv", "packed", "duplicate"]
 MODES: tuple[str, ...] = ("auto", "kv", "packed", "duplicate")
-IGNORE_INDEX = -100
 
 #: Per-token prompt fields (``[B, P]``), reordered with the tokens when re-padding.
 PER_TOKEN_KEYS: tuple[str, ...] = (
@@ -57,15 +57,6 @@ RESERVED_KEYS: tuple[str, ...] = (
     "use_cache",
     "logits_to_keep",
 )
-#: ``model_type`` of backbones whose shared paths match the duplicated batch in
-#: tests/test_forward.py; other causal backbones are probed once at first use.
-SHARED_FAMILIES: frozenset[str] = frozenset(
-    {"llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"}
-)
-#: Backbones with multimodal RoPE (3-axis ``position_ids`` from ``get_rope_index``).
-MROPE_FAMILIES: frozenset[str] = frozenset({"qwen2_vl", "qwen2_5_vl"})
-#: Backbones whose prompt attention is not causal (prefix-LM / bidirectional image tokens).
-UNSHARED_FAMILIES: frozenset[str] = frozenset({"paligemma", "gemma3"})
 _MASK_ATTENTION = frozenset({"eager", "sdpa"})
 
 _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[str, str | None]] = weakref.WeakKeyDictionary()

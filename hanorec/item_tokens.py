@@ -49,14 +49,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from hanorec.data.prompts import PLACEHOLDERS
+
 VIRTUAL_BASE = 1 << 30
 MENTION_BASE = VIRTUAL_BASE + (1 << 27)
 POSTER_BASE = VIRTUAL_BASE + (1 << 28)
 USER_ID = VIRTUAL_BASE + (1 << 29)
-#: Placeholder text of each token kind, registered as special tokens of the tokenizer. A
-#: ``mention`` (a candidate, a query, an item prompt) shares the ``item`` placeholder; only
-#: ``item`` tokens (the history) feed the user token's recommender state.
-PLACEHOLDERS: dict[str, str] = {"item": "<|item|>", "mention": "<|item|>", "poster": "<|poster|>", "user": "<|user|>"}
 WEIGHTS_FILE = "item_encoder.safetensors"
 SPEC_FILE = "item_encoder.json"
 ATTRIBUTE = "hanorec_item_encoder"

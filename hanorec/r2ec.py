@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature, StoppingCriteria
 
 from hanorec.collate import PromptCollator, append_response
+from hanorec.losses import IGNORE_INDEX
 from hanorec.readout import final_states, forward_states, similarity
 from hanorec.scoring import item_prompt, model_device
 
@@ -169,9 +170,9 @@ def joint_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]], tra
     return collator.collate_features(features, "left")
 
 
-def last_states(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-    """``[B, H]`` final-layer hidden state at the last (marker) token, float32."""
-    return final_states(model, batch)
+#: ``[B, H]`` final-layer hidden state at the last (marker) token, float32: every sequence here
+#: is left-padded with the marker last, so it is :func:`hanorec.readout.final_states`.
+last_states = final_states
 
 
 def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,9 +186,9 @@ def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[T
     """
     out = forward_states(model, batch, logits_to_keep=0)
     labels = batch["labels"]
-    width = int((labels != -100).sum(1).max())
+    width = int((labels != IGNORE_INDEX).sum(1).max())
     targets = labels[:, -width:]
-    mask = targets != -100
+    mask = targets != IGNORE_INDEX
     logits = out.logits[:, -width - 1 : -1].float()
     logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return out.hidden_states[-1][:, -1].float(), logps * mask, mask

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hanorec.collate import ChoiceBatch
-from hanorec.forward import MROPE_FAMILIES, response_logps
+from hanorec.forward import response_logps
 from hanorec.item_tokens import ItemEncoder, attached_encoder
+from hanorec.models.families import MROPE_FAMILIES
 
 
 def forward_states(model: nn.Module, batch: Mapping[str, Any], *, logits_to_keep: int = 1) -> Any:

@@ -41,10 +41,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hanorec.collate import PromptCollator
-from hanorec.data.prompts import Prompt
+from hanorec.data.prompts import PLACEHOLDERS, Prompt
 from hanorec.forward import score_candidates
 from hanorec.hardware import warn_if_emulated_bf16
-from hanorec.losses import sequence_logps
+from hanorec.losses import IGNORE_INDEX, sequence_logps
 from hanorec.metrics import target_ranks
 from hanorec.readout import final_states, require_encoder, score_states
 
@@ -108,7 +108,7 @@ def _batches(items: Sequence[Any], batch_size: int, desc: str, progress: bool) -
 def _response_ids(collator: PromptCollator, texts_per_row: Sequence[Sequence[str]]) -> tuple[Tensor, int]:
     """``[B, C, R]`` response ids and the longest response (tokens to reserve in the prompt)."""
     responses = collator.response_tensor(texts_per_row)
-    return responses, int((responses != -100).sum(-1).max())
+    return responses, int((responses != IGNORE_INDEX).sum(-1).max())
 
 
 def _shared_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
@@ -250,11 +250,6 @@ def generate_answers(model: nn.Module, collator: PromptCollator, rows: Sequence[
     return answers
 
 
-def _last_hidden(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Final-layer hidden state at the last token of each prompt ``[B, H]``."""
-    return final_states(model, batch)
-
-
 @torch.no_grad()
 def user_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
                 batch_size: int = 4, progress: bool = True) -> np.ndarray:
@@ -262,15 +257,13 @@ def user_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
     device, out = model_device(model), []
     for chunk in _batches(rows, batch_size, "user states", progress):
         batch = _to(collator.encode_prompts(chunk, padding_side="left"), device)
-        out.append(_last_hidden(model, batch).cpu().numpy())
+        out.append(final_states(model, batch).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
 def item_prompt(collator: PromptCollator, item_id: str) -> Prompt:
     """One-turn item description prompt: ``[image] "<title>"[<|item|>]`` then a description request
     (the image as a poster token with ``image_tokens: pooled``, the item token when the style has them)."""
-    from hanorec.item_tokens import PLACEHOLDERS
-
     catalog, style = collator.catalog, collator.style
     path: Path | None = catalog.image_path(item_id) if collator.with_images else None
     content: list[dict[str, Any]] = []
@@ -301,7 +294,7 @@ def item_states(model: nn.Module, collator: PromptCollator, item_ids: Sequence[s
     for chunk in _batches(list(item_ids), batch_size, "catalogue", progress):
         prompts = [item_prompt(collator, item) for item in chunk]
         batch = _to(collator.encode_built_prompts(prompts, padding_side="left"), device)
-        out.append(_last_hidden(model, batch).cpu().numpy())
+        out.append(final_states(model, batch).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 

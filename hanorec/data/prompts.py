@@ -52,8 +52,13 @@ from typing import Any
 
 from hanorec.data.catalog import Catalog
 from hanorec.data.images import safe_image_path
-from hanorec.item_tokens import PLACEHOLDERS
 
+#: Placeholder text of each item-token kind, registered as special tokens of the tokenizer
+#: (:func:`hanorec.item_tokens.ensure_placeholders`). A ``mention`` (a candidate, a query, an item
+#: prompt) shares the ``item`` placeholder; only ``item`` tokens (the history) feed the user
+#: token's recommender state.
+PLACEHOLDERS: dict[str, str] = {"item": "<|item|>", "mention": "<|item|>", "poster": "<|poster|>",
+                                "user": "<|user|>"}
 ANSWER_MODES = ("title", "index", "head")
 IMAGE_TOKEN_MODES = ("full", "pooled")
 #: Index labels, one token each in common tokenizers (checked by the collator).
