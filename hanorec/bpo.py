@@ -28,41 +28,42 @@ scores candidates) — and the answer is mapped with
 * ``text`` — it names no item (kept as text; a usable negative on ``general`` rows only).
 
 The output (``datasets.save_to_disk``, written next to its final name and renamed into place)
-has one row per pair: ``row_key`` (joins with the pairs, :func:`row_key`), ``protocol``,
-``user_id``, ``chosen``, ``blind_answer``, ``blind_item`` (item id or None) and ``status``;
-``manifest.json`` beside it holds the counts, the checkpoint and the generation settings.
-How the DPO stage mixes them in is :func:`mix_blind_negatives`.
+has one row per pair: ``row_key`` (joins with the pairs), ``protocol``, ``user_id``,
+``chosen``, ``blind_answer``, ``blind_item`` (item id or None) and ``status``; ``manifest.json``
+beside it holds the counts, the checkpoint and the generation settings. The format, and how
+the DPO stage mixes the answers in, is :mod:`hanorec.data.blind`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
+from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
+from hanorec.data.blind import count_statuses, row_key, write_blind_dataset
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prompts import ANSWERS, GENERAL, LABELS, response_text
-from hanorec.dpo import DPOConfig, load_preference_data
 from hanorec.metrics import match_answer, normalize_title
 from hanorec.models.config import ModelConfig
-from hanorec.runtime import PromptConfig, load_rows, load_trained, make_collator
+from hanorec.models.lineage import load_trained
+from hanorec.preference import DPOConfig, load_preference_data
+from hanorec.runtime import PromptConfig, load_rows, make_collator
 from hanorec.scoring import candidate_scores, yes_no_scores
 
-STATUSES = ("item", "text", "chosen")
+__all__ = ["BPOConfig", "BPORun", "blind_answers", "blind_picks", "blind_records",
+           "classify_answer", "count_statuses", "generate", "label_to_title", "main", "row_key",
+           "write_blind_dataset"]
+USAGE = "usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR] [--bpo-out DIR]"
 
 
 @dataclass
@@ -91,13 +92,6 @@ class BPORun:
 
 
 # --------------------------------------------------------------------------- answers → items
-
-
-def row_key(row: Mapping[str, Any]) -> str:
-    """A stable key of a pair row: protocol, user, history (or prompt) and chosen answer, hashed."""
-    context = row["history"] if "history" in row else [row.get("prompt"), row.get("images")]
-    payload = json.dumps([row.get("protocol"), str(row.get("user_id")), context, row["chosen"]], default=str)
-    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
 def answer_space(row: Mapping[str, Any], catalog: Catalog) -> tuple[Sequence[str], Sequence[str]]:
@@ -150,32 +144,6 @@ def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str], cat
         records.append({"row_key": row_key(row), "protocol": row.get("protocol"), "user_id": str(row.get("user_id")),
                         "chosen": row["chosen"], "blind_answer": answer, "blind_item": item, "status": status})
     return records
-
-
-def count_statuses(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """``{"rows": N, "item": …, "text": …, "chosen": …, "empty": …}`` (``empty``: blank answers,
-    a subset of ``text``)."""
-    counts = Counter(r["status"] for r in records)
-    empty = sum(not r["blind_answer"].strip() for r in records)
-    return {"rows": len(records), **{s: counts.get(s, 0) for s in STATUSES}, "empty": empty}
-
-
-def write_blind_dataset(records: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Save records (``save_to_disk``) and ``manifest.json`` atomically; return the counts."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    features = datasets.Features({name: datasets.Value("string") for name in
-                                  ("row_key", "protocol", "user_id", "chosen", "blind_answer", "blind_item", "status")})
-    datasets.Dataset.from_list([dict(r) for r in records], features=features).save_to_disk(str(tmp))
-    counts = count_statuses(records)
-    (tmp / "manifest.json").write_text(json.dumps({"counts": counts, **(meta or {})}, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(out)
-    return counts
 
 
 # --------------------------------------------------------------------------- generation
@@ -255,62 +223,18 @@ def generate(run: BPORun) -> Path:
     return out
 
 
-# --------------------------------------------------------------------------- DPO hook
-
-
-def blind_negative(record: Mapping[str, Any] | None, row: Mapping[str, Any]) -> str | None:
-    """The negative a pair row gets from its blind record: the item, or free text on general rows."""
-    if record is None or record["status"] == "chosen":
-        return None
-    if record["blind_item"] is not None:
-        return record["blind_item"]
-    if row.get("protocol") == GENERAL and record["blind_answer"].strip():
-        return record["blind_answer"]
-    return None
-
-
-def mix_blind_negatives(rows: list[dict[str, Any]], path: str | Path, *, ratio: float = 1.0,
-                        seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Give a seeded ``ratio`` of the rows that have a usable blind negative that negative, in
-    place of their last sampled one (K unchanged; see ``hanorec.dpo``'s design choices).
-
-    Returns:
-        The new rows and counts: ``rows``, ``with_record``, ``usable``, ``already_rejected``
-        (the blind item is already one of the row's negatives: nothing to do), ``replaced``.
-
-    Raises:
-        ValueError: ``ratio`` outside [0, 1], a missing folder, or no row matches a record.
-    """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"blind_ratio must be in [0, 1], got {ratio}")
-    if not Path(path).is_dir():
-        raise ValueError(f"--blind-negatives {path} does not exist: run `python -m hanorec.bpo generate` first")
-    table = {r["row_key"]: r for r in datasets.load_from_disk(str(path)).to_list()}
-    found = [table.get(row_key(row)) for row in rows]
-    if not any(found):
-        raise ValueError(f"--blind-negatives {path}: none of the {len(rows)} training pairs has a blind answer "
-                         "(generate them with the same recipe, protocols and max_train_pairs)")
-    negatives = [blind_negative(rec, row) for rec, row in zip(found, rows)]
-    already = [i for i, neg in enumerate(negatives) if neg is not None and neg in rows[i]["rejected"]]
-    usable = [i for i, neg in enumerate(negatives) if neg is not None and i not in set(already)]
-    take = round(ratio * len(usable))
-    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:take]
-    out = list(rows)
-    for i in sorted(usable[j] for j in order.tolist()):
-        out[i] = {**rows[i], "rejected": [*rows[i]["rejected"][:-1], negatives[i]]}
-    counts = {"rows": len(rows), "with_record": sum(r is not None for r in found), "usable": len(usable),
-              "already_rejected": len(already), "replaced": take}
-    print(f"blind negatives: {take} of {len(usable)} usable rows get theirs ({len(already)} already a negative; "
-          f"{counts['with_record']} of {len(rows)} pairs have a blind answer)")
-    return out, counts
-
-
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | int:
+    """``generate``: blind answers for the DPO training pairs; ``--help``: this usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "generate":
-        raise ValueError("usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR] [--bpo-out DIR] (see generate --help)")
-    run = recipe.parse(BPORun, argv[1:], prog="hanorec.bpo generate", description=__doc__)
-    return generate(run)
+    if argv[:1] == ["generate"]:
+        run = recipe.parse(BPORun, argv[1:], prog="hanorec.bpo generate", description=__doc__)
+        return generate(run)
+    if argv[:1] in (["-h"], ["--help"]):
+        ArgumentParser(prog="python -m hanorec.bpo", usage=USAGE.removeprefix("usage: "),
+                       description=__doc__, epilog="See `python -m hanorec.bpo generate --help` "
+                       "for every flag.").print_help()
+        return 0
+    raise ValueError(f"{USAGE} (see generate --help)")
 
 
 if __name__ == "__main__":

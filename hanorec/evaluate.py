@@ -6,13 +6,13 @@
     python -m hanorec.evaluate compare EVAL_A EVAL_B [--out DIR]
 
 The checkpoint defaults to ``<run_dir>/dpo/final`` when it exists, else ``<run_dir>/sft/final``
-(loaded with its whole adapter lineage merged, :func:`hanorec.runtime.load_trained`). Output
+(loaded with its whole adapter lineage merged, :func:`hanorec.models.lineage.load_trained`). Output
 goes to ``<run_dir>/eval/<name>/`` (``name`` defaults to the checkpoint's stage, e.g. ``dpo``):
 ``per_user/<protocol>.jsonl`` (one line per user: ``user_id`` and every per-user value),
 ``summary.json`` (mean and 95% bootstrap interval over users per protocol and metric, timings,
 the checkpoint) and ``report.md``.
 
-Protocols (DESIGN.md, "Evaluation protocols"; scoring in :mod:`hanorec.scoring`):
+Protocols (``docs/methods.md``, "Evaluation protocols"; scoring in :mod:`hanorec.scoring`):
 
 * ``hit1`` — score ``log π(Yes|x) − log π(No|x)``; ROC-AUC over all examples
   (:func:`hanorec.metrics.roc_auc`, ties count ½), interval by the cluster bootstrap over users
@@ -61,9 +61,10 @@ import torch
 from hanorec import config as recipe
 from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
-from hanorec.data.config import DataConfig
-from hanorec.data.known import known_sequences
+from hanorec.data.config import PROTOCOLS, DataConfig
+from hanorec.data.known import known_items, known_sequences
 from hanorec.metrics import (
+    PROTOCOL_KS,
     answer_validity,
     auc_contributions,
     full_ranking,
@@ -72,14 +73,9 @@ from hanorec.metrics import (
     target_ranks,
 )
 from hanorec.models.config import ModelConfig
-from hanorec.runtime import (
-    PromptConfig,
-    load_catalog,
-    load_rows,
-    load_trained,
-    make_collator,
-    write_json,
-)
+from hanorec.models.lineage import load_trained
+from hanorec.report import try_write_report
+from hanorec.runtime import PromptConfig, load_catalog, load_rows, make_collator, write_json
 from hanorec.scoring import (
     candidate_scores,
     candidate_titles,
@@ -93,8 +89,6 @@ from hanorec.stats import bootstrap_auc, compare_runs, summarize
 
 __all__ = ["EvalConfig", "EvalRun", "ProtocolResult", "compare_folders", "evaluate", "main", "quick_candidate_hr1"]
 
-PROTOCOLS = ("hit1", "hit3", "candidates", "full")
-PROTOCOL_KS = {"candidates": (1, 5, 10), "hit3": (1, 3), "full": (5, 10, 20)}
 NOT_COMPARED = ("score", "label")  # per-user values that are inputs, not metrics
 
 
@@ -102,7 +96,7 @@ NOT_COMPARED = ("score", "label")  # per-user values that are inputs, not metric
 class EvalConfig:
     """The ``eval:`` section."""
 
-    eval_protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS), metadata={"help": f"Protocols to evaluate, subset of {PROTOCOLS} (DESIGN.md, 'Evaluation protocols'); each must be prepared."})
+    eval_protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS), metadata={"help": f"Protocols to evaluate, subset of {PROTOCOLS} (docs/methods.md, 'Evaluation protocols'); each must be prepared."})
     eval_split: Literal["test", "validation"] = field(default="test", metadata={"help": "Split to evaluate (leave-one-out: test = last item, validation = second last)."})
     eval_max_users: int = field(default=0, metadata={"help": "Evaluate a seeded subset of this many users per protocol (0: all)."})
     eval_batch_size: int = field(default=4, metadata={"help": "Prompts per forward pass."})
@@ -242,7 +236,7 @@ def eval_full(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig
     if fallbacks:
         print(f"full: {fallbacks} users' train rows do not chain; their row history is masked instead")
     user_ids = [str(r["user_id"]) for r in rows]
-    masked = [sequences.get(u) or [catalog.position(i) for i in row["history"]] for u, row in zip(user_ids, rows)]
+    masked = known_items(rows, sequences, catalog.position)
     targets = [catalog.position(row["target"]) for row in rows]
     if collator.style.answer == "head":
         scores = head_candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size, catalogue=True,
@@ -312,13 +306,10 @@ def write_outputs(out_dir: Path, results: dict[str, ProtocolResult], gaps: dict[
                              for key, r in results.items()},
                "blind_gap": gaps}
     write_json(out_dir / "summary.json", summary)
-    try:
-        from hanorec.report import write_report
-
-        rows = [{**row, "metric": f"{protocol}/{row['metric']}"} for protocol, part in gaps.items() for row in part]
-        write_report(out_dir, title=title, metrics_tables={meta["name"]: flat}, compare_runs=rows or None)
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"report skipped: {err}")
+    rows = [{**row, "metric": f"{protocol}/{row['metric']}"}
+            for protocol, part in gaps.items() for row in part]
+    try_write_report(out_dir, title=title, metrics_tables={meta["name"]: flat},
+                     compare_runs=rows or None)
     return summary
 
 

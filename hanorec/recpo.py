@@ -49,26 +49,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hanorec import config as recipe
 from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
-from hanorec.data.known import known_sequences
+from hanorec.data.known import known_items, known_sequences
 from hanorec.item_features import attach_for_recipe
 from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
-from hanorec.metrics import FULL_KS, full_ranking, history_mask, match_answer
+from hanorec.metrics import PROTOCOL_KS, full_ranking, history_mask, match_answer
 from hanorec.models.config import ModelConfig
+from hanorec.models.lineage import export_model, load_policy_from_sft
 from hanorec.models.loading import load_backbone
 from hanorec.r2ec import (
     ItemTable,
@@ -80,30 +78,20 @@ from hanorec.r2ec import (
     sequence_batch,
     state_and_token_logps,
 )
+from hanorec.report import try_write_report
 from hanorec.runtime import (
     PromptConfig,
-    build_optimizer,
-    export_model,
     load_catalog,
-    load_policy_from_sft,
     load_rows,
     make_collator,
-    maybe_resume,
-    optimizer_step,
     prepare_data,
+    prepare_training,
     start_stage,
     to_device,
-    total_steps,
     write_json,
 )
 from hanorec.stats import summarize
-from hanorec.training import (
-    CheckpointManager,
-    EpochBatches,
-    MetricsLogger,
-    TrainConfig,
-    batch_stream,
-)
+from hanorec.training import MicroStep, TrainConfig, train_loop
 
 MASKED = -1e4  # score of masked (already seen) items in the rewards: below any cos/τ
 
@@ -298,19 +286,6 @@ def mean_reward(model, head: Head, rows: list[dict], cfg: RecPOConfig, *, reason
     return float(recpo_rewards(scores[:, None], index, ndcg_k=min(cfg.reward_ndcg_k, scores.shape[-1]), softmax_weight=cfg.reward_softmax_weight).mean())
 
 
-def known_items(rows: list[dict], catalog, sequences: dict[str, list[int]]) -> tuple[list[int], list[list[int]]]:
-    """Target index and the items to mask per row: the user's whole known sequence (rebuilt by
-    :func:`hanorec.data.known.known_sequences`), the row's history when it could not be rebuilt."""
-    targets = [catalog.position(r["target"]) for r in rows]
-    masked = [sequences.get(str(r["user_id"])) or [catalog.position(i) for i in r["history"]] for r in rows]
-    return targets, masked
-
-
-def full_metrics(scores: np.ndarray, targets: list[int], masked: list[list[int]]) -> dict[str, np.ndarray]:
-    """HR/NDCG@5/10/20 and MRR with the ``masked`` items removed (:func:`hanorec.metrics.full_ranking`)."""
-    return full_ranking(scores, targets, masked, FULL_KS)
-
-
 def _seconds_per_user(rows: list[dict], score_one) -> float:
     start = time.perf_counter()
     for row in rows:
@@ -356,8 +331,11 @@ def evaluate_full(model, head: Head, run: RecPORun, prepared: Path, out_dir: Pat
     head.table.refresh(model, head.collator)
     states = user_states(model, head, rows, reasoning=cfg.recpo_eval_reasoning, batch_size=cfg.per_device_batch_size, device=device)
     sequences, _ = known_sequences(prepared, "test")
-    targets, masked = known_items(rows, head.collator.catalog, sequences)
-    per_user = full_metrics(head.table.scores(states, head.tau).cpu().numpy(), targets, masked)
+    catalog = head.collator.catalog
+    targets = [catalog.position(r["target"]) for r in rows]
+    masked = known_items(rows, sequences, catalog.position)
+    scores = head.table.scores(states, head.tau).cpu().numpy()
+    per_user = full_ranking(scores, targets, masked, PROTOCOL_KS["full"])
     (out_dir / "per_user").mkdir(exist_ok=True)
     with open(out_dir / "per_user" / "full.jsonl", "w", encoding="utf-8") as handle:
         for u, row in enumerate(rows):
@@ -410,69 +388,58 @@ def main(argv: list[str] | None = None) -> Path:
     model, processor = load_policy(run, catalog, prepared)
     collator = make_collator(processor, catalog, cfg.recpo_protocol, run.prompt)
     marker = marker_ids(collator.tokenizer)
-    head = Head(collator, marker, ItemTable(catalog.item_ids, marker, cfg.item_batch_size), cfg.item_tau, cfg.max_trace_tokens)
-    order = EpochBatches(len(train_rows), cfg.per_device_batch_size, seed=run.seed, rank=accelerator.process_index, world=accelerator.num_processes)
-    steps = total_steps(cfg, len(order))
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    position = maybe_resume(cfg, out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
-    checkpoints = CheckpointManager(out_dir, keep=cfg.keep_checkpoints)
-    log = MetricsLogger(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process, resume_step=position.step if cfg.resume else None)
+    table = ItemTable(catalog.item_ids, marker, cfg.item_batch_size)
+    head = Head(collator, marker, table, cfg.item_tau, cfg.max_trace_tokens)
+    training = prepare_training(accelerator, model, cfg, len(train_rows), seed=run.seed,
+                                out_dir=out_dir)
+    model = training.model
 
-    batches = batch_stream(order, position)
-    bar = tqdm(total=steps, initial=position.step, desc="recpo", disable=not accelerator.is_main_process)
-    model.train()
-    started, refreshed_at = time.time(), None
-    while position.step < steps:
-        warm = position.step < cfg.recpo_warmup_steps
-        stats: dict[str, float] = {}
-        if (not warm or cfg.item_negatives == "catalogue") and (refreshed_at is None or position.step - refreshed_at >= cfg.recpo_item_refresh_every):
-            stats["train/hv_refresh_seconds"] = head.table.refresh(accelerator.unwrap_model(model), collator, progress=accelerator.is_main_process)
-            refreshed_at = position.step
-        for micro in range(cfg.gradient_accumulation_steps):
-            epoch, index, ids = next(batches)
-            rows = [train_rows[i] for i in ids]
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not last else nullcontext():
-                loss, micro_stats = warmup_loss(model, head, rows, cfg, accelerator) if warm else recpo_loss(model, head, rows, cfg, accelerator)
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            for key, value in micro_stats.items():
-                stats[key] = stats.get(key, 0.0) + value / cfg.gradient_accumulation_steps
-            position.epoch, position.batch_in_epoch = epoch, index + 1
-        stats["train/grad_norm"] = optimizer_step(accelerator, model, optimizer, scheduler, cfg)
-        position.step += 1
-        bar.update()
-        if position.step % cfg.log_every == 0 or position.step == steps:
-            log.log(position.step, {**stats, "train/lr": scheduler.get_last_lr()[0], "train/phase": 0.0 if warm else 1.0})
-        if cfg.save_every and position.step % cfg.save_every == 0:
-            if accelerator.is_main_process:
-                checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, position)
-            accelerator.wait_for_everyone()
-    bar.close()
-    train_seconds = time.time() - started
+    # The loop: the item-head warm-up, then RecPO; the item table refreshed every N steps.
+    refreshed_at: list[int] = []
+
+    def refresh(at: int) -> dict[str, float]:
+        warm = at < cfg.recpo_warmup_steps
+        due = not refreshed_at or at - refreshed_at[-1] >= cfg.recpo_item_refresh_every
+        if (warm and cfg.item_negatives != "catalogue") or not due:
+            return {}
+        refreshed_at.append(at)
+        seconds = head.table.refresh(training.unwrapped, collator,
+                                     progress=accelerator.is_main_process)
+        return {"train/hv_refresh_seconds": seconds}
+
+    def step(ids: list[int], at: int) -> MicroStep:
+        rows = [train_rows[i] for i in ids]
+        warm = at < cfg.recpo_warmup_steps
+        objective = warmup_loss if warm else recpo_loss
+        loss, stats = objective(model, head, rows, cfg, accelerator)
+        stats["train/phase"] = 0.0 if warm else 1.0
+        return MicroStep(loss / cfg.gradient_accumulation_steps, stats)
+
+    result = train_loop(training, step, before_step=refresh, desc="recpo")
 
     final = out_dir / "final"
     if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model)
-        result = evaluate_full(policy, head, run, prepared, out_dir, accelerator.device)
-        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint, prompt_cfg=run.prompt)
-        summary = {"stage": "recpo", "protocol": cfg.recpo_protocol, "split": "test", "steps": position.step,
-                   "train_examples": len(train_rows), "seconds": round(train_seconds, 1), "adapter": str(final), **result}
+        policy = training.unwrapped
+        evaluation = evaluate_full(policy, head, run, prepared, out_dir, accelerator.device)
+        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint,
+                     prompt_cfg=run.prompt)
+        summary = {"stage": "recpo", "protocol": cfg.recpo_protocol, "split": "test",
+                   "steps": result.position.step, "train_examples": len(train_rows),
+                   "seconds": round(result.train_seconds, 1), "adapter": str(final), **evaluation}
         write_json(out_dir / "summary.json", summary)
         write_report(out_dir, summary)
-        print("R²ec full-catalogue test: " + ", ".join(f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for k, v in result["metrics"].items()))
+        print("R²ec full-catalogue test: " + ", ".join(
+            f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+            for k, v in evaluation["metrics"].items()))
     accelerator.wait_for_everyone()
     return final
 
 
 def write_report(out_dir: Path, summary: dict[str, Any]) -> None:
     """``report.md`` (metrics table with intervals, training curves) plus the timing lines."""
-    try:
-        from hanorec.report import write_report as write_markdown
-
-        path = write_markdown(out_dir, title="R²ec / RecPO — full-catalogue ranking (test)", metrics_tables={"r2ec": summary["metrics"]})
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"report skipped: {err}")
+    path = try_write_report(out_dir, title="R²ec / RecPO — full-catalogue ranking (test)",
+                            metrics_tables={"r2ec": summary["metrics"]})
+    if path is None:
         return
     t = summary["timing"]
     with open(path, "a", encoding="utf-8") as handle:

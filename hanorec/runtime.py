@@ -1,46 +1,34 @@
-"""What every stage does the same way: data, prompts, processes, optimizer, checkpoints.
+"""What every stage does the same way around its loop: data, prompts, processes, optimizer.
 
-The entry modules (``hanorec.sft``, ``hanorec.dpo``, ``hanorec.recpo``) keep their loops and
-their losses; this module holds the steps around the loop that would otherwise be written
-three times: preparing the data once per machine, loading rows, building the collator,
-creating the optimizer and schedule, resuming, and the optimizer step itself.
+The entry modules (``hanorec.sft``, ``hanorec.dpo``, ``hanorec.recpo``) keep their step
+functions and losses and run them through :func:`hanorec.training.train_loop`; this module holds
+the set-up that would otherwise be written three times: the accelerator and the stage folder
+(:func:`start_stage`), preparing the data once per machine, loading catalogue and rows (through
+:mod:`hanorec.data.prepared`), building the collator from the ``prompt:`` section, and the
+optimizer, schedule and data order of a run (:func:`prepare_training`). Model lineage (load a
+stage's output, export one) is :mod:`hanorec.models.lineage`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import torch
 from accelerate import Accelerator
 
 from hanorec.collate import PromptCollator
-from hanorec.config import to_dict
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prepare import prepare
+from hanorec.data.prepared import read_rows
 from hanorec.data.prompts import PromptStyle
-from hanorec.item_tokens import (
-    SPEC_FILE,
-    attach_item_encoder,
-    attached_encoder,
-    encoder_detached,
-    load_item_encoder,
-    save_item_encoder,
-)
-from hanorec.models.config import ModelConfig
-from hanorec.training import (
-    CheckpointManager,
-    LoopPosition,
-    TrainConfig,
-    cosine_with_warmup,
-)
+from hanorec.report import try_write_report
+from hanorec.training import EpochBatches, TrainConfig, Training, cosine_with_warmup
 
 
 @dataclass
@@ -115,11 +103,8 @@ def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bo
     """Rows of ``split`` for each protocol, tagged with ``protocol``; ``limit`` keeps a seeded subset."""
     rows: list[dict[str, Any]] = []
     for protocol in protocols:
-        folder = prepared / ("pairs" if pairs else "") / protocol
-        if not folder.exists():
-            raise ValueError(f"{folder} does not exist: add {protocol!r} to the data section's protocols")
-        part = datasets.load_from_disk(str(folder))[split]
-        rows.extend({**r, "protocol": protocol} for r in part.to_list())
+        part = read_rows(prepared, protocol, split, pairs=pairs)
+        rows.extend({**r, "protocol": protocol} for r in part)
     if not rows:
         raise ValueError(f"no {split} rows for protocols {list(protocols)} in {prepared}")
     return subsample(rows, limit, seed)
@@ -158,33 +143,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tup
     return optimizer, cosine_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
 
 
-def maybe_resume(cfg: TrainConfig, out_dir: Path, model, optimizer, scheduler) -> LoopPosition:
-    """Restore the newest checkpoint when ``--resume`` is on (a fresh position otherwise)."""
-    if not cfg.resume:
-        return LoopPosition()
-    latest, position = CheckpointManager(out_dir).resume(model, optimizer, scheduler)  # skips damaged ones
-    if latest is None:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-        return LoopPosition()
-    print(f"resumed from {latest} (step {position.step})")
-    return position
-
-
-def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, cfg: TrainConfig) -> float:
-    """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-def save_gradients(model: torch.nn.Module, path: str | Path) -> None:
-    """Write the current gradients of the trainable parameters (the distributed-equivalence check)."""
-    from safetensors.torch import save_file
-
-    grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters() if p.grad is not None}
-    save_file(grads, str(path))
+def prepare_training(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig,
+                     num_examples: int, *, seed: int, out_dir: Path) -> Training:
+    """The run :func:`hanorec.training.train_loop` takes: the deterministic order over
+    ``num_examples`` rows, the step count, AdamW with its schedule, model and optimizer prepared
+    by the accelerator."""
+    order = EpochBatches(num_examples, cfg.per_device_batch_size, seed=seed,
+                         rank=accelerator.process_index, world=accelerator.num_processes)
+    steps = total_steps(cfg, len(order))
+    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Training(accelerator, model, optimizer, scheduler, cfg, order, steps, out_dir)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -204,92 +173,6 @@ def ranking_check(model, collator: PromptCollator, rows: list[dict], cfg: TrainC
     return {"eval/candidates_hr1": quick_candidate_hr1(model, collator, rows, cfg.per_device_batch_size)}
 
 
-def _lineage(folder: Path) -> dict[str, Any]:
-    meta = folder / "hanorec.json"
-    if not meta.is_file():
-        raise ValueError(f"{folder} is not a hanorec model folder (no hanorec.json); pass the 'final' folder a stage wrote")
-    return json.loads(meta.read_text())
-
-
-def load_trained(model_cfg: ModelConfig, folder: str | Path):
-    """Load a stage's output for inference: the base, then every adapter of its lineage merged.
-
-    ``<run>/dpo/final`` names its parent ``<run>/sft/final``; the chain is applied oldest first
-    (each adapter merged into the base before the next), so the result is the model as trained.
-    """
-    from peft import PeftModel
-
-    from hanorec.models.loading import load_backbone
-
-    chain: list[Path] = []
-    current: Path | None = Path(folder)
-    while current is not None:
-        info = _lineage(current)
-        chain.append(current)
-        current = Path(info["parent"]) if info.get("parent") else None
-    chain.reverse()
-    first = _lineage(chain[0])
-    base_cfg = model_cfg if first["adapter"] else _replace_path(model_cfg, chain[0])
-    model, processor = load_backbone(base_cfg, for_training=False)
-    for adapter in chain if first["adapter"] else chain[1:]:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
-    encoders = [folder for folder in chain if (folder / SPEC_FILE).is_file()]
-    if encoders:  # the newest stage's item encoder (a later stage saves the one it ran with)
-        attach_item_encoder(model, load_item_encoder(encoders[-1]))
-    model.requires_grad_(False)
-    return model.eval(), processor
-
-
-def load_policy_from_sft(model_cfg: ModelConfig, sft_dir: str | Path):
-    """The DPO policy: the SFT model (adapter chain merged) with a fresh trainable adapter."""
-    from hanorec.models.loading import add_lora
-
-    model, processor = load_trained(model_cfg, sft_dir)
-    if not model_cfg.use_lora:
-        raise ValueError("preference optimisation needs model.use_lora: the reference is the policy with its adapter disabled")
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return add_lora(model, model_cfg).train(), processor
-
-
-def _replace_path(model_cfg, folder: Path):
-    from dataclasses import replace
-
-    return replace(model_cfg, model_name_or_path=str(folder))
-
-
-def export_model(model, processor, folder: Path, model_cfg: ModelConfig, *, parent: str | None = None,
-                 prompt_cfg: PromptConfig | None = None) -> None:
-    """Save the adapter (or the full model) with the processor and a ``hanorec.json`` lineage.
-
-    ``parent`` names an adapter folder merged into the base before this one (DPO on SFT). An
-    attached item encoder is written beside it (``item_encoder.*``); ``prompt_cfg`` (the
-    prompt section the model was trained with) is recorded in ``hanorec.json``.
-    The folder is written next to its final name and renamed into place (atomic).
-    """
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    encoder = attached_encoder(model)
-    with encoder_detached(model):  # the encoder is saved on its own, not inside the model's weights
-        model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if encoder is not None:
-        save_item_encoder(encoder, tmp)
-    lineage = {"base_model": model_cfg.model_name_or_path, "adapter": hasattr(model, "peft_config"), "parent": parent,
-               "model": to_dict(model_cfg), "prompt": to_dict(prompt_cfg) if prompt_cfg is not None else None}
-    (tmp / "hanorec.json").write_text(json.dumps(lineage, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
-
-
 def write_stage_report(out_dir: Path, title: str) -> None:
     """``report.md`` with training-curve plots for a stage folder (skipped without matplotlib)."""
-    try:
-        from hanorec.report import write_report
-
-        write_report(out_dir, title=title, metrics_tables={})
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"report skipped: {err}")
+    try_write_report(out_dir, title=title, metrics_tables={})

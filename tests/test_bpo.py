@@ -10,15 +10,10 @@ import pytest
 import yaml
 
 from hanorec import bpo, dpo
-from hanorec.bpo import (
-    blind_records,
-    count_statuses,
-    mix_blind_negatives,
-    row_key,
-    write_blind_dataset,
-)
+from hanorec.bpo import blind_records, count_statuses, row_key, write_blind_dataset
 from hanorec.collate import PromptCollator
 from hanorec.config import from_yaml_dict
+from hanorec.data.blind import mix_blind_negatives
 from hanorec.runtime import load_catalog, load_rows
 from hanorec.training import read_metrics
 

@@ -127,7 +127,8 @@ def test_every_preference_loss_takes_head_log_probs(head_sft, loss):
     finite loss, gradients on the LoRA adapter only, the encoder frozen."""
     from accelerate import Accelerator
 
-    from hanorec.runtime import load_policy_from_sft, make_collator
+    from hanorec.models.lineage import load_policy_from_sft
+    from hanorec.runtime import make_collator
 
     recipe, final = head_sft
     reference = "none" if loss == "simpo" else "frozen"  # SimPO is reference-free

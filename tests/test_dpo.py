@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from hanorec import dpo
 from hanorec.config import from_yaml_dict
-from hanorec.runtime import load_catalog, load_policy_from_sft, load_rows, make_collator
+from hanorec.models.lineage import load_policy_from_sft
+from hanorec.runtime import load_catalog, load_rows, make_collator
 from hanorec.training import read_metrics
 
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from hanorec import evaluate, sft
-from hanorec.runtime import load_catalog, load_rows, load_trained, make_collator
+from hanorec.models.lineage import load_trained
+from hanorec.runtime import load_catalog, load_rows, make_collator
 from hanorec.scoring import candidate_scores, naive_candidate_scores, quick_candidate_hr1
 
 PROTOCOLS = ("hit1", "hit3", "candidates", "full")

@@ -26,7 +26,8 @@ from conftest import PLANTED_USERS
 
 from hanorec import sft
 from hanorec.metrics import target_ranks
-from hanorec.runtime import load_catalog, load_rows, load_trained, make_collator
+from hanorec.models.lineage import load_trained
+from hanorec.runtime import load_catalog, load_rows, make_collator
 from hanorec.scoring import candidate_scores
 from hanorec.sft import SFTRun
 

@@ -100,7 +100,8 @@ def test_warmup_item_head_beats_popularity_on_full_protocol(tiny_recipe) -> None
     from datasets import load_from_disk
 
     from hanorec.baselines import MostPopular
-    from hanorec.data.known import known_sequences
+    from hanorec.data.known import known_items, known_sequences
+    from hanorec.metrics import PROTOCOL_KS, full_ranking
 
     path = tiny_recipe("tiny-llava", recpo={**RL, "recpo_warmup_steps": 25, "max_steps": 25, "max_train_examples": 0,
                                             "per_device_batch_size": 8, "recpo_eval_reasoning": False})
@@ -112,8 +113,9 @@ def test_warmup_item_head_beats_popularity_on_full_protocol(tiny_recipe) -> None
     rows = load_rows(prepared, ["full"], "test")
     popularity = np.asarray(load_from_disk(str(prepared / "items"))["popularity"], dtype=float)
     scores = MostPopular().fit_counts(popularity).score([[] for _ in rows], None, mask_history=False)
-    targets, masked = recpo.known_items(rows, catalog, known_sequences(prepared, "test")[0])
-    pop = recpo.full_metrics(np.asarray(scores, dtype=float), targets, masked)
+    targets = [catalog.position(r["target"]) for r in rows]
+    masked = known_items(rows, known_sequences(prepared, "test")[0], catalog.position)
+    pop = full_ranking(np.asarray(scores, dtype=float), targets, masked, PROTOCOL_KS["full"])
     r2ec = summary["metrics"]["NDCG@10"]["mean"]
     print(f"warm-up NDCG@10 {r2ec:.4f} vs most-popular {float(pop['NDCG@10'].mean()):.4f}")
     assert r2ec > float(pop["NDCG@10"].mean()) + 0.05, (r2ec, float(pop["NDCG@10"].mean()))

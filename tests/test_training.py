@@ -15,16 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from hanorec.checkpoints import CheckpointManager, LoopPosition, rng_state, set_rng_state
 from hanorec.training import (
-    CheckpointManager,
     EarlyStopping,
     EpochBatches,
-    LoopPosition,
     MetricsLogger,
     cosine_with_warmup,
     read_metrics,
-    rng_state,
-    set_rng_state,
 )
 
 
@@ -131,7 +128,7 @@ def test_killed_save_never_replaces_the_last_good_checkpoint(tmp_path):
         f"""
         import sys, time, torch
         sys.path.insert(0, {os.getcwd()!r})
-        from hanorec.training import CheckpointManager, LoopPosition
+        from hanorec.checkpoints import CheckpointManager, LoopPosition
         model = torch.nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         manager = CheckpointManager({str(tmp_path)!r})

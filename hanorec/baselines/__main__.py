@@ -50,11 +50,10 @@ from hanorec.data.known import (  # noqa: F401  (re-exported for callers of the 
     test_inputs,
     training_sequences,
 )
-from hanorec.metrics import history_mask, ranking_metrics, roc_auc, target_ranks
-from hanorec.report import write_report
+from hanorec.metrics import PROTOCOL_KS, history_mask, ranking_metrics, roc_auc, target_ranks
+from hanorec.report import try_write_report
 from hanorec.stats import bootstrap_auc, compare_runs, summarize
 
-PROTOCOL_KS = {"candidates": (1, 5, 10), "hit3": (1, 3), "full": (5, 10, 20)}
 SELECTION_METRIC = {"candidates": "NDCG@10", "hit3": "NDCG@3", "full": "NDCG@10", "hit1": "AUC"}
 
 
@@ -163,12 +162,10 @@ def _compare_and_report(out: Path, protocol: str, results: dict[str, Any],
             row.update(run_a="sasrec", run_b="popularity")
         (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     tables = {name: summary["metrics"] for name, summary in results.items()}
-    try:
-        path = write_report(out, title=f"Baselines on the {protocol} protocol",
+    path = try_write_report(out, title=f"Baselines on the {protocol} protocol",
                             metrics_tables=tables, compare_runs=rows)
+    if path is not None:  # without matplotlib the JSON outputs are still written
         print(f"report: {path}")
-    except ImportError as error:  # matplotlib missing: the JSON outputs are still written
-        print(f"report skipped: {error}")
 
 
 def build_parser() -> argparse.ArgumentParser:
