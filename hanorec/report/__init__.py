@@ -32,7 +32,8 @@ __all__ = ["load_training_log", "plot_metric_bars", "plot_training_curves", "pyp
 
 PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
 #: Bookkeeping fields of a metrics.jsonl record (counters and clocks, not curves of the run).
-NOT_CURVES = frozenset({"step", "time", "epoch", "train/examples", "train/seconds", "eval/seconds"})
+NOT_CURVES = frozenset({"step", "time", "epoch", "train/epoch", "train/examples", "train/seconds",
+                        "eval/seconds"})
 OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}  # scales unlike the loss's
 MetricTable = Mapping[str, Mapping[str, Any]]  # run -> metric -> {mean, low, high} or (m, l, h)
 
