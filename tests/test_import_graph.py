@@ -10,7 +10,8 @@ library module. The rules:
 * no library module imports an entry module;
 * no entry module imports another entry module;
 * the lower layers stay below the rest (``hanorec.losses`` needs torch only, ``metrics`` and
-  ``stats`` need no other module, ``data`` knows no model, no stage and no loop);
+  ``stats`` need no other module, ``data`` knows no model, no stage and no loop, the loop
+  knows no stage, the TRL integration needs only the losses and the shared forward);
 * every entry point answers ``--help`` with exit status 0.
 """
 
@@ -39,6 +40,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "hanorec.data": ("hanorec.data", "hanorec.config", "hanorec.cli"),
     "hanorec.baselines.sasrec": (),
     "hanorec.baselines.popularity": (),
+    "hanorec.checkpoints": (),
+    "hanorec.training": ("hanorec.checkpoints", "hanorec.config", "hanorec.cli"),
+    "hanorec.report": ("hanorec.report", "hanorec.cli"),
+    "hanorec.integrations": ("hanorec.losses", "hanorec.forward"),
 }
 
 
