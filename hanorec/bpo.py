@@ -2,7 +2,8 @@
 
     python -m hanorec.bpo generate --config configs/demo.yaml --checkpoint runs/demo/sft/final \\
         [--bpo-out runs/demo/bpo/blind]
-    accelerate launch -m hanorec.dpo --config configs/demo.yaml --blind-negatives runs/demo/bpo/blind
+    accelerate launch -m hanorec.dpo --config configs/demo.yaml --blind-negatives
+    runs/demo/bpo/blind
 
 BPO's idea: an MLLM that can answer as well **without** looking at the image relies on its
 language prior, not on the image. The model answers every preference prompt with its images
@@ -70,20 +71,36 @@ USAGE = "usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR
 class BPOConfig:
     """The ``bpo:`` section: how blind answers are generated."""
 
-    checkpoint: str | None = field(default=None, metadata={"help": "Model folder answering the blind prompts (default dpo.sft_checkpoint, else <run_dir>/sft/final): the SFT model, as BPO samples its blind negatives from the model being aligned."})
-    bpo_out: str | None = field(default=None, metadata={"help": "Output dataset folder (default <run_dir>/bpo/blind); pass it to hanorec.dpo --blind-negatives."})
-    bpo_batch_size: int = field(default=4, metadata={"help": "Blind prompts per generate call (left-padded)."})
-    bpo_max_new_tokens: int = field(default=24, metadata={"help": "Token budget of a blind answer (a title is short)."})
-    bpo_sample: bool = field(default=False, metadata={"help": "Sample the blind answers (temperature, top-p) instead of greedy decoding."})
-    bpo_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --bpo-sample true)."})
-    bpo_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --bpo-sample true)."})
-    bpo_pick: Literal["generate", "score"] = field(default="generate", metadata={"help": "generate: the blind answer is generated and mapped to an item; score: the blind pick is the candidate (or Yes/No) with the highest blind likelihood, as the evaluator scores candidates — for models whose free answers name no item (candidate protocols and hit1 only)."})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "Model folder answering the blind prompts (default dpo.sft_checkpoint, else "
+                "<run_dir>/sft/final): the SFT model, as BPO samples its blind negatives from "
+                "the model being aligned."})
+    bpo_out: str | None = field(default=None, metadata={
+        "help": "Output dataset folder (default <run_dir>/bpo/blind); pass it to hanorec.dpo "
+                "--blind-negatives."})
+    bpo_batch_size: int = field(default=4, metadata={
+        "help": "Blind prompts per generate call (left-padded)."})
+    bpo_max_new_tokens: int = field(default=24, metadata={
+        "help": "Token budget of a blind answer (a title is short)."})
+    bpo_sample: bool = field(default=False, metadata={
+        "help": "Sample the blind answers (temperature, top-p) instead of greedy decoding."})
+    bpo_temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (with --bpo-sample true)."})
+    bpo_top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling mass (with --bpo-sample true)."})
+    bpo_pick: Literal["generate", "score"] = field(default="generate", metadata={
+        "help": "generate: the blind answer is generated and mapped to an item; score: the "
+                "blind pick is the candidate (or Yes/No) with the highest blind likelihood, as "
+                "the evaluator scores candidates — for models whose free answers name no item "
+                "(candidate protocols and hit1 only)."})
 
 
 @dataclass
 class BPORun:
-    run_dir: str = field(default="runs/demo", metadata={"help": "Run folder; blind answers go to <run_dir>/bpo/blind by default."})
-    seed: int = field(default=0, metadata={"help": "Seed of the row subset (as the DPO stage) and of sampling."})
+    run_dir: str = field(default="runs/demo", metadata={
+        "help": "Run folder; blind answers go to <run_dir>/bpo/blind by default."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the row subset (as the DPO stage) and of sampling."})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -106,7 +123,8 @@ def answer_space(row: Mapping[str, Any], catalog: Catalog) -> tuple[Sequence[str
     return catalog.item_ids, catalog.titles
 
 
-def classify_answer(answer: str, row: Mapping[str, Any], catalog: Catalog) -> tuple[str | None, str]:
+def classify_answer(answer: str, row: Mapping[str, Any],
+                    catalog: Catalog) -> tuple[str | None, str]:
     """``(blind_item, status)`` of one blind answer (statuses in the module docstring).
 
     Args:
@@ -134,15 +152,18 @@ def label_to_title(answer: str, row: Mapping[str, Any], catalog: Catalog) -> str
     return answer
 
 
-def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str], catalog: Catalog) -> list[dict[str, Any]]:
+def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str],
+                  catalog: Catalog) -> list[dict[str, Any]]:
     """One output record per (row, blind answer)."""
     if len(rows) != len(answers):
         raise ValueError(f"{len(rows)} rows but {len(answers)} answers")
     records = []
     for row, answer in zip(rows, answers):
         item, status = classify_answer(answer, row, catalog)
-        records.append({"row_key": row_key(row), "protocol": row.get("protocol"), "user_id": str(row.get("user_id")),
-                        "chosen": row["chosen"], "blind_answer": answer, "blind_item": item, "status": status})
+        records.append({"row_key": row_key(row), "protocol": row.get("protocol"),
+                        "user_id": str(row.get("user_id")),
+                        "chosen": row["chosen"], "blind_answer": answer, "blind_item": item,
+                        "status": status})
     return records
 
 
@@ -150,13 +171,15 @@ def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str], cat
 
 
 @torch.no_grad()
-def blind_answers(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], cfg: BPOConfig, *,
+def blind_answers(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]],
+                  cfg: BPOConfig, *,
                   seed: int = 0, progress: bool = True) -> list[str]:
     """Answers to the rows' prompts rendered by ``collator`` (blind), greedy or sampled, batched."""
     if collator.with_images:
         raise ValueError("blind answers need a collator with with_images=False")
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": cfg.bpo_temperature, "top_p": cfg.bpo_top_p} if cfg.bpo_sample else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": cfg.bpo_temperature,
+                "top_p": cfg.bpo_top_p} if cfg.bpo_sample else {"do_sample": False}
     torch.manual_seed(seed)
     answers: list[str] = []
     starts = range(0, len(rows), cfg.bpo_batch_size)
@@ -164,16 +187,21 @@ def blind_answers(model, collator: PromptCollator, rows: Sequence[Mapping[str, A
         chunk = rows[start : start + cfg.bpo_batch_size]
         batch = collator.encode_prompts(chunk, reserve=cfg.bpo_max_new_tokens, padding_side="left")
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        output = model.generate(**batch, max_new_tokens=cfg.bpo_max_new_tokens, pad_token_id=collator.pad_token_id, **sampling)
+        output = model.generate(**batch, max_new_tokens=cfg.bpo_max_new_tokens,
+                                pad_token_id=collator.pad_token_id, **sampling)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
-        answers.extend(t.strip() for t in collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(t.strip()
+                       for t in collator.tokenizer.batch_decode(new_tokens,
+                                                                skip_special_tokens=True))
     return answers
 
 
-def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], cfg: BPOConfig, *,
+def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], cfg: BPOConfig,
+                *,
                 progress: bool = True) -> list[str]:
     """The answer each blind prompt scores highest: the title of the most likely candidate
-    (``candidates``, ``hit3``), or ``Yes`` / ``No`` by the sign of ``log π(Yes) − log π(No)`` (hit1).
+    (``candidates``, ``hit3``), or ``Yes`` / ``No`` by the sign of ``log π(Yes) − log π(No)``
+    (hit1).
 
     Raises:
         ValueError: A protocol without candidates (``full``, ``general``): use ``generate``.
@@ -185,12 +213,17 @@ def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any
         ids = [i for i, row in enumerate(rows) if row.get("protocol") == protocol]
         chunk = [rows[i] for i in ids]
         if protocol == "hit1":
-            picks = ["Yes" if s >= 0 else "No" for s in yes_no_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size, progress=progress)]
+            picks = ["Yes" if s >= 0 else "No"
+                     for s in yes_no_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size,
+                                            progress=progress)]
         elif all("candidates" in row for row in chunk):
-            scores = candidate_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size, progress=progress)
-            picks = [response_text(row["candidates"][int(s.argmax())], collator.catalog) for row, s in zip(chunk, scores)]
+            scores = candidate_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size,
+                                      progress=progress)
+            picks = [response_text(row["candidates"][int(s.argmax())], collator.catalog) for row,
+                     s in zip(chunk, scores)]
         else:
-            raise ValueError(f"--bpo-pick score needs candidate rows; protocol {protocol!r} has none (use --bpo-pick generate)")
+            raise ValueError(f"--bpo-pick score needs candidate rows; protocol {protocol!r} has "
+                             "none (use --bpo-pick generate)")
         for i, pick in zip(ids, picks):
             answers[i] = pick
     return answers
@@ -199,14 +232,17 @@ def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any
 def generate(run: BPORun) -> Path:
     """Blind answers for the DPO training pairs of ``run``; returns the output folder."""
     cfg = run.bpo
-    checkpoint = Path(cfg.checkpoint or run.dpo.sft_checkpoint or Path(run.run_dir) / "sft" / "final")
+    checkpoint = Path(cfg.checkpoint or run.dpo.sft_checkpoint or Path(run.run_dir) / "sft"
+                      / "final")
     out = Path(cfg.bpo_out or Path(run.run_dir) / "bpo" / "blind")
     prepared, catalog = load_preference_data(run, Accelerator(cpu=not torch.cuda.is_available()))
-    rows = load_rows(prepared, run.dpo.dpo_protocols, "train", pairs=True, limit=run.dpo.max_train_pairs, seed=run.seed)
+    rows = load_rows(prepared, run.dpo.dpo_protocols, "train", pairs=True,
+                     limit=run.dpo.max_train_pairs, seed=run.seed)
     model, processor = load_trained(run.model, checkpoint)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     blind_prompt = replace(run.prompt, with_images=False)
-    collator = make_collator(processor, catalog, run.dpo.dpo_protocols[0], blind_prompt)  # rows carry their protocol
+    # rows carry their protocol
+    collator = make_collator(processor, catalog, run.dpo.dpo_protocols[0], blind_prompt)
     if collator.style.answer == "head" and cfg.bpo_pick != "score":
         raise ValueError("prompt.answer: head gives no text answers; use --bpo-pick score")
     if cfg.bpo_pick == "score":
@@ -216,10 +252,13 @@ def generate(run: BPORun) -> Path:
         if collator.style.answer == "index":
             answers = [label_to_title(answer, row, catalog) for answer, row in zip(answers, rows)]
     records = blind_records(rows, answers, catalog)
-    meta = {"checkpoint": str(checkpoint), "protocols": list(run.dpo.dpo_protocols), "prepared": str(prepared), **asdict(cfg)}
+    meta = {"checkpoint": str(checkpoint), "protocols": list(run.dpo.dpo_protocols),
+            "prepared": str(prepared), **asdict(cfg)}
     counts = write_blind_dataset(records, out, meta)
-    print(f"blind answers for {counts['rows']} pairs: {counts['item']} mapped to another item (blind negatives), "
-          f"{counts['chosen']} skipped (equal to the chosen item), {counts['text']} kept as text (no item named; {counts['empty']} of them blank); written to {out}")
+    print(f"blind answers for {counts['rows']} pairs: {counts['item']} mapped to another item "
+          "(blind negatives), "
+          f"{counts['chosen']} skipped (equal to the chosen item), {counts['text']} kept as "
+          f"text (no item named; {counts['empty']} of them blank); written to {out}")
     return out
 
 

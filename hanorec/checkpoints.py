@@ -48,8 +48,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(state["python"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -60,7 +62,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train (LoRA weights, or all when fully fine-tuned), detached on CPU."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu").contiguous().clone() for n,
+            p in model.named_parameters() if p.requires_grad}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -93,14 +96,16 @@ class CheckpointManager:
         self.run_dir, self.keep = Path(run_dir), max(1, keep)
 
     def checkpoints(self) -> list[Path]:
-        found = [p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "state.pt").is_file()]
+        found = [p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()
+                 and (p / "state.pt").is_file()]
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
     def latest(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: LoopPosition, *, write_hook: Any = None) -> Path:
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             position: LoopPosition, *, write_hook: Any = None) -> Path:
         """Write a checkpoint atomically and prune old ones; returns its final path."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
@@ -115,7 +120,8 @@ class CheckpointManager:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
-            "position": {"step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch},
+            "position": {"step": position.step, "epoch": position.epoch,
+                         "batch_in_epoch": position.batch_in_epoch},
             "extra": position.extra,
         }
         torch.save(state, tmp / "state.pt")
@@ -127,7 +133,8 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[Path | None, LoopPosition]:
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any) -> tuple[Path | None, LoopPosition]:
         """Restore the newest checkpoint that verifies; damaged ones are skipped with a warning.
 
         Returns:
@@ -143,11 +150,14 @@ class CheckpointManager:
             except CheckpointError as err:
                 print(f"warning: --resume skips {path.name}: {err}")
         if found:
-            raise CheckpointError(f"{self.run_dir}: none of the {len(found)} checkpoints can be resumed (see the warnings); delete them or run without --resume")
+            raise CheckpointError(f"{self.run_dir}: none of the {len(found)} checkpoints can be "
+                                  "resumed (see the warnings); delete them or run without "
+                                  "--resume")
         return None, LoopPosition()
 
     @staticmethod
-    def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopPosition:
+    def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any) -> LoopPosition:
         """Restore weights, optimizer, scheduler and RNG states; return the loop position.
 
         Everything is read and checked (:func:`read_checkpoint`) before anything is restored.
@@ -168,9 +178,11 @@ class CheckpointManager:
                 scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{path / 'state.pt'}: cannot be restored ({type(err).__name__}: {err})") from None
+            raise CheckpointError(f"{path / 'state.pt'}: cannot be restored "
+                                  f"({type(err).__name__}: {err})") from None
         pos = state["position"]
-        return LoopPosition(step=pos["step"], epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"], extra=state.get("extra") or {})
+        return LoopPosition(step=pos["step"], epoch=pos["epoch"],
+                            batch_in_epoch=pos["batch_in_epoch"], extra=state.get("extra") or {})
 
 
 class CheckpointError(ValueError):
@@ -190,14 +202,23 @@ def _load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - zip, unpickling and OS errors alike
-        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+        raise CheckpointError(
+            f"{file}: cannot be read ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
     position = state.get("position") if isinstance(state, dict) else None
-    if not isinstance(position, dict) or not all(isinstance(position.get(k), int) for k in ("step", "epoch", "batch_in_epoch")) or not {"optimizer", "rng", "scheduler"} <= set(state):
-        raise CheckpointError(f"{file}: not a hanorec training state (optimizer, scheduler, rng and position expected)")
+    if (
+        not isinstance(position, dict)
+        or not all(isinstance(position.get(k), int) for k in ("step", "epoch", "batch_in_epoch"))
+        or not {"optimizer", "rng", "scheduler"} <= set(state)
+    ):
+        raise CheckpointError(f"{file}: not a hanorec training state (optimizer, scheduler, rng "
+                              "and position expected)")
     return state
 
 
-def read_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(path: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer
+                    | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load and verify a checkpoint against ``model`` (and ``optimizer``) without applying it.
 
     Returns:
@@ -212,14 +233,20 @@ def read_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
     unknown = sorted(set(weights) - set(params))
     if missing or unknown:
-        raise CheckpointError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
+        raise CheckpointError(f"{path}: checkpoint does not fit the model (missing "
+                              f"{missing[:3]}, unknown {unknown[:3]})")
     shapes = [n for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
     if shapes:
         name = shapes[0]
-        raise CheckpointError(f"{path}: checkpoint does not fit the model ({name} has shape {tuple(weights[name].shape)}, the model {tuple(params[name].shape)})")
+        raise CheckpointError(f"{path}: checkpoint does not fit the model ({name} has shape "
+                              f"{tuple(weights[name].shape)}, the model "
+                              f"{tuple(params[name].shape)})")
     state = _load_state(path)
     if optimizer is not None:
-        saved = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
-        if [len(g.get("params", [])) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
-            raise CheckpointError(f"{path / 'state.pt'}: the optimizer state does not match the model's trainable parameters")
+        saved = state["optimizer"].get("param_groups",
+                                       []) if isinstance(state["optimizer"], dict) else []
+        if [len(g.get("params", []))
+            for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise CheckpointError(f"{path / 'state.pt'}: the optimizer state does not match the "
+                                  "model's trainable parameters")
     return weights, state

@@ -40,7 +40,8 @@ from hanorec.models.families import image_features, unwrap
 
 
 @torch.no_grad()
-def title_embeddings(model: torch.nn.Module, tokenizer, titles: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
+def title_embeddings(model: torch.nn.Module, tokenizer, titles: Sequence[str], *,
+                     batch_size: int = 512) -> torch.Tensor:
     """Mean input-token embedding over each title's tokens: ``e_txt`` [N, d] (float32)."""
     table = unwrap(model).get_input_embeddings().weight
     out = torch.empty(len(titles), table.shape[1], dtype=torch.float32)
@@ -76,7 +77,8 @@ def image_embeddings(
     inner = unwrap(model)
     device = next(inner.parameters()).device
     rows: dict[int, torch.Tensor] = {}
-    for start in tqdm(range(0, len(todo), batch_size), desc="item images", disable=not progress, unit="batch"):
+    for start in tqdm(range(0, len(todo), batch_size), desc="item images", disable=not progress,
+                      unit="batch"):
         ids = todo[start : start + batch_size]
         images = []
         for i in ids:
@@ -97,13 +99,15 @@ def image_embeddings(
 def _image_inputs(image_processor, images: list[Image.Image]) -> dict[str, torch.Tensor]:
     """Image-processor outputs for single images, one image per batch element."""
     if "idefics" in type(image_processor).__name__.lower():  # (B, 1, C, H, W) without splitting
-        enc = image_processor([[im] for im in images], return_tensors="pt", do_image_splitting=False)
+        enc = image_processor([[im] for im in images], return_tensors="pt",
+                              do_image_splitting=False)
     else:
         enc = image_processor(images=images, return_tensors="pt")
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
-def catalogue_key(model_files: Sequence[str | Path], titles: Sequence[str], image_paths: Sequence[str | None]) -> str:
+def catalogue_key(model_files: Sequence[str | Path], titles: Sequence[str],
+                  image_paths: Sequence[str | None]) -> str:
     """A cache key from the model's weight files (content hashes) and the catalogue's content."""
     digest = hashlib.sha256()
     for path in sorted(str(p) for p in model_files):
@@ -127,15 +131,21 @@ def catalogue_embeddings(
     progress: bool = True,
 ) -> torch.Tensor:
     """Fused, L2-normalised item embeddings [N, d] for the whole catalogue, cached on disk."""
-    cache_file = Path(cache_dir) / f"item-embeddings-{cache_key}.safetensors" if cache_dir and cache_key else None
+    cache_file = (
+        Path(cache_dir) / f"item-embeddings-{cache_key}.safetensors"
+        if cache_dir and cache_key
+        else None
+    )
     if cache_file is not None and cache_file.is_file():
         return load_file(str(cache_file))["embeddings"]
     tokenizer = getattr(processor, "tokenizer", processor)
     text = title_embeddings(model, tokenizer, titles)
     image, has_image = (None, None)
     if use_images and any(p is not None for p in image_paths):
-        image, has_image = image_embeddings(model, processor.image_processor, image_paths, progress=progress)
-    fused = fuse_item_embeddings(text, image, has_image) if image is not None else fuse_item_embeddings(text)
+        image, has_image = image_embeddings(model, processor.image_processor, image_paths,
+                                            progress=progress)
+    fused = fuse_item_embeddings(text, image,
+                                 has_image) if image is not None else fuse_item_embeddings(text)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -144,7 +154,8 @@ def catalogue_embeddings(
     return fused
 
 
-def pair_hardness(embeddings: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_hardness(embeddings: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *,
+                  top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Δ (eq. 5) and static λ (eq. 6) for every training pair; ``rejected`` is [P] or [P, K]."""
     deltas = pair_deltas(embeddings, chosen, rejected, top_k=top_k)
     return deltas, hardness_lambdas(deltas)
@@ -163,7 +174,8 @@ def sft_item_embeddings(model: torch.nn.Module, processor, catalog: Catalog, mod
                                 cache_key=key, progress=progress)
 
 
-def item_indices(rows: list[dict], catalog: Catalog) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def item_indices(rows: list[dict],
+                 catalog: Catalog) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chosen [N] and rejected [N, K] catalogue indices, and a mask of rows that are item pairs."""
     is_item = torch.tensor([r["chosen"] in catalog.index for r in rows])
     chosen = torch.tensor([catalog.index.get(r["chosen"], 0) for r in rows])

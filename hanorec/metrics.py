@@ -355,7 +355,8 @@ def match_answer(answer: str, candidate_titles: Sequence[str]) -> int | None:
 
 def _check_lengths(answers: Sequence[str], candidates: Sequence[Sequence[str]]) -> None:
     if len(answers) != len(candidates):
-        raise ValueError(f"candidates: {len(candidates)} candidate lists for {len(answers)} answers")
+        raise ValueError(f"candidates: {len(candidates)} candidate lists for {len(answers)} "
+                         "answers")
 
 
 def answer_validity(

@@ -35,23 +35,54 @@ from hanorec.training import EpochBatches, TrainConfig, Training, cosine_with_wa
 class PromptConfig:
     """How rows become prompts; shared by training and evaluation so both see the same text."""
 
-    image_budget: int = field(default=5, metadata={"help": "Only the most recent N history items carry their image (the rest are titles), so prompts fit the context (HaNoRec interleaves titles and posters)."})
-    max_length: int = field(default=1024, metadata={"help": "Token budget of prompt + response; the oldest history items are dropped whole to fit, never cutting image tokens."})
-    with_images: bool = field(default=True, metadata={"help": "Render images; false gives the text-only (blind) prompts used by the `SFT text-only` ablation and BPO."})
-    answer: Literal["title", "index", "head"] = field(default="title", metadata={"help": "Read-out of the model's choice: `title` = the item's title as the response (its log-likelihood scores it), `index` = candidates listed with letters and the single label token as the response (LlamaRec, Yue et al. 2023: every candidate scored from one forward), `head` = a ranking head over the answer-position state scores item vectors (R2ec arXiv 2505.16994; docs/guide.md, 'Read-outs')."})
-    item_tokens: bool = field(default=False, metadata={"help": "One collaborative token after each history, candidate and query title: a SASRec item embedding through a trainable MLP (LLaRA's hybrid item representation, Liao et al. SIGIR 2024); the recommender trains on the training split (collab section)."})
-    user_token: bool = field(default=False, metadata={"help": "A user token after the history: the recommender's sequence state over the history shown, projected (A-LLMRec, Kim et al. KDD 2024). Needs item_tokens."})
-    image_tokens: Literal["full", "pooled"] = field(default="full", metadata={"help": "`full`: every image through the vision tower, one token per vision feature; `pooled`: one token per image, the mean of its vision features computed once per item (vision tower and projector frozen)."})
-    title_words: int = field(default=0, metadata={"help": "Keep only the first N words of each title in prompts and title answers (0: whole titles)."})
-    title_year: bool = field(default=True, metadata={"help": "Keep a trailing '(1995)' in titles (false saves ~6 digit tokens per title in byte-level tokenizers)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System message replacing the chat template's default one (None: the template's own; SmolLM2's costs ~20 tokens per prompt)."})
-    titles: bool = field(default=True, metadata={"help": "Show item titles; false leaves each item as its item token only (the ablation of what titles add; needs item_tokens and an index or head answer)."})
+    image_budget: int = field(default=5, metadata={
+        "help": "Only the most recent N history items carry their image (the rest are titles), "
+                "so prompts fit the context (HaNoRec interleaves titles and posters)."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Token budget of prompt + response; the oldest history items are dropped whole "
+                "to fit, never cutting image tokens."})
+    with_images: bool = field(default=True, metadata={
+        "help": "Render images; false gives the text-only (blind) prompts used by the `SFT "
+                "text-only` ablation and BPO."})
+    answer: Literal["title", "index", "head"] = field(default="title", metadata={
+        "help": "Read-out of the model's choice: `title` = the item's title as the response "
+                "(its log-likelihood scores it), `index` = candidates listed with letters and "
+                "the single label token as the response (LlamaRec, Yue et al. 2023: every "
+                "candidate scored from one forward), `head` = a ranking head over the "
+                "answer-position state scores item vectors (R2ec arXiv 2505.16994; "
+                "docs/guide.md, 'Read-outs')."})
+    item_tokens: bool = field(default=False, metadata={
+        "help": "One collaborative token after each history, candidate and query title: a "
+                "SASRec item embedding through a trainable MLP (LLaRA's hybrid item "
+                "representation, Liao et al. SIGIR 2024); the recommender trains on the "
+                "training split (collab section)."})
+    user_token: bool = field(default=False, metadata={
+        "help": "A user token after the history: the recommender's sequence state over the "
+                "history shown, projected (A-LLMRec, Kim et al. KDD 2024). Needs item_tokens."})
+    image_tokens: Literal["full", "pooled"] = field(default="full", metadata={
+        "help": "`full`: every image through the vision tower, one token per vision feature; "
+                "`pooled`: one token per image, the mean of its vision features computed once "
+                "per item (vision tower and projector frozen)."})
+    title_words: int = field(default=0, metadata={
+        "help": "Keep only the first N words of each title in prompts and title answers (0: "
+                "whole titles)."})
+    title_year: bool = field(default=True, metadata={
+        "help": "Keep a trailing '(1995)' in titles (false saves ~6 digit tokens per title in "
+                "byte-level tokenizers)."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System message replacing the chat template's default one (None: the template's "
+                "own; SmolLM2's costs ~20 tokens per prompt)."})
+    titles: bool = field(default=True, metadata={
+        "help": "Show item titles; false leaves each item as its item token only (the ablation "
+                "of what titles add; needs item_tokens and an index or head answer)."})
 
     def style(self) -> PromptStyle:
         """The prompt style these fields describe."""
-        return PromptStyle(answer=self.answer, item_tokens=self.item_tokens, user_token=self.user_token,
+        return PromptStyle(answer=self.answer, item_tokens=self.item_tokens,
+                           user_token=self.user_token,
                            image_tokens=self.image_tokens, title_words=self.title_words,
-                           title_year=self.title_year, system_prompt=self.system_prompt, titles=self.titles)
+                           title_year=self.title_year, system_prompt=self.system_prompt,
+                           titles=self.titles)
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:
@@ -74,7 +105,8 @@ def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Pa
     prompt = getattr(run, "prompt", None)
     unused = prompt is not None and prompt.style().needs_encoder
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available(),
                               kwargs_handlers=handlers)
     if cfg.mixed_precision == "bf16":
         warn_if_emulated_bf16("--mixed-precision bf16", accelerator.device.type)
@@ -99,8 +131,9 @@ def load_catalog(data_cfg: DataConfig, prepared: Path) -> Catalog:
     return Catalog.from_prepared(prepared, image_root=root)
 
 
-def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bool = False, limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows of ``split`` for each protocol, tagged with ``protocol``; ``limit`` keeps a seeded subset."""
+def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bool = False,
+              limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of ``split`` per protocol, tagged with ``protocol``; ``limit``: a seeded subset."""
     rows: list[dict[str, Any]] = []
     for protocol in protocols:
         part = read_rows(prepared, protocol, split, pairs=pairs)
@@ -118,8 +151,10 @@ def subsample(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dict[st
     return [rows[i] for i in sorted(order.tolist())]
 
 
-def make_collator(processor, catalog: Catalog, protocol: str, prompt_cfg: PromptConfig) -> PromptCollator:
-    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget, max_length=prompt_cfg.max_length,
+def make_collator(processor, catalog: Catalog, protocol: str,
+                  prompt_cfg: PromptConfig) -> PromptCollator:
+    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget,
+                          max_length=prompt_cfg.max_length,
                           with_images=prompt_cfg.with_images, style=prompt_cfg.style())
 
 
@@ -134,12 +169,14 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.floor(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters and a cosine schedule with linear warm-up."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
     return optimizer, cosine_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
 
 
@@ -163,14 +200,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def ranking_check(model, collator: PromptCollator, rows: list[dict], cfg: TrainConfig) -> dict[str, float]:
-    """Likelihood HR@1 on the validation ``candidates`` rows (empty when SFT trains without them)."""
+def ranking_check(model, collator: PromptCollator, rows: list[dict],
+                  cfg: TrainConfig) -> dict[str, float]:
+    """Likelihood HR@1 on the validation ``candidates`` rows (empty without such rows)."""
     from hanorec.scoring import quick_candidate_hr1
 
     rows = [r for r in rows if r.get("protocol") == "candidates"]
     if not rows:
         return {}
-    return {"eval/candidates_hr1": quick_candidate_hr1(model, collator, rows, cfg.per_device_batch_size)}
+    return {"eval/candidates_hr1": quick_candidate_hr1(model, collator, rows,
+                                                       cfg.per_device_batch_size)}
 
 
 def write_stage_report(out_dir: Path, title: str) -> None:

@@ -75,15 +75,21 @@ from hanorec.training import MicroStep, TrainConfig, train_loop
 class SFTConfig(TrainConfig):
     """The ``sft:`` section: optimisation (see TrainConfig) plus what to train on."""
 
-    sft_protocols: list[str] = field(default_factory=lambda: ["candidates", "hit1"], metadata={"help": "Protocols whose train rows are mixed into SFT (hit1, hit3, candidates, full)."})
-    max_train_examples: int = field(default=0, metadata={"help": "Use a seeded subset of this many training rows (0: all)."})
-    rank_examples: int = field(default=0, metadata={"help": "Validation `candidates` rows (users) of the periodic HR@1 check (0: the candidates rows among the eval_examples ones; -1: all)."})
+    sft_protocols: list[str] = field(default_factory=lambda: ["candidates", "hit1"], metadata={
+        "help": "Protocols whose train rows are mixed into SFT (hit1, hit3, candidates, full)."})
+    max_train_examples: int = field(default=0, metadata={
+        "help": "Use a seeded subset of this many training rows (0: all)."})
+    rank_examples: int = field(default=0, metadata={
+        "help": "Validation `candidates` rows (users) of the periodic HR@1 check (0: the "
+                "candidates rows among the eval_examples ones; -1: all)."})
 
 
 @dataclass
 class SFTRun:
-    run_dir: str = field(default="runs/demo", metadata={"help": "Run folder; this stage writes to <run_dir>/sft."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and dropout."})
+    run_dir: str = field(default="runs/demo", metadata={
+        "help": "Run folder; this stage writes to <run_dir>/sft."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of initialisation, data order and dropout."})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -99,7 +105,8 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return -logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def head_nll(model, collator: PromptCollator, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+def head_nll(model, collator: PromptCollator, rows: list[dict],
+             device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed ``−log π(target | x)`` of the ranking head over each row's candidates (or the
     catalogue), and the number of rows."""
     index = collator.catalog.index
@@ -109,15 +116,17 @@ def head_nll(model, collator: PromptCollator, rows: list[dict], device) -> tuple
     return -logps.sum(), torch.tensor(len(rows), device=logps.device)
 
 
-def sft_objective(model, collator: PromptCollator, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of the rows' supervised answers and its unit count (tokens, or rows for the head)."""
+def sft_objective(model, collator: PromptCollator, rows: list[dict],
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the rows' supervised answers and its unit count (tokens; rows for the head)."""
     if collator.style.answer == "head":
         return head_nll(model, collator, rows, device)
     return token_nll(model, to_device(collator.encode_pairs(rows), device))
 
 
 @torch.no_grad()
-def validation(model, collator: PromptCollator, rows: list[dict], rank_rows: list[dict], batch_size: int,
+def validation(model, collator: PromptCollator, rows: list[dict], rank_rows: list[dict],
+               batch_size: int,
                device) -> dict[str, float]:
     """Unit-mean NLL on the validation rows and HR@1 (the read-out's scores) on ``rank_rows``.
 
@@ -153,7 +162,8 @@ def _head_validation(model, collator: PromptCollator, rows: list[dict], rank_row
         losses.extend(np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(part)), targets])
     out = {"eval/loss": float(np.mean(losses))}
     if rank_rows:
-        scores = head_candidate_scores(model, collator, rank_rows, batch_size=batch_size, progress=False,
+        scores = head_candidate_scores(model, collator, rank_rows, batch_size=batch_size,
+                                       progress=False,
                                        state_cache=cache)
         ranks = target_ranks(scores, [int(r["target_index"]) for r in rank_rows])
         out["eval/candidates_hr1"] = float(np.mean(ranks == 1))
@@ -167,7 +177,8 @@ def training_rows(prepared, run: SFTRun, catalog, collab) -> list[dict]:
     if collab is not None and collab.holdout > 0 and run.collab.collab_rows == "heldout":
         rows = [r for r in rows if collab.is_heldout(r, catalog.index)]
         if not rows:
-            raise ValueError("collab.collab_rows: heldout left no training row (is collab_holdout larger than 0 "
+            raise ValueError("collab.collab_rows: heldout left no training row (is "
+                             "collab_holdout larger than 0 "
                              "and the train split complete?)")
     return subsample(rows, run.sft.max_train_examples, run.seed)
 
@@ -181,16 +192,20 @@ def main(argv: list[str] | None = None) -> Path:
     # Data: prepared once, rows of every SFT protocol, a fixed validation subset.
     prepared = prepare_data(run.data, accelerator)
     catalog = load_catalog(run.data, prepared)
-    val_rows = load_rows(prepared, cfg.sft_protocols, "validation", limit=cfg.eval_examples, seed=run.seed)
+    val_rows = load_rows(prepared, cfg.sft_protocols, "validation", limit=cfg.eval_examples,
+                         seed=run.seed)
     rank_rows = [r for r in val_rows if r["protocol"] == "candidates"]
     if cfg.rank_examples and "candidates" in cfg.sft_protocols:
-        rank_rows = load_rows(prepared, ["candidates"], "validation", limit=max(cfg.rank_examples, 0), seed=run.seed)
+        rank_rows = load_rows(prepared, ["candidates"], "validation",
+                              limit=max(cfg.rank_examples, 0), seed=run.seed)
 
     # Model: backbone + LoRA (or QLoRA / full) + the item encoder the prompt style needs,
     # AdamW + cosine schedule.
     model, processor = load_backbone(run.model, for_training=True)
-    _, collab = attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(), run.collab,
-                                  with_images=run.prompt.with_images, progress=accelerator.is_main_process)
+    _, collab = attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(),
+                                  run.collab,
+                                  with_images=run.prompt.with_images,
+                                  progress=accelerator.is_main_process)
     train_rows = training_rows(prepared, run, catalog, collab)
     collator = make_collator(processor, catalog, cfg.sft_protocols[0], run.prompt)
     training = prepare_training(accelerator, model, cfg, len(train_rows), seed=run.seed,

@@ -45,25 +45,42 @@ if TYPE_CHECKING:
 class TrainConfig:
     """Optimisation settings shared by every training stage."""
 
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (HaNoRec: 1e-4 with LoRA)."})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "Peak AdamW learning rate (HaNoRec: 1e-4 with LoRA)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    num_epochs: float = field(default=1.0, metadata={"help": "Training epochs (fractions allowed); ignored when max_steps > 0."})
-    max_steps: int = field(default=0, metadata={"help": "Optimizer steps to run; 0 means num_epochs worth."})
-    per_device_batch_size: int = field(default=2, metadata={"help": "Examples per process per micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps with linear warm-up before the cosine decay."})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "Mixed precision (bf16/fp16 need hardware that has it)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate on the validation split every N optimizer steps (0: only at the end)."})
-    eval_examples: int = field(default=64, metadata={"help": "Validation examples used by the periodic evaluation (0: all)."})
-    save_every: int = field(default=0, metadata={"help": "Write a checkpoint every N optimizer steps (0: only at the end)."})
-    keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep on disk (oldest deleted first)."})
-    early_stopping_patience: int = field(default=0, metadata={"help": "Stop after N evaluations without improvement of the validation loss (0: off)."})
-    log_every: int = field(default=1, metadata={"help": "Write training metrics every N optimizer steps."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the newest complete checkpoint in the run directory."})
-    debug_gradients_path: str | None = field(default=None, metadata={"help": "Write the (process-averaged) gradients of the first optimizer step to this safetensors file and continue; used by the distributed-equivalence test."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Gradient clipping norm (0 disables)."})
+    num_epochs: float = field(default=1.0, metadata={
+        "help": "Training epochs (fractions allowed); ignored when max_steps > 0."})
+    max_steps: int = field(default=0, metadata={
+        "help": "Optimizer steps to run; 0 means num_epochs worth."})
+    per_device_batch_size: int = field(default=2, metadata={
+        "help": "Examples per process per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step."})
+    warmup_ratio: float = field(default=0.05, metadata={
+        "help": "Fraction of steps with linear warm-up before the cosine decay."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
+        "help": "Mixed precision (bf16/fp16 need hardware that has it)."})
+    eval_every: int = field(default=0, metadata={
+        "help": "Evaluate on the validation split every N optimizer steps (0: only at the end)."})
+    eval_examples: int = field(default=64, metadata={
+        "help": "Validation examples used by the periodic evaluation (0: all)."})
+    save_every: int = field(default=0, metadata={
+        "help": "Write a checkpoint every N optimizer steps (0: only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "How many checkpoints to keep on disk (oldest deleted first)."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "Stop after N evaluations without improvement of the validation loss (0: off)."})
+    log_every: int = field(default=1, metadata={
+        "help": "Write training metrics every N optimizer steps."})
+    resume: bool = field(default=False, metadata={
+        "help": "Resume from the newest complete checkpoint in the run directory."})
+    debug_gradients_path: str | None = field(default=None, metadata={
+        "help": "Write the (process-averaged) gradients of the first optimizer step to this "
+                "safetensors file and continue; used by the distributed-equivalence test."})
 
     def __post_init__(self) -> None:
         for name, ok, message in self._train_checks():
@@ -112,7 +129,8 @@ class EpochBatches:
     (the requirement for exact gradient averaging across processes).
     """
 
-    def __init__(self, num_examples: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int, rank: int = 0,
+                 world: int = 1, shuffle: bool = True):
         if num_examples < batch_size * world:
             raise ValueError(
                 f"{num_examples} training examples cannot fill one global batch of "
@@ -143,7 +161,8 @@ class EpochBatches:
 # --------------------------------------------------------------------------- schedule
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the peak, then cosine decay to zero at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -190,14 +209,16 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
+            kept = [ln for ln in self.path.read_text(errors="replace").splitlines()
+                    if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3)}
-        row.update({k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in values.items()})
+        row.update({k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
+                    for k, v in values.items()})
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -216,7 +237,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def batch_stream(order: EpochBatches, position: LoopPosition) -> Iterator[tuple[int, int, list[int]]]:
+def batch_stream(order: EpochBatches,
+                 position: LoopPosition) -> Iterator[tuple[int, int, list[int]]]:
     """Endless (epoch, batch index, ids) from the saved data position onwards."""
     epoch, start = position.epoch, position.batch_in_epoch
     while True:
@@ -288,7 +310,8 @@ class LoopResult:
     validation: dict[str, float]
 
 
-def train_loop(run: Training, step_fn: StepFn, *, validate: Callable[[], dict[str, float]] | None = None,
+def train_loop(run: Training, step_fn: StepFn, *,
+               validate: Callable[[], dict[str, float]] | None = None,
                before_step: Callable[[int], dict[str, float]] | None = None,
                desc: str = "train") -> LoopResult:
     """Run ``run.steps`` optimizer steps of ``step_fn`` from the resumed position.
@@ -371,7 +394,8 @@ class _Clock:
         return time.time() - self.started - self.eval_seconds
 
 
-def _optimizer_step_of(run: Training, step_fn: StepFn, batches: Iterator[tuple[int, int, list[int]]],
+def _optimizer_step_of(run: Training, step_fn: StepFn,
+                       batches: Iterator[tuple[int, int, list[int]]],
                        position: LoopPosition,
                        before_step: Callable[[int], dict[str, float]] | None) -> dict[str, float]:
     """One optimizer step: its micro-batches, backward, the update; returns the step's values."""
@@ -400,7 +424,8 @@ def _optimizer_step_of(run: Training, step_fn: StepFn, batches: Iterator[tuple[i
 def _progress(run: Training, position: LoopPosition, clock: _Clock) -> dict[str, float]:
     """Where the run is: epochs, examples seen, training seconds."""
     return {"train/epoch": position.epoch + position.batch_in_epoch / len(run.order),
-            "train/examples": position.step * run.cfg.gradient_accumulation_steps * run.order.global_batch,
+            "train/examples": position.step * run.cfg.gradient_accumulation_steps
+            * run.order.global_batch,
             "train/seconds": clock.training()}
 
 
@@ -440,7 +465,7 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module,
 
 
 def save_gradients(model: torch.nn.Module, path: str | Path) -> None:
-    """Write the current gradients of the trainable parameters (the distributed-equivalence check)."""
+    """Write the gradients of the trainable parameters (the distributed-equivalence check)."""
     from safetensors.torch import save_file
 
     grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters()

@@ -137,8 +137,10 @@ def _edges(sources: Iterator[str] | list[str], targets: set[str]) -> list[str]:
 
 def test_the_walk_sees_the_package():
     """A sanity check of the walker: known modules, entry points and edges are found."""
-    assert {"hanorec.sft", "hanorec.losses.hars", "hanorec.report", "hanorec.data.known"} <= set(MODULES)
-    assert {"hanorec.sft", "hanorec.dpo", "hanorec.report.__main__", "hanorec.data.__main__"} <= set(ENTRIES)
+    assert {"hanorec.sft", "hanorec.losses.hars", "hanorec.report",
+            "hanorec.data.known"} <= set(MODULES)
+    assert {"hanorec.sft", "hanorec.dpo", "hanorec.report.__main__",
+            "hanorec.data.__main__"} <= set(ENTRIES)
     assert "hanorec.training" in GRAPH["hanorec.sft"]
     assert "hanorec.losses.hars" in GRAPH["hanorec.losses"]
 
@@ -188,12 +190,14 @@ def test_every_entry_point_answers_help_with_exit_0():
         "codes = {}\n"
         "for argv in json.loads(sys.argv[1]):\n"
         "    sys.argv = list(argv)\n"
-        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
         "        try:\n"
         "            runpy.run_module(argv[0], run_name='__main__', alter_sys=True)\n"
         "            code = 0\n"
         "        except SystemExit as exit:\n"
-        "            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)\n"
+        "            code = exit.code if isinstance(exit.code, int) else int(exit.code is not "
+        "None)\n"
         "    codes[' '.join(argv)] = code\n"
         "print(json.dumps(codes))\n"
     )

@@ -19,7 +19,8 @@ SUBCOMMAND = {"hanorec.bpo": ["generate"]}  # entry points whose flags live unde
 # Sections several stages read, all optional (their defaults apply); a stage's own section
 # (sft, dpo, ...) decides whether a recipe is meant for it.
 SHARED_SECTIONS = {"data", "model", "prompt", "collab"}
-for optional, name in (("hanorec.evaluate", "EvalRun"), ("hanorec.recpo", "RecPORun"), ("hanorec.bpo", "BPORun")):
+for optional, name in (("hanorec.evaluate", "EvalRun"), ("hanorec.recpo", "RecPORun"),
+                       ("hanorec.bpo", "BPORun")):
     if (ROOT / (optional.replace(".", "/") + ".py")).exists():
         ENTRY_POINTS[optional] = name
 
@@ -46,7 +47,8 @@ def test_recipe_parses_for_every_entry_point_that_reads_it(path):
     parsed = 0
     for module in ENTRY_POINTS:
         run_cls = _run_class(module)
-        sections = {f.name for f in dataclasses.fields(run_cls) if dataclasses.is_dataclass(typing.get_type_hints(run_cls)[f.name])}
+        sections = {f.name for f in dataclasses.fields(run_cls)
+                    if dataclasses.is_dataclass(typing.get_type_hints(run_cls)[f.name])}
         if sections - SHARED_SECTIONS <= set(raw):
             recipe.from_yaml_dict(run_cls, raw, str(path))
             parsed += 1

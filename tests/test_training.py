@@ -1,4 +1,5 @@
-"""Loop plumbing: data order, schedule, atomic checkpoints, exact RNG/optimizer restore, metrics log."""
+"""Loop plumbing: data order, schedule, atomic checkpoints, exact RNG/optimizer restore, metrics
+log."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def _tiny_training_state():
 def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path):
     model, opt, sched = _tiny_training_state()
     manager = CheckpointManager(tmp_path, keep=2)
-    path = manager.save(model, opt, sched, LoopPosition(step=3, epoch=1, batch_in_epoch=2, extra={"best": 1.5}))
+    path = manager.save(model, opt, sched,
+                        LoopPosition(step=3, epoch=1, batch_in_epoch=2, extra={"best": 1.5}))
     assert path.name == "checkpoint-3" and (path / "trainable.safetensors").is_file()
     expected_next = torch.rand(3)
 
@@ -96,7 +98,8 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path
             p.add_(1.0)
     pos = CheckpointManager.load(path, fresh, fresh_opt, fresh_sched)
     assert (pos.step, pos.epoch, pos.batch_in_epoch, pos.extra) == (3, 1, 2, {"best": 1.5})
-    assert torch.equal(fresh[1].weight, model[1].weight) and torch.equal(fresh[0].bias, model[0].bias)
+    assert torch.equal(fresh[1].weight,
+                       model[1].weight) and torch.equal(fresh[0].bias, model[0].bias)
     assert not torch.equal(fresh[0].weight, model[0].weight)  # frozen: not in the checkpoint
     assert fresh_sched.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
     s_new, s_old = fresh_opt.state_dict()["state"], opt.state_dict()["state"]

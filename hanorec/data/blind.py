@@ -76,7 +76,7 @@ def write_blind_dataset(records: Sequence[Mapping[str, Any]], out_dir: str | Pat
 
 
 def blind_negative(record: Mapping[str, Any] | None, row: Mapping[str, Any]) -> str | None:
-    """The negative a pair row gets from its blind record: the item, or free text on general rows."""
+    """The negative a pair row gets from its blind record: the item (or general rows' text)."""
     if record is None or record["status"] == "chosen":
         return None
     if record["blind_item"] is not None:
@@ -122,7 +122,8 @@ def mix_blind_negatives(rows: list[dict[str, Any]], path: str | Path, *, ratio: 
         raise ValueError(f"blind_ratio must be in [0, 1], got {ratio}")
     found = _read_records(path, rows)
     negatives = [blind_negative(rec, row) for rec, row in zip(found, rows)]
-    already = [i for i, neg in enumerate(negatives) if neg is not None and neg in rows[i]["rejected"]]
+    already = [i for i,
+               neg in enumerate(negatives) if neg is not None and neg in rows[i]["rejected"]]
     usable = [i for i, neg in enumerate(negatives) if neg is not None and i not in set(already)]
     take = round(ratio * len(usable))
     order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:take]

@@ -29,7 +29,8 @@ class Catalog:
             are relative to.
     """
 
-    def __init__(self, item_ids: list[str], titles: list[str], images: list[str | None] | None = None,
+    def __init__(self, item_ids: list[str], titles: list[str],
+                 images: list[str | None] | None = None,
                  image_root: str | Path | None = None, placeholder: str | Path | None = None,
                  item_noun: str = "item", genres: list[list[str]] | None = None,
                  prepared_dir: str | Path | None = None) -> None:
@@ -43,7 +44,8 @@ class Catalog:
         self.index = {item_id: i for i, item_id in enumerate(self.item_ids)}
 
     @classmethod
-    def from_prepared(cls, prepared_dir: str | Path, image_root: str | Path | None = None) -> Catalog:
+    def from_prepared(cls, prepared_dir: str | Path,
+                      image_root: str | Path | None = None) -> Catalog:
         """Load ``items/`` (image root and noun from ``manifest.json`` unless overridden)."""
         prepared = Path(prepared_dir)
         columns = read_items(prepared).to_dict()

@@ -116,7 +116,8 @@ def training_sequences(train_rows: Sequence[dict[str, Any]], valid: SplitArrays,
     return sequences, fallbacks
 
 
-def test_inputs(sequences: list[list[int]], valid: SplitArrays, test: SplitArrays) -> list[list[int]]:
+def test_inputs(sequences: list[list[int]], valid: SplitArrays,
+                test: SplitArrays) -> list[list[int]]:
     """Training sequence + validation target per test user (the row history if it disagrees)."""
     position = {user: u for u, user in enumerate(valid.user_ids)}
     inputs = []
@@ -142,10 +143,12 @@ def prepared_protocol(prepared_dir: Path) -> str:
     for protocol in REBUILD_PROTOCOLS:
         if (Path(prepared_dir) / protocol).is_dir():
             return protocol
-    raise ValueError(f"{prepared_dir}: no prepared protocol folder ({', '.join(REBUILD_PROTOCOLS)})")
+    raise ValueError(f"{prepared_dir}: no prepared protocol folder "
+                     f"({', '.join(REBUILD_PROTOCOLS)})")
 
 
-def known_sequences(prepared: Path, split: str, protocol: str | None = None) -> tuple[dict[str, list[int]], int]:
+def known_sequences(prepared: Path, split: str,
+                    protocol: str | None = None) -> tuple[dict[str, list[int]], int]:
     """Each user's item indices before the ``split`` target, rebuilt from the train rows.
 
     validation → the training sequence; test → training sequence + validation target.

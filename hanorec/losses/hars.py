@@ -204,7 +204,7 @@ def reward_margins(
     ref_chosen: Tensor | None = None,
     ref_rejected: Tensor | None = None,
 ) -> Tensor:
-    """Implicit reward margins ``h_i = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]``.
+    """Implicit reward margins ``h_i = r(y_w) − r(y_l)``, ``r(y) = log π(y) − log π_ref(y)``.
 
     With K negatives (``rejected`` ``[B, K]``) the rejected term is the mean over them; without
     a reference (``None``) ``log π_ref ≡ 0``. Detached: η takes no gradient.

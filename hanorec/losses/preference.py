@@ -33,7 +33,8 @@ def _pair(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor) -> tuple[Tensor, T
     return (chosen_r - rejected_r)[:, 0], beta[:, 0]
 
 
-def _sigmoid(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma: float) -> Tensor:
+def _sigmoid(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float,
+             gamma: float) -> Tensor:
     """DPO ``−log σ(βh)``; cDPO with ε: ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``."""
     h, beta = _pair(chosen_r, rejected_r, beta)
     return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)

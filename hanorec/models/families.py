@@ -70,7 +70,8 @@ def backbone_family(model: nn.Module) -> str:
     """
     family = unwrap(model).config.model_type
     if family not in FAMILIES:
-        raise ValueError(f"unsupported backbone model_type {family!r}; supported: {sorted(FAMILIES)}")
+        raise ValueError(f"unsupported backbone model_type {family!r}; supported: "
+                         f"{sorted(FAMILIES)}")
     return family
 
 
@@ -142,5 +143,6 @@ def image_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tor
         return [f.reshape(-1, f.shape[-1]) for f in pooled]
     flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled])
     cfg = base.config
-    per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor**2
+    per_image = (cfg.vision_config.image_size
+                 // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor**2
     return list(flat.split(per_image))

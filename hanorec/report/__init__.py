@@ -30,11 +30,13 @@ from typing import Any
 __all__ = ["load_training_log", "plot_metric_bars", "plot_training_curves", "pyplot",
            "try_write_report", "write_report"]
 
-PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
+# known groups first, the rest alphabetical
+PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")
 #: Bookkeeping fields of a metrics.jsonl record (counters and clocks, not curves of the run).
 NOT_CURVES = frozenset({"step", "time", "epoch", "train/epoch", "train/examples", "train/seconds",
                         "eval/seconds"})
-OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}  # scales unlike the loss's
+# scales unlike the loss's
+OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}
 MetricTable = Mapping[str, Mapping[str, Any]]  # run -> metric -> {mean, low, high} or (m, l, h)
 
 
@@ -108,7 +110,9 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> list[str]
         return None
     plt = pyplot()
     fig, axes = plt.subplots(len(groups), 1, figsize=(7, 2.6 * len(groups)), squeeze=False)
-    order = sorted(groups, key=lambda g: (PANEL_ORDER.index(g) if g in PANEL_ORDER else len(PANEL_ORDER), g))
+    order = sorted(groups,
+                   key=lambda g: (PANEL_ORDER.index(g) if g in PANEL_ORDER else len(PANEL_ORDER),
+                                  g))
     for axis, group in zip(axes[:, 0], order):
         keys = groups[group]
         for key, (steps, values) in sorted(keys.items()):
@@ -131,7 +135,8 @@ def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
     width = 0.8 / max(len(runs), 1)
     many = len(runs) > 4  # legend beside the axes, one distinct colour per run (tab20 beyond 10)
     colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
-    fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * max(1, len(runs)) ** 0.5) + (3.5 if many else 0), 3.6))
+    fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * max(1, len(runs)) ** 0.5)
+                                      + (3.5 if many else 0), 3.6))
     for r, run in enumerate(runs):
         xs, means, errors = [], [], [[], []]
         for m, metric in enumerate(metrics):
@@ -142,7 +147,8 @@ def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
             means.append(mean)
             errors[0].append(max(mean - low, 0.0))
             errors[1].append(max(high - mean, 0.0))
-        axis.bar(xs, means, width=width, yerr=errors, capsize=3, label=run, color=colors[r % len(colors)])
+        axis.bar(xs, means, width=width, yerr=errors, capsize=3, label=run,
+                 color=colors[r % len(colors)])
     axis.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right")
     axis.set_ylabel("mean (95% interval)")
     axis.grid(axis="y", alpha=0.3)
@@ -225,7 +231,8 @@ def write_report(
     if log_path.exists():
         groups = plot_training_curves(load_training_log(log_path), plots / "training_curves.png")
         if groups:
-            lines += ["## Training curves", "", f"Panels: {', '.join(groups)} (from `metrics.jsonl`).",
+            lines += ["## Training curves", "",
+                      f"Panels: {', '.join(groups)} (from `metrics.jsonl`).",
                       "", "![training curves](plots/training_curves.png)", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
