@@ -63,6 +63,7 @@ from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
 from hanorec.data.config import PROTOCOLS, DataConfig
 from hanorec.data.known import known_items, known_sequences
+from hanorec.forward import MODES
 from hanorec.metrics import (
     PROTOCOL_KS,
     answer_validity,
@@ -124,7 +125,7 @@ class EvalConfig:
         "help": "Output folder <run_dir>/eval/<name>; default the checkpoint's stage (sft, dpo)."})
     length_normalize: bool = field(default=False, metadata={
         "help": "Score candidates by the mean token log-prob of their title instead of the sum."})
-    scoring_mode: Literal["auto", "kv", "packed", "duplicate"] = field(default="auto", metadata={
+    scoring_mode: Literal[MODES] = field(default="auto", metadata={  # type: ignore[valid-type]
         "help": "Shared-prompt path of hanorec.forward.score_candidates (kv: one prompt pass, "
                 "candidates branch from its KV cache; duplicate: one sequence per candidate)."})
     candidates_per_pass: int = field(default=0, metadata={

@@ -31,6 +31,7 @@ from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.blind import mix_blind_negatives
 from hanorec.data.catalog import Catalog
 from hanorec.data.prepare import prepare
+from hanorec.forward import MODES
 from hanorec.losses import HARDNESS_MODES, LOSS_TYPES, loss_help
 from hanorec.readout import answer_logps
 from hanorec.runtime import load_catalog, load_rows, prepare_data
@@ -74,7 +75,7 @@ class DPOConfig(TrainConfig):
     sft_weight: float = field(default=0.0, metadata={
         "help": "Weight of an NLL term on the chosen response added to the loss (RPO, Pang et "
                 "al. 2024)."})
-    forward_mode: Literal["auto", "kv", "packed", "duplicate"] = field(default="auto", metadata={
+    forward_mode: Literal[MODES] = field(default="auto", metadata={  # type: ignore[valid-type]
         "help": "Shared-prompt forward: kv (KV-cache expansion), packed (block mask, for "
                 "gradient checkpointing), duplicate (the prompt once per response, as TRL "
                 "does), auto."})

@@ -64,7 +64,7 @@ from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.data.known import known_items, known_sequences
 from hanorec.item_features import attach_for_recipe
-from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
+from hanorec.losses import ADVANTAGES, clipped_surrogate, group_advantages, recpo_rewards
 from hanorec.metrics import PROTOCOL_KS, full_ranking, history_mask, match_answer
 from hanorec.models.config import ModelConfig
 from hanorec.models.lineage import export_model, load_policy_from_sft
@@ -126,7 +126,7 @@ class RecPOConfig(TrainConfig):
         "help": "w of the fused reward (1−w)·NDCG@k + w·softmax(s)[target] (R²ec: 0.05)."})
     reward_ndcg_k: int = field(default=1000, metadata={
         "help": "NDCG cut-off k of the reward (R²ec: 1000), capped at the catalogue size."})
-    advantage: Literal["gaussian", "leave_one_out"] = field(default="gaussian", metadata={
+    advantage: Literal[ADVANTAGES] = field(default="gaussian", metadata={  # type: ignore[valid-type]
         "help": "Group advantages: GRPO (R − mean)/(std + 1e-8) or RLOO leave-one-out."})
     clip_eps_low: float = field(default=0.2, metadata={
         "help": "Lower clip ε_low of the surrogates (DAPO: 0.2)."})

@@ -26,7 +26,7 @@ from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prepare import prepare
 from hanorec.data.prepared import read_rows
-from hanorec.data.prompts import PromptStyle
+from hanorec.data.prompts import ANSWER_MODES, IMAGE_TOKEN_MODES, PromptStyle
 from hanorec.report import try_write_report
 from hanorec.training import EpochBatches, TrainConfig, Training, cosine_with_warmup
 
@@ -44,7 +44,7 @@ class PromptConfig:
     with_images: bool = field(default=True, metadata={
         "help": "Render images; false gives the text-only (blind) prompts used by the `SFT "
                 "text-only` ablation and BPO."})
-    answer: Literal["title", "index", "head"] = field(default="title", metadata={
+    answer: Literal[ANSWER_MODES] = field(default="title", metadata={  # type: ignore[valid-type]
         "help": "Read-out of the model's choice: `title` = the item's title as the response "
                 "(its log-likelihood scores it), `index` = candidates listed with letters and "
                 "the single label token as the response (LlamaRec, Yue et al. 2023: every "
@@ -59,7 +59,7 @@ class PromptConfig:
     user_token: bool = field(default=False, metadata={
         "help": "A user token after the history: the recommender's sequence state over the "
                 "history shown, projected (A-LLMRec, Kim et al. KDD 2024). Needs item_tokens."})
-    image_tokens: Literal["full", "pooled"] = field(default="full", metadata={
+    image_tokens: Literal[IMAGE_TOKEN_MODES] = field(default="full", metadata={  # type: ignore[valid-type]
         "help": "`full`: every image through the vision tower, one token per vision feature; "
                 "`pooled`: one token per image, the mean of its vision features computed once "
                 "per item (vision tower and projector frozen)."})

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hanorec.collate import PromptCollator
-from hanorec.data.prompts import PLACEHOLDERS, Prompt
+from hanorec.data.prompts import ANSWERS, PLACEHOLDERS, Prompt
 from hanorec.forward import score_candidates
 from hanorec.hardware import warn_if_emulated_bf16
 from hanorec.losses import IGNORE_INDEX, sequence_logps
@@ -49,7 +49,7 @@ from hanorec.metrics import target_ranks
 from hanorec.readout import final_states, require_encoder, score_states
 
 Row = Mapping[str, Any]
-YES_NO = ("Yes", "No")
+YES_NO = ANSWERS  # the two hit1 responses, in the order the log-odds subtract them
 
 __all__ = [
     "candidate_scores",

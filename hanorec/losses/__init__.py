@@ -48,9 +48,10 @@ from hanorec.losses.preference import (
     preference_loss,
     preference_metrics,
 )
-from hanorec.losses.recpo import clipped_surrogate, group_advantages, recpo_rewards
+from hanorec.losses.recpo import ADVANTAGES, clipped_surrogate, group_advantages, recpo_rewards
 
 __all__ = [
+    "ADVANTAGES",
     "HARDNESS_MODES",
     "IGNORE_INDEX",
     "LOSSES",
