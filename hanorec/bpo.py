@@ -2,8 +2,8 @@
 
     python -m hanorec.bpo generate --config configs/demo.yaml --checkpoint runs/demo/sft/final \\
         [--bpo-out runs/demo/bpo/blind]
-    accelerate launch -m hanorec.dpo --config configs/demo.yaml --blind-negatives
-    runs/demo/bpo/blind
+    accelerate launch -m hanorec.dpo --config configs/demo.yaml \\
+        --blind-negatives runs/demo/bpo/blind
 
 BPO's idea: an MLLM that can answer as well **without** looking at the image relies on its
 language prior, not on the image. The model answers every preference prompt with its images

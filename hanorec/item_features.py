@@ -13,7 +13,7 @@ fills it for one recipe (the ``prompt:`` and ``collab:`` sections):
   (:func:`hanorec.hardness.image_embeddings`) — the vision tower and its projector are then
   frozen by construction, and a poster costs one token.
 
-A trained encoder travels with the stage's ``final/`` folder (:mod:`hanorec.runtime`), so
+A trained encoder travels with the stage's ``final/`` folder (:mod:`hanorec.models.lineage`), so
 evaluation and later stages reload it rather than rebuild it.
 """
 

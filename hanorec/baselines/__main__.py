@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m hanorec.baselines --prepared-dir data/prepared --protocol candidates --out
-    runs/baselines
+    python -m hanorec.baselines --prepared-dir data/prepared --protocol candidates \\
+        --out runs/baselines
 
 Reads the prepared ``datasets`` of ``docs/architecture.md`` (``items/`` and
 ``<protocol>/{train,validation,test}``) and writes, per model, ``OUT/<model>/per_user.jsonl``
