@@ -12,8 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 
 help:
 	@echo "make demo   - set up, then run the pipeline end to end on MovieLens-100K"
-	@echo "make test   - set up, then run the test suite"
-	@echo "make lint   - ruff"
+	@echo "make test   - set up, lint, then run the test suite"
+	@echo "make lint   - ruff (line length 100, imports, pyflakes, bugbear)"
 	@echo "make bench  - speed benchmarks (prints tables)"
 
 # The virtual environment, with every version pinned by requirements/constraints.txt.
@@ -41,14 +41,14 @@ $(HANOREC_CACHE)/models/.smollm2-ready: $(VENV)/.installed
 
 models: $(HANOREC_CACHE)/models/.smollm2-ready
 
-test: setup data models
+test: setup data models lint
 	$(PY) -m pytest -q
 
 demo: setup data
 	bash recipes/demo.sh
 
 lint: setup
-	$(PY) -m ruff check hanorec tests benchmarks
+	$(PY) -m ruff check hanorec tests benchmarks examples
 
 bench: setup data
 	$(PY) benchmarks/preference_step.py

@@ -73,18 +73,25 @@ def compare(run_root: Path, eval_dir: Path, baselines: Path) -> list[dict[str, A
 
 def write(run_root: Path, summary: dict[str, Any], publish: bool) -> None:
     lines = [f"# One CPU hour of SFT on MovieLens-100K ({summary['machine']})", "",
-             f"Recipe `{summary['config']}`; SFT wall time {summary['timings'].get('sft', summary['sft_seconds']):.0f} s "
-             f"(recommender {summary['collab_seconds']:.0f} s of it), {summary['sft_steps']} steps, "
+             f"Recipe `{summary['config']}`; SFT wall time "
+             f"{summary['timings'].get('sft', summary['sft_seconds']):.0f} s "
+             f"(recommender {summary['collab_seconds']:.0f} s of it), {summary['sft_steps']} "
+             "steps, "
              f"{summary['train_examples']} examples; test evaluation of all four protocols "
-             f"{summary['eval_seconds']:.0f} s ({summary['candidates_seconds']:.0f} s for `candidates`).", "",
+             f"{summary['eval_seconds']:.0f} s ({summary['candidates_seconds']:.0f} s for "
+             "`candidates`).", "",
              "| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, values in summary["models"].items():
         lines.append(f"| {name} | " + " | ".join(
-            f"{values[m]['mean']:.3f} [{values[m]['low']:.3f}, {values[m]['high']:.3f}]" for m in METRICS) + " |")
-    lines += ["", "Paired over the 943 test users (MLLM − baseline, 95% bootstrap interval, Wilcoxon p):", "",
+            f"{values[m]['mean']:.3f} [{values[m]['low']:.3f}, {values[m]['high']:.3f}]"
+            for m in METRICS) + " |")
+    lines += ["",
+              "Paired over the 943 test users (MLLM − baseline, 95% bootstrap interval, "
+              "Wilcoxon p):", "",
               "| against | metric | difference | p (Wilcoxon) |", "|---|---|---|---:|"]
     for row in summary["comparisons"]:
-        lines.append(f"| {row['against']} | {row['metric']} | {row['diff']:+.3f} [{row['diff_low']:+.3f}, "
+        lines.append(f"| {row['against']} | {row['metric']} | {row['diff']:+.3f} "
+                     f"[{row['diff_low']:+.3f}, "
                      f"{row['diff_high']:+.3f}] | {row['p_wilcoxon']:.2g} |")
     text = "\n".join(lines) + "\n"
     (run_root / "cpu_hour.md").write_text(text)
@@ -92,16 +99,20 @@ def write(run_root: Path, summary: dict[str, Any], publish: bool) -> None:
     print(text)
     if publish:
         for suffix in ("md", "json"):
-            shutil.copy(run_root / f"cpu_hour.{suffix}", ROOT / "benchmarks" / "results" / f"cpu_hour.{suffix}")
+            shutil.copy(run_root / f"cpu_hour.{suffix}",
+                        ROOT / "benchmarks" / "results" / f"cpu_hour.{suffix}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/ml100k-smollm2.yaml")
     parser.add_argument("--run-root", default="runs/cpu-hour")
-    parser.add_argument("--publish", action="store_true", help="Copy the results to benchmarks/results/.")
+    parser.add_argument("--publish", action="store_true",
+                        help="Copy the results to benchmarks/results/.")
     parser.add_argument("--keep-recommender", action="store_true",
-                        help="Reuse a cached collaborative recommender (default: train it inside the timed SFT stage).")
+                        help="Reuse a cached collaborative recommender (default: train it "
+                             "inside the timed SFT stage).")
     parser.add_argument("extra", nargs="*", help="More hanorec.sft flags (after --).")
     args = parser.parse_args(argv)
     from hanorec import config as recipe
@@ -110,12 +121,14 @@ def main(argv: list[str] | None = None) -> None:
 
     run_root = Path(args.run_root)
     run_root.mkdir(parents=True, exist_ok=True)
-    run = recipe.parse(SFTRun, ["--config", args.config, *args.extra], prog="cpu_hour", description="")
+    run = recipe.parse(SFTRun, ["--config", args.config, *args.extra], prog="cpu_hour",
+                       description="")
     prepared = run.data.path(run.data.output_dir)
     timing_file = run_root / "timings.json"
     timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     common = ["--config", args.config, "--run-dir", str(run_root)]
-    stage("prepare", ["hanorec.data", "prepare", "--config", args.config], prepared / "manifest.json", timings)
+    stage("prepare", ["hanorec.data", "prepare", "--config", args.config],
+          prepared / "manifest.json", timings)
     if not args.keep_recommender and not (run_root / "sft" / "summary.json").is_file():
         from hanorec.collab import CACHE_FOLDER, cache_key
 
@@ -124,25 +137,36 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(cached)  # the SFT stage's timing includes training the recommender
     stage("sft", ["hanorec.sft", *common, *args.extra], run_root / "sft" / "summary.json", timings)
     eval_dir = run_root / "eval" / "test"
-    stage("evaluate", ["hanorec.evaluate", *common, "--name", "test", "--checkpoint", str(run_root / "sft" / "final"),
-                       "--eval-protocols", "candidates,hit3,hit1,full", "--bootstrap-resamples", "2000"],
+    stage("evaluate",
+          ["hanorec.evaluate", *common, "--name", "test", "--checkpoint",
+           str(run_root / "sft" / "final"),
+                       "--eval-protocols", "candidates,hit3,hit1,full", "--bootstrap-resamples",
+                       "2000"],
           eval_dir / "summary.json", timings)
     baselines = run_root / "baselines"
-    stage("baselines", ["hanorec.baselines", "--prepared-dir", str(prepared), "--protocol", "candidates",
-                        "--out", str(baselines), "--n-resamples", "2000"], baselines / "sasrec" / "summary.json", timings)
+    stage("baselines",
+          ["hanorec.baselines", "--prepared-dir", str(prepared), "--protocol", "candidates",
+                        "--out", str(baselines), "--n-resamples", "2000"],
+                        baselines / "sasrec" / "summary.json", timings)
     timing_file.write_text(json.dumps(timings, indent=2))
     sft_summary = json.loads((run_root / "sft" / "summary.json").read_text())
     evaluation = json.loads((eval_dir / "summary.json").read_text())
-    models = {"Most popular": json.loads((baselines / "popularity" / "summary.json").read_text())["metrics"],
-              "SASRec (whole sequence)": json.loads((baselines / "sasrec" / "summary.json").read_text())["metrics"],
+    models = {"Most popular": json.loads((baselines / "popularity"
+                                          / "summary.json").read_text())["metrics"],
+              "SASRec (whole sequence)": json.loads((baselines / "sasrec"
+                                                     / "summary.json").read_text())["metrics"],
               "smollm2-llava SFT (this recipe)": evaluation["protocols"]["candidates"]["metrics"]}
     summary = {"config": args.config, "machine": describe_machine(), "timings": timings,
                "sft_seconds": sft_summary["seconds"], "sft_steps": sft_summary["steps"],
-               "train_examples": sft_summary["steps"] * run.sft.per_device_batch_size * run.sft.gradient_accumulation_steps,
+               "train_examples": sft_summary["steps"] * run.sft.per_device_batch_size
+               * run.sft.gradient_accumulation_steps,
                "collab_seconds": (sft_summary.get("collab") or {}).get("seconds") or 0.0,
-               "eval_seconds": evaluation["seconds"]["total"], "candidates_seconds": evaluation["seconds"]["candidates"],
+               "eval_seconds": evaluation["seconds"]["total"],
+               "candidates_seconds": evaluation["seconds"]["candidates"],
                "models": {k: {m: v[m] for m in METRICS} for k, v in models.items()},
-               "other_protocols": {k: v for k, v in evaluation["metrics"].items() if not k.startswith("candidates/")},
+               "other_protocols": {k: v for k,
+                                   v in evaluation["metrics"].items()
+                                   if not k.startswith("candidates/")},
                "comparisons": compare(run_root, eval_dir, baselines)}
     write(run_root, summary, args.publish)
 

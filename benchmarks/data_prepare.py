@@ -53,7 +53,8 @@ def main() -> None:
         make_dataset(folder, args.interactions, args.users, args.items)
         print(f"generated {args.interactions:,} interactions in "
               f"{time.perf_counter() - start:.1f} s (not timed below)")
-        config = DataConfig(dataset_format="table", interactions_path=str(folder / "interactions.csv"),
+        config = DataConfig(dataset_format="table",
+                            interactions_path=str(folder / "interactions.csv"),
                             items_path=str(folder / "items.csv"), rating_column="rating",
                             genres_column="genres", output_dir=str(folder / "prepared"))
         timings: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""Learning curves: validation HR@1 against examples seen and training time, per modality and read-out.
+"""Learning curves: validation HR@1 against examples seen and training time, per modality and
+read-out.
 
     python benchmarks/learning_curve.py [--config configs/ml100k-smollm2.yaml] [--examples 2400]
         [--eval-every 800] [--conditions titles,collab,...] [--run-root runs/learning-curve]
@@ -48,13 +49,19 @@ HEAD = ("--answer", "head")
 COLLAB_USER = ("--item-tokens", "true", "--user-token", "true")
 NO_IMAGES = ("--with-images", "false")
 CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "titles": ("head, titles only", (*HEAD, "--item-tokens", "false", "--user-token", "false", *NO_IMAGES)),
-    "collab": ("head, + collaborative tokens", (*HEAD, "--item-tokens", "true", "--user-token", "false", *NO_IMAGES)),
+    "titles": ("head, titles only",
+               (*HEAD, "--item-tokens", "false", "--user-token", "false", *NO_IMAGES)),
+    "collab": ("head, + collaborative tokens",
+               (*HEAD, "--item-tokens", "true", "--user-token", "false", *NO_IMAGES)),
     "collab-user": ("head, + user token", (*HEAD, *COLLAB_USER, *NO_IMAGES)),
-    "posters": ("head, + posters (pooled)", (*HEAD, *COLLAB_USER, "--with-images", "true", "--image-tokens", "pooled")),
-    "no-titles": ("head, tokens only (no titles)", (*HEAD, *COLLAB_USER, *NO_IMAGES, "--titles", "false")),
-    "index": ("index labels, collaborative + user", ("--answer", "index", *COLLAB_USER, *NO_IMAGES)),
-    "title": ("title likelihood, collaborative + user", ("--answer", "title", *COLLAB_USER, *NO_IMAGES)),
+    "posters": ("head, + posters (pooled)",
+                (*HEAD, *COLLAB_USER, "--with-images", "true", "--image-tokens", "pooled")),
+    "no-titles": ("head, tokens only (no titles)",
+                  (*HEAD, *COLLAB_USER, *NO_IMAGES, "--titles", "false")),
+    "index": ("index labels, collaborative + user",
+              ("--answer", "index", *COLLAB_USER, *NO_IMAGES)),
+    "title": ("title likelihood, collaborative + user",
+              ("--answer", "title", *COLLAB_USER, *NO_IMAGES)),
 }
 
 
@@ -67,7 +74,8 @@ def run_condition(name: str, args: argparse.Namespace, batch: int) -> Path:
     steps = max(1, args.examples // batch)
     flags = [sys.executable, "-m", "hanorec.sft", "--config", args.config, "--run-dir", str(folder),
              "--max-steps", str(steps), "--eval-every", str(max(1, args.eval_every // batch)),
-             "--rank-examples", "-1", "--eval-examples", "64", "--save-every", "0", "--max-train-examples", "0",
+             "--rank-examples", "-1", "--eval-examples", "64", "--save-every", "0",
+             "--max-train-examples", "0",
              *CONDITIONS[name][1], *args.extra]
     print(f"{name}: {' '.join(flags[3:])}", flush=True)
     started = time.time()
@@ -82,14 +90,17 @@ def curve(folder: Path) -> dict[str, Any]:
 
     records = read_metrics(folder / "sft" / "metrics.jsonl")
     train = {r["step"]: r for r in records if "train/examples" in r}
-    points = [{"examples": train[r["step"]]["train/examples"], "seconds": train[r["step"]]["train/seconds"],
-               "hr1": r["eval/candidates_hr1"]} for r in records if "eval/candidates_hr1" in r and r["step"] in train]
+    points = [{"examples": train[r["step"]]["train/examples"],
+               "seconds": train[r["step"]]["train/seconds"],
+               "hr1": r["eval/candidates_hr1"]} for r in records if "eval/candidates_hr1" in r
+               and r["step"] in train]
     summary = json.loads((folder / "sft" / "summary.json").read_text())
     return {"points": points, "summary": summary}
 
 
 def references(config: str) -> dict[str, float]:
-    """Most-popular and the collaborative recommender (same history) on the validation candidates."""
+    """Most-popular and the collaborative recommender (same history) on the validation
+    candidates."""
     import torch
 
     from hanorec import config as recipe
@@ -109,31 +120,41 @@ def references(config: str) -> dict[str, float]:
     targets = [int(r["target_index"]) for r in rows]
     import datasets
 
-    popularity = torch.tensor(datasets.load_from_disk(str(prepared / "items"))["popularity"], dtype=torch.float64)
+    popularity = torch.tensor(datasets.load_from_disk(str(prepared / "items"))["popularity"],
+                              dtype=torch.float64)
     features = collab_features(prepared, len(catalog), run.collab)
-    states = user_states(features.model, [[index[i] for i in r["history"]] for r in rows], run.collab.sasrec_max_len)
+    states = user_states(features.model, [[index[i] for i in r["history"]] for r in rows],
+                         run.collab.sasrec_max_len)
     sasrec = torch.einsum("ud,ucd->uc", states, features.item_embeddings[candidates]).double()
     hr1 = lambda scores: float(np.mean(target_ranks(scores.numpy(), targets) == 1))  # noqa: E731
-    return {"Most popular": hr1(popularity[candidates]), "SASRec (the token recommender)": hr1(sasrec),
+    return {"Most popular": hr1(popularity[candidates]),
+            "SASRec (the token recommender)": hr1(sasrec),
             "users": len(rows)}
 
 
-def write_outputs(results: dict[str, dict[str, Any]], refs: dict[str, float], out: Path, machine: str) -> None:
+def write_outputs(results: dict[str, dict[str, Any]], refs: dict[str, float], out: Path,
+                  machine: str) -> None:
     """``learning_curve.json``, ``.md`` (table) and ``.png`` (HR@1 vs examples and vs time)."""
-    (out / "learning_curve.json").write_text(json.dumps({"conditions": results, "references": refs, "machine": machine}, indent=2))
+    (out
+     / "learning_curve.json").write_text(json.dumps({"conditions": results, "references": refs,
+                                                     "machine": machine}, indent=2))
     marks = sorted({p["examples"] for r in results.values() for p in r["points"]})
-    lines = [f"Validation HR@1 on all {refs['users']} users (`candidates`, 20 candidates; chance 0.05) after N training "
+    lines = [f"Validation HR@1 on all {refs['users']} users (`candidates`, 20 candidates; "
+             "chance 0.05) after N training "
              f"examples. Machine: {machine}.", "",
-             "| condition | " + " | ".join(f"{int(m)}" for m in marks) + " | train s / example | set-up s |",
+             "| condition | " + " | ".join(f"{int(m)}" for m in marks)
+             + " | train s / example | set-up s |",
              "|---|" + "---:|" * (len(marks) + 2)]
     for name, result in results.items():
         by = {p["examples"]: p["hr1"] for p in result["points"]}
         summary = result["summary"]
         per = summary["train_seconds"] / max(1, summary["train_examples_seen"])
-        lines.append(f"| {CONDITIONS[name][0]} | " + " | ".join(f"{by[m]:.3f}" if m in by else "–" for m in marks)
+        lines.append(f"| {CONDITIONS[name][0]} | "
+                     + " | ".join(f"{by[m]:.3f}" if m in by else "–" for m in marks)
                      + f" | {per:.2f} | {summary.get('setup_seconds', 0):.0f} |")
     for label in ("Most popular", "SASRec (the token recommender)"):
-        lines.append(f"| {label} | " + " | ".join(f"{refs[label]:.3f}" for _ in marks) + " | – | – |")
+        lines.append(f"| {label} | " + " | ".join(f"{refs[label]:.3f}" for _ in marks)
+                     + " | – | – |")
     (out / "learning_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, refs, out / "learning_curve.png")
@@ -147,8 +168,10 @@ def plot(results: dict[str, dict[str, Any]], refs: dict[str, float], path: Path)
     for name, result in results.items():
         points = result["points"]
         for axis, key, scale in ((axes[0], "examples", 1), (axes[1], "seconds", 60)):
-            axis.plot([p[key] / scale for p in points], [p["hr1"] for p in points], marker="o", label=CONDITIONS[name][0])
-    for axis, xlabel in ((axes[0], "training examples seen"), (axes[1], "training minutes (2 CPU cores)")):
+            axis.plot([p[key] / scale for p in points], [p["hr1"] for p in points], marker="o",
+                      label=CONDITIONS[name][0])
+    for axis, xlabel in ((axes[0], "training examples seen"),
+                         (axes[1], "training minutes (2 CPU cores)")):
         for (label, style) in (("Most popular", ":"), ("SASRec (the token recommender)", "--")):
             axis.axhline(refs[label], color="grey", linestyle=style, label=label)
         axis.axhline(0.05, color="lightgrey", linestyle="-", label="chance (1/20)")
@@ -162,20 +185,29 @@ def plot(results: dict[str, dict[str, Any]], refs: dict[str, float], path: Path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/ml100k-smollm2.yaml", help="The recipe the conditions modify.")
-    parser.add_argument("--examples", type=int, default=2400, help="Training examples per condition.")
-    parser.add_argument("--eval-every", type=int, default=800, help="Examples between validation HR@1 checks.")
-    parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"Comma-separated subset of {list(CONDITIONS)}.")
-    parser.add_argument("--run-root", default="runs/learning-curve", help="Folder of the runs and outputs.")
-    parser.add_argument("--publish", action="store_true", help="Copy the table and plot to benchmarks/results/.")
-    parser.add_argument("extra", nargs="*", help="More hanorec.sft flags for every condition (after --).")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/ml100k-smollm2.yaml",
+                        help="The recipe the conditions modify.")
+    parser.add_argument("--examples", type=int, default=2400,
+                        help="Training examples per condition.")
+    parser.add_argument("--eval-every", type=int, default=800,
+                        help="Examples between validation HR@1 checks.")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS),
+                        help=f"Comma-separated subset of {list(CONDITIONS)}.")
+    parser.add_argument("--run-root", default="runs/learning-curve",
+                        help="Folder of the runs and outputs.")
+    parser.add_argument("--publish", action="store_true",
+                        help="Copy the table and plot to benchmarks/results/.")
+    parser.add_argument("extra", nargs="*",
+                        help="More hanorec.sft flags for every condition (after --).")
     args = parser.parse_args(argv)
     from hanorec import config as recipe
     from hanorec.hardware import describe_machine
     from hanorec.sft import SFTRun
 
-    run = recipe.parse(SFTRun, ["--config", args.config, *args.extra], prog="learning_curve", description="")
+    run = recipe.parse(SFTRun, ["--config", args.config, *args.extra], prog="learning_curve",
+                       description="")
     batch = run.sft.per_device_batch_size * run.sft.gradient_accumulation_steps
     names = [n.strip() for n in args.conditions.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONDITIONS]
@@ -191,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     write_outputs(results, references(args.config), out, describe_machine())
     if args.publish:
         for suffix in ("md", "png", "json"):
-            shutil.copy(out / f"learning_curve.{suffix}", ROOT / "benchmarks" / "results" / f"learning_curve.{suffix}")
+            shutil.copy(out / f"learning_curve.{suffix}",
+                        ROOT / "benchmarks" / "results" / f"learning_curve.{suffix}")
 
 
 if __name__ == "__main__":

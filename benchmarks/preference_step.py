@@ -213,7 +213,8 @@ def run_in_subprocess(setting: Setting) -> dict[str, float]:
 def table(args: argparse.Namespace) -> list[str]:
     """Run every configuration and format a Markdown table with shared-vs-duplicate ratios."""
     lines = [
-        "| K | reference | dup step (s) | shared step (s) | speed-up | ideal | dup peak (MB) | shared peak (MB) | memory ratio |",
+        "| K | reference | dup step (s) | shared step (s) | speed-up | ideal | dup peak (MB) | "
+        "shared peak (MB) | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     info = {}
@@ -241,7 +242,8 @@ def table(args: argparse.Namespace) -> list[str]:
             )
             dup_s, kv_s = result["both"]["duplicate_s"], result["both"]["kv_s"]
             lines.append(
-                f"| {k} | {reference} | {dup_s:.3f} | {kv_s:.3f} | {dup_s / kv_s:.2f}× | {ideal:.2f}× | "
+                f"| {k} | {reference} | {dup_s:.3f} | {kv_s:.3f} | {dup_s / kv_s:.2f}× | "
+                f"{ideal:.2f}× | "
                 f"{result['duplicate']['peak_mb']:.0f} | {result['kv']['peak_mb']:.0f} | "
                 f"{result['kv']['peak_mb'] / result['duplicate']['peak_mb']:.2f} |"
             )
@@ -255,7 +257,8 @@ def table(args: argparse.Namespace) -> list[str]:
 
 
 def ideal_speedup(k: int, prompt_tokens: int, response_tokens: int) -> float:
-    """Token-count bound ``(K+1)(P+R) / (P + (K+1)R)``: the prompt runs once instead of K+1 times."""
+    """Token-count bound ``(K+1)(P+R) / (P + (K+1)R)``: the prompt runs once instead of K+1
+    times."""
     return (k + 1) * (prompt_tokens + response_tokens) / (prompt_tokens + (k + 1) * response_tokens)
 
 

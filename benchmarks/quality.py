@@ -65,11 +65,13 @@ from hanorec.hardware import describe_machine  # noqa: E402
 from hanorec.metrics import auc_contributions  # noqa: E402
 from hanorec.stats import bootstrap_ci, compare_runs, holm  # noqa: E402
 
-__all__ = ["BUDGETS", "BY_NAME", "METHODS", "Budget", "Method", "Plan", "Stage", "execute", "grid", "main", "run_stage",
+__all__ = ["BUDGETS", "BY_NAME", "METHODS", "Budget", "Method", "Plan", "Stage", "execute", "grid",
+           "main", "run_stage",
            "write_results"]
 
 HEADLINE = ("candidates/HR@1", "candidates/NDCG@10", "hit1/AUC", "full/NDCG@10")
-TABLE_METRICS = ("candidates/HR@1", "candidates/HR@5", "candidates/NDCG@5", "candidates/NDCG@10", "candidates/MRR",
+TABLE_METRICS = ("candidates/HR@1", "candidates/HR@5", "candidates/NDCG@5", "candidates/NDCG@10",
+                 "candidates/MRR",
                  "hit1/AUC", "full/HR@10", "full/NDCG@10")
 
 
@@ -80,7 +82,8 @@ Units = dict[str, dict[str, float]]  # metric -> {"seed:user": value}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def per_user_file(plan: Plan, seed: int, method: Method, protocol: str) -> Path:
@@ -91,8 +94,10 @@ def per_user_file(plan: Plan, seed: int, method: Method, protocol: str) -> Path:
     return plan.run_dir(seed, method.name) / "eval" / EVAL_NAME / "per_user" / f"{protocol}.jsonl"
 
 
-def protocol_units(records: list[dict[str, Any]], protocol: str, seed: int, users: set[str] | None) -> Units:
-    """Per-user values of one seed keyed ``seed:user``; ``hit1`` becomes DeLong placements (``AUC``).
+def protocol_units(records: list[dict[str, Any]], protocol: str, seed: int,
+                   users: set[str] | None) -> Units:
+    """Per-user values of one seed keyed ``seed:user``; ``hit1`` becomes DeLong placements
+    (``AUC``).
 
     ``users`` restricts the records first (the baselines to the users the LLMs were evaluated on);
     the hit1 placements are computed after the restriction, so their mean is the AUC of those users.
@@ -109,7 +114,8 @@ def protocol_units(records: list[dict[str, Any]], protocol: str, seed: int, user
             return {}
         return {"hit1/AUC": dict(zip(keys, auc_contributions(scores, labels).tolist()))}
     names = [k for k in records[0] if k != "user_id"]
-    return {f"{protocol}/{name}": dict(zip(keys, (float(r[name]) for r in records))) for name in names}
+    return {f"{protocol}/{name}": dict(zip(keys, (float(r[name]) for r in records)))
+            for name in names}
 
 
 def collect(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> dict[str, Units]:
@@ -128,7 +134,8 @@ def collect(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> dict
             for method in (m for m in methods if m.kind == "baseline"):
                 path = per_user_file(plan, seed, method, protocol)
                 if path.is_file():
-                    _merge(out[method.name], protocol_units(_read_jsonl(path), protocol, seed, evaluated or None))
+                    _merge(out[method.name],
+                           protocol_units(_read_jsonl(path), protocol, seed, evaluated or None))
     return out
 
 
@@ -137,7 +144,8 @@ def _merge(into: Units, part: Units) -> None:
         into.setdefault(metric, {}).update(values)
 
 
-def summary_table(results: dict[str, Units], n_resamples: int) -> dict[str, dict[str, tuple[float, float, float, int]]]:
+def summary_table(results: dict[str, Units],
+                  n_resamples: int) -> dict[str, dict[str, tuple[float, float, float, int]]]:
     """``{method: {metric: (mean, low, high, units)}}``: pooled (seed, user) bootstrap."""
     table: dict[str, dict[str, tuple[float, float, float, int]]] = {}
     for method, units in results.items():
@@ -148,7 +156,8 @@ def summary_table(results: dict[str, Units], n_resamples: int) -> dict[str, dict
     return table
 
 
-def paired_tests(results: dict[str, Units], reference: str, metrics: Sequence[str], n_resamples: int) -> list[dict[str, Any]]:
+def paired_tests(results: dict[str, Units], reference: str, metrics: Sequence[str],
+                 n_resamples: int) -> list[dict[str, Any]]:
     """Every method against ``reference`` on the (seed, user) units both have, per metric."""
     rows = []
     base = results.get(reference, {})
@@ -160,16 +169,20 @@ def paired_tests(results: dict[str, Units], reference: str, metrics: Sequence[st
             shared = sorted(set(a) & set(b))
             if len(shared) < 2:
                 continue
-            (row,) = compare_runs({metric: [a[k] for k in shared]}, {metric: [b[k] for k in shared]}, shared, shared,
+            (row,) = compare_runs({metric: [a[k] for k in shared]},
+                                  {metric: [b[k] for k in shared]}, shared, shared,
                                   n_resamples=n_resamples, seed=0)
             rows.append({**row, "method": method, "reference": reference})
     for row, adjusted in zip(rows, holm([r["p_wilcoxon"] for r in rows])):
-        row["p_wilcoxon_holm"] = adjusted  # one family per reference: every method and metric against it
+        # one family per reference: every method and metric against it
+        row["p_wilcoxon_holm"] = adjusted
     return rows
 
 
-def cost_table(records: dict[str, dict[str, Any]], methods: Sequence[Method], seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Per method: mean training seconds and steps over seeds, max peak RSS, mean evaluation seconds."""
+def cost_table(records: dict[str, dict[str, Any]], methods: Sequence[Method],
+               seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Per method: mean training seconds and steps over seeds, max peak RSS, mean evaluation
+    seconds."""
     out = {}
     for method in methods:
         keys = {"train": [], "eval": []}
@@ -188,7 +201,8 @@ def cost_table(records: dict[str, dict[str, Any]], methods: Sequence[Method], se
                 "cpu_seconds" in r for r in train) else None,
             "train_peak_mb": max((r["peak_rss_mb"] for r in train), default=None),
             "steps": float(np.mean(steps)) if steps else None,
-            "eval_seconds": float(np.mean([r["seconds"] for r in keys["eval"]])) if keys["eval"] else None,
+            "eval_seconds": float(np.mean([r["seconds"] for r in keys["eval"]])) if keys["eval"]
+            else None,
         }
     return out
 
@@ -200,42 +214,56 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(methods: Sequence[Method], table: dict, tests: list[dict], cost: dict, meta: dict[str, Any]) -> str:
+def markdown(methods: Sequence[Method], table: dict, tests: list[dict], cost: dict,
+             meta: dict[str, Any]) -> str:
     """The results page: settings, quality table, cost table, paired tests."""
     metrics = [m for m in TABLE_METRICS if any(m in table[x.name] for x in methods)]
     lines = [f"# Quality benchmark — {meta['title']}", "",
              f"Recipe `{meta['config']}`, budget `{meta['budget']}`, seeds {meta['seeds']}, "
              f"run folders under `{meta['run_root']}`. Generated by `benchmarks/quality.py` "
              "(see `benchmarks/results/README.md`).", "",
-             f"Machine: {meta.get('machine', 'unknown')}; precision {'bf16 autocast' if meta.get('bf16') else 'fp32'}; "
+             f"Machine: {meta.get('machine', 'unknown')}; precision "
+             f"{'bf16 autocast' if meta.get('bf16') else 'fp32'}; "
              f"compute of all stages {_fmt(meta.get('stage_seconds'), '.0f')} s "
-             f"({_fmt((meta.get('stage_seconds') or 0) / 3600, '.2f')} h, one stage at a time).", "",
-             "Mean over (seed, user) units pooled across seeds, with a 95% percentile-bootstrap interval over "
-             "those units; `hit1/AUC` is the mean of per-seed DeLong placement values (the user-weighted mean of "
+             f"({_fmt((meta.get('stage_seconds') or 0) / 3600, '.2f')} h, one stage at a time).",
+             "",
+             "Mean over (seed, user) units pooled across seeds, with a 95% percentile-bootstrap "
+             "interval over "
+             "those units; `hit1/AUC` is the mean of per-seed DeLong placement values (the "
+             "user-weighted mean of "
              "the per-seed AUCs). `n` is the number of (seed, user) units of the first metric.", "",
              "| method | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---|" * len(metrics)]
     for method in methods:
         row = table[method.name]
         n = next((row[m][3] for m in metrics if m in row), 0)
-        cells = [f"{row[m][0]:.4f} [{row[m][1]:.4f}, {row[m][2]:.4f}]" if m in row else "–" for m in metrics]
+        cells = [f"{row[m][0]:.4f} [{row[m][1]:.4f}, {row[m][2]:.4f}]" if m in row else "–"
+                 for m in metrics]
         lines.append(f"| {method.label} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Training cost (per seed; mean over seeds, peak memory = max)", "",
-              "Preference methods' rows exclude the shared SFT stage (its cost is the `SFT only` row); "
+              "Preference methods' rows exclude the shared SFT stage (its cost is the `SFT "
+              "only` row); "
               "baseline rows are the baselines CLI (both models, all protocols) per call.", "",
-              "| method | train wall s | train CPU s | train peak RSS MB | steps | eval wall s |", "|---|---:|---:|---:|---:|---:|"]
+              "| method | train wall s | train CPU s | train peak RSS MB | steps | eval wall s |",
+              "|---|---:|---:|---:|---:|---:|"]
     for method in methods:
         c = cost[method.name]
-        lines.append(f"| {method.label} | {_fmt(c['train_seconds'])} | {_fmt(c['train_cpu_seconds'])} | {_fmt(c['train_peak_mb'], '.0f')} | "
+        lines.append(f"| {method.label} | {_fmt(c['train_seconds'])} | "
+                     f"{_fmt(c['train_cpu_seconds'])} | {_fmt(c['train_peak_mb'], '.0f')} | "
                      f"{_fmt(c['steps'], '.0f')} | {_fmt(c['eval_seconds'])} |")
     lines += ["", "## Paired tests (method − reference, same (seed, user) units)", "",
-              "`p (Holm)` is the Wilcoxon p adjusted by Holm's step-down procedure over every row with the "
-              "same reference (all methods and metrics against it), so `p (Holm) ≤ 0.05` holds the chance "
+              "`p (Holm)` is the Wilcoxon p adjusted by Holm's step-down procedure over every "
+              "row with the "
+              "same reference (all methods and metrics against it), so `p (Holm) ≤ 0.05` holds "
+              "the chance "
               "of any false claim in that family at 5%.", "",
-              "| method | reference | metric | units | diff [95% CI] | p (bootstrap) | p (Wilcoxon) | p (Holm) |",
+              "| method | reference | metric | units | diff [95% CI] | p (bootstrap) | p "
+              "(Wilcoxon) | p (Holm) |",
               "|---|---|---|---:|---|---:|---:|---:|"]
     labels = {m.name: m.label for m in methods}
-    lines += [f"| {labels[r['method']]} | {labels.get(r['reference'], r['reference'])} | {r['metric']} | {r['n_users']} | "
-              f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] | {r['p_bootstrap']:.3g} | "
+    lines += [f"| {labels[r['method']]} | {labels.get(r['reference'], r['reference'])} | "
+              f"{r['metric']} | {r['n_users']} | "
+              f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] | "
+              f"{r['p_bootstrap']:.3g} | "
               f"{r['p_wilcoxon']:.3g} | {r['p_wilcoxon_holm']:.3g} |" for r in tests]
     if meta.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in meta["plots"]]
@@ -255,14 +283,17 @@ def plots(methods: Sequence[Method], table: dict, cost: dict, out: Path, stem: s
         return []
     names = [f"{stem}-quality.png"]
     plot_metric_bars(tables, metrics, out / names[0])
-    points = [(cost[m.name]["train_seconds"], table[m.name][metrics[0]][0], m.label) for m in methods
+    points = [(cost[m.name]["train_seconds"], table[m.name][metrics[0]][0], m.label)
+              for m in methods
               if cost[m.name]["train_seconds"] and metrics[0] in table[m.name]]
     if points:
         plt = pyplot()
         fig, axis = plt.subplots(figsize=(9, 4))
         colours = plt.get_cmap("tab20").colors
-        for n, (seconds, value, label) in enumerate(points):  # a legend, not annotations: close points overlap
-            axis.scatter(seconds, value, color=colours[n % len(colours)], marker="osD^v<>"[n % 7], s=40, label=label)
+        # a legend, not annotations: close points overlap
+        for n, (seconds, value, label) in enumerate(points):
+            axis.scatter(seconds, value, color=colours[n % len(colours)], marker="osD^v<>"[n % 7],
+                         s=40, label=label)
         axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
         axis.set_xscale("log")
         axis.set_xlabel("training wall time per seed (s, log)")
@@ -275,19 +306,23 @@ def plots(methods: Sequence[Method], table: dict, cost: dict, out: Path, stem: s
     return names
 
 
-def write_results(plan: Plan, methods: Sequence[Method], seeds: Sequence[int], records: dict, out: Path,
+def write_results(plan: Plan, methods: Sequence[Method], seeds: Sequence[int], records: dict,
+                  out: Path,
                   meta: dict[str, Any], n_resamples: int) -> Path:
     """Pool, test, plot and write ``<out>/<stem>.md`` and ``<out>/<stem>.json``."""
     results = collect(plan, methods, seeds)
     table = summary_table(results, n_resamples)
     metrics = [m for m in HEADLINE if m != "full/NDCG@10"] + ["full/NDCG@10"]
-    tests = [row for ref in ("dpo", "sft") if ref in results for row in paired_tests(results, ref, metrics, n_resamples)
-             if not (ref == "dpo" and row["method"] == "sft")]  # SFT vs DPO is DPO vs SFT with the sign flipped
+    tests = [row for ref in ("dpo", "sft") if ref in results
+             for row in paired_tests(results, ref, metrics, n_resamples)
+             # SFT vs DPO is DPO vs SFT with the sign flipped
+             if not (ref == "dpo" and row["method"] == "sft")]
     cost = cost_table(records, methods, seeds)
     out.mkdir(parents=True, exist_ok=True)
     stem = meta["stem"]
     seconds = [r["seconds"] for r in records.values() if "seconds" in r]
-    meta = {**meta, "plots": plots(methods, table, cost, out, stem), "stage_seconds": sum(seconds) if seconds else None}
+    meta = {**meta, "plots": plots(methods, table, cost, out, stem),
+            "stage_seconds": sum(seconds) if seconds else None}
     path = out / f"{stem}.md"
     path.write_text(markdown(methods, table, tests, cost, meta), encoding="utf-8")
     raw = {"meta": meta, "table": {k: {m: list(v) for m, v in t.items()} for k, t in table.items()},
@@ -309,13 +344,15 @@ def prepared_dir(config: Path) -> Path:
 
 
 def select_methods(names: str) -> list[Method]:
-    """``all`` or a comma list; unknown names are errors, unavailable optional methods are dropped."""
+    """``all`` or a comma list; unknown names are errors, unavailable optional methods are
+    dropped."""
     if names == "all":
         chosen = list(METHODS)
     else:
         unknown = [n for n in names.split(",") if n not in BY_NAME]
         if unknown:
-            raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(BY_NAME)}")
+            raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from "
+                             f"{', '.join(BY_NAME)}")
         chosen = [m for m in METHODS if m.name in names.split(",")]
     for method in chosen:
         if not method.available():
@@ -326,31 +363,46 @@ def select_methods(names: str) -> list[Method]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/ml100k-smollm2.yaml", help="Recipe (data, backbone, stage settings).")
-    parser.add_argument("--methods", default="all", help=f"Comma list or 'all': {', '.join(BY_NAME)}.")
-    parser.add_argument("--seeds", default="0,1,2", help="Comma list of training seeds (>= 3 for the published table).")
-    parser.add_argument("--out", default="benchmarks/results", help="Folder of <stem>.md, <stem>.json and the PNGs.")
+    parser.add_argument("--config", default="configs/ml100k-smollm2.yaml",
+                        help="Recipe (data, backbone, stage settings).")
+    parser.add_argument("--methods", default="all",
+                        help=f"Comma list or 'all': {', '.join(BY_NAME)}.")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="Comma list of training seeds (>= 3 for the published table).")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="Folder of <stem>.md, <stem>.json and the PNGs.")
     parser.add_argument("--stem", default="ml100k", help="File name stem of the results.")
-    parser.add_argument("--run-root", default="runs/benchmark-ml100k", help="Per-stage run folders (git-ignored).")
+    parser.add_argument("--run-root", default="runs/benchmark-ml100k",
+                        help="Per-stage run folders (git-ignored).")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="GPU scale: the recipe's steps, every test user.")
-    size.add_argument("--smoke", action="store_true", help="Tiny run for `make test`: 2 steps, 6 users, one seed.")
-    parser.add_argument("--eval-users", type=int, default=None, help="Override the users evaluated per protocol and seed.")
-    parser.add_argument("--sft-steps", type=int, default=None, help="Override the SFT steps of the budget.")
-    parser.add_argument("--dpo-steps", type=int, default=None, help="Override the preference-stage steps of the budget.")
+    size.add_argument("--full", action="store_true",
+                      help="GPU scale: the recipe's steps, every test user.")
+    size.add_argument("--smoke", action="store_true",
+                      help="Tiny run for `make test`: 2 steps, 6 users, one seed.")
+    parser.add_argument("--eval-users", type=int, default=None,
+                        help="Override the users evaluated per protocol and seed.")
+    parser.add_argument("--sft-steps", type=int, default=None,
+                        help="Override the SFT steps of the budget.")
+    parser.add_argument("--dpo-steps", type=int, default=None,
+                        help="Override the preference-stage steps of the budget.")
     parser.add_argument("--train-examples", type=int, default=None,
-                        help="Override the SFT rows (and preference pairs) drawn per run; raise it with the steps, or "
+                        help="Override the SFT rows (and preference pairs) drawn per run; raise "
+                             "it with the steps, or "
                              "longer runs repeat the same few rows.")
-    parser.add_argument("--bootstrap-resamples", type=int, default=1000, help="Resamples of intervals and paired tests.")
-    parser.add_argument("--dry-run", action="store_true", help="Print the stage commands without running them.")
-    parser.add_argument("--report-only", action="store_true", help="Only rebuild the results page from finished stages.")
+    parser.add_argument("--bootstrap-resamples", type=int, default=1000,
+                        help="Resamples of intervals and paired tests.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print the stage commands without running them.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Only rebuild the results page from finished stages.")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
     args = build_parser().parse_args(argv)
     budget = BUDGETS["full" if args.full else "smoke" if args.smoke else "cpu"]
-    overrides = {"eval_users": args.eval_users, "full_users": args.eval_users, "sft_steps": args.sft_steps,
+    overrides = {"eval_users": args.eval_users, "full_users": args.eval_users,
+                 "sft_steps": args.sft_steps,
                  "dpo_steps": args.dpo_steps, "train_examples": args.train_examples}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -373,10 +425,15 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     failures = sorted(k for k, r in records.items() if "failed" in r and not _stage_done(stages, k))
     name = "full" if args.full else "smoke" if args.smoke else "cpu"
     meta = {"title": "MovieLens-100K", "config": str(args.config), "budget": name, "seeds": seeds,
-            "run_root": str(args.run_root), "stem": args.stem, "bf16": budget.uses_bf16(), "machine": describe_machine(), "budget_values": {k: list(v) if isinstance(v, tuple) else v for k, v in budget.__dict__.items()}}
-    path = write_results(plan, methods, seeds, records, Path(args.out), meta, args.bootstrap_resamples)
+            "run_root": str(args.run_root), "stem": args.stem, "bf16": budget.uses_bf16(),
+            "machine": describe_machine(),
+            "budget_values": {k: list(v) if isinstance(v, tuple) else v for k,
+                              v in budget.__dict__.items()}}
+    path = write_results(plan, methods, seeds, records, Path(args.out), meta,
+                         args.bootstrap_resamples)
     if failures:
-        raise SystemExit(f"{len(failures)} stage(s) failed: {', '.join(failures)} (logs in {run_root / 'logs'})")
+        raise SystemExit(f"{len(failures)} stage(s) failed: {', '.join(failures)} (logs in "
+                         f"{run_root / 'logs'})")
     return path
 
 

@@ -6,10 +6,10 @@ with its own run folder ``<run-root>/seed<k>/<method>/``; a stage whose output e
 so an interrupted grid resumes stage by stage. :mod:`benchmarks.quality` is the entry point.
 
 Cost, per stage (``<run-root>/stages.json``): wall time of the subprocess and its CPU time
-(user + system, from the same rusage: less sensitive to other load on the machine); its peak resident
-memory, ``ru_maxrss`` of the rusage :func:`os.wait4` returns for that child (Linux: the largest
-RSS of the child or any descendant it waited for — an honest per-stage peak, not a delta of a
-running maximum); optimizer steps from the stage's ``summary.json``.
+(user + system, from the same rusage: less sensitive to other load on the machine); its peak
+resident memory, ``ru_maxrss`` of the rusage :func:`os.wait4` returns for that child (Linux: the
+largest RSS of the child or any descendant it waited for — an honest per-stage peak, not a delta of
+a running maximum); optimizer steps from the stage's ``summary.json``.
 """
 
 from __future__ import annotations
@@ -54,15 +54,23 @@ METHODS: tuple[Method, ...] = (
     Method("sasrec", "SASRec", "baseline"),
     Method("sft", "SFT only", "sft"),
     Method("sft-text", "SFT text-only (no images)", "sft", text_only=True),
-    Method("dpo", "DPO (sigmoid)", "dpo", ("--loss", "sigmoid", "--hardness", "none", "--noise", "none", "--reference", "frozen")),
-    Method("sdpo", "S-DPO (K = 3)", "dpo", ("--loss", "sdpo", "--hardness", "none", "--noise", "none", "--reference", "frozen")),
-    Method("simpo", "SimPO", "dpo", ("--loss", "simpo", "--hardness", "none", "--noise", "none", "--reference", "none")),
-    Method("hanorec-static", "HaNoRec static (HaRS λ)", "dpo", (*HANOREC, "--hardness", "static", "--noise", "none")),
-    Method("hanorec-dynamic", "HaNoRec dynamic (HaRS λ·η)", "dpo", (*HANOREC, "--hardness", "dynamic", "--noise", "none")),
-    Method("hanorec-nodo", "HaNoRec dynamic + NoDO (logits)", "dpo", (*HANOREC, "--hardness", "dynamic", "--noise", "logits")),
+    Method("dpo", "DPO (sigmoid)", "dpo",
+           ("--loss", "sigmoid", "--hardness", "none", "--noise", "none", "--reference", "frozen")),
+    Method("sdpo", "S-DPO (K = 3)", "dpo",
+           ("--loss", "sdpo", "--hardness", "none", "--noise", "none", "--reference", "frozen")),
+    Method("simpo", "SimPO", "dpo",
+           ("--loss", "simpo", "--hardness", "none", "--noise", "none", "--reference", "none")),
+    Method("hanorec-static", "HaNoRec static (HaRS λ)", "dpo",
+           (*HANOREC, "--hardness", "static", "--noise", "none")),
+    Method("hanorec-dynamic", "HaNoRec dynamic (HaRS λ·η)", "dpo",
+           (*HANOREC, "--hardness", "dynamic", "--noise", "none")),
+    Method("hanorec-nodo", "HaNoRec dynamic + NoDO (logits)", "dpo",
+           (*HANOREC, "--hardness", "dynamic", "--noise", "logits")),
     Method("hanorec-noref", "HaNoRec + NoDO, no reference", "dpo",
-           ("--loss", "sigmoid", "--hardness", "dynamic", "--noise", "logits", "--reference", "none")),
-    Method("bpo", "HaNoRec + NoDO + BPO blind negatives", "bpo", (*HANOREC, "--hardness", "dynamic", "--noise", "logits"),
+           ("--loss", "sigmoid", "--hardness", "dynamic", "--noise", "logits", "--reference",
+            "none")),
+    Method("bpo", "HaNoRec + NoDO + BPO blind negatives", "bpo",
+           (*HANOREC, "--hardness", "dynamic", "--noise", "logits"),
            module="hanorec.bpo"),
     Method("recpo", "R²ec / RecPO (full catalogue)", "recpo", module="hanorec.recpo"),
 )
@@ -79,13 +87,16 @@ class Budget:
     eval_users: int | None  # users per protocol and seed (LLM evaluations)
     sasrec_epochs: int
     extra: tuple[str, ...] = ()  # flags passed to every training stage
-    prompt: tuple[str, ...] = ()  # model and prompt flags of every model stage (training, generation, evaluation)
+    # model and prompt flags of every model stage (training, generation, evaluation)
+    prompt: tuple[str, ...] = ()
     evaluation: tuple[str, ...] = ()  # flags of the evaluation stages only
     full_users: int | None = None  # users of the full-catalogue evaluation (RecPO)
-    bf16: bool = False  # bf16 autocast in training and scoring, only where bf16 is native (hanorec.hardware)
+    # bf16 autocast in training and scoring, only where bf16 is native (hanorec.hardware)
+    bf16: bool = False
 
     def training_flags(self) -> tuple[str, ...]:
-        """Flags of every training stage: ``extra``, plus bf16 mixed precision where it is native."""
+        """Flags of every training stage: ``extra``, plus bf16 mixed precision where it is
+        native."""
         return (*self.extra, *(("--mixed-precision", "bf16") if self.uses_bf16() else ()))
 
     def evaluation_flags(self) -> tuple[str, ...]:
@@ -102,21 +113,25 @@ class Budget:
 
 
 BUDGETS = {
-    # 2 CPU cores, smollm2-llava (~135M, 30 layers), sdpa, LoRA dropout off. Measured: an SFT step of
-    # 2 examples ~5.8 s in fp32 on an AVX2-only EPYC; ~2.6 s in bf16 on a CPU with avx512_bf16 (where
-    # bf16 is emulated it is ~150 s, hence `bf16` only where native); 40 users of candidates + hit1
-    # ~55 s (bf16, packed). 13 methods x 3 seeds: ~35 min a seed with bf16 (see results/README.md).
+    # 2 CPU cores, smollm2-llava (~135M, 30 layers), sdpa, LoRA dropout off. Measured: an SFT step
+    # of 2 examples ~5.8 s in fp32 on an AVX2-only EPYC; ~2.6 s in bf16 on a CPU with avx512_bf16
+    # (where bf16 is emulated it is ~150 s, hence `bf16` only where native); 40 users of candidates
+    # + hit1 ~55 s (bf16, packed). 13 methods x 3 seeds: ~35 min a seed with bf16 (see
+    # results/README.md).
     "cpu": Budget(sft_steps=48, dpo_steps=8, train_examples=128, eval_users=40, sasrec_epochs=40,
-                  extra=("--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--eval-every", "0",
+                  extra=("--per-device-batch-size", "2", "--gradient-accumulation-steps", "1",
+                         "--eval-every", "0",
                          "--eval-examples", "2", "--save-every", "0"), full_users=40, bf16=True,
                   prompt=("--max-length", "512", "--image-budget", "2", "--lora-dropout", "0",
                           "--attn-implementation", "sdpa"),
                   evaluation=("--scoring-mode", "packed")),
     # GPU machines: the recipe's steps (paper scale), every test user.
-    "full": Budget(sft_steps=None, dpo_steps=None, train_examples=None, eval_users=None, sasrec_epochs=200),
+    "full": Budget(sft_steps=None, dpo_steps=None, train_examples=None, eval_users=None,
+                   sasrec_epochs=200),
     # make test: tiny backbone, a couple of steps, a handful of users.
     "smoke": Budget(sft_steps=2, dpo_steps=2, train_examples=8, eval_users=6, sasrec_epochs=2,
-                    extra=("--eval-every", "0", "--eval-examples", "2", "--save-every", "0"), full_users=6),
+                    extra=("--eval-every", "0", "--eval-examples", "2", "--save-every", "0"),
+                    full_users=6),
 }
 
 
@@ -161,10 +176,14 @@ def _flag(name: str, value: int | None) -> list[str]:
 def sft_stage(plan: Plan, seed: int, method: Method) -> Stage:
     run_dir = plan.run_dir(seed, method.name)
     b = plan.budget
-    cmd = plan.module("hanorec.sft", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
-                      *_flag("--max-steps", b.sft_steps), *_flag("--max-train-examples", b.train_examples), *b.training_flags(), *b.prompt,
+    cmd = plan.module("hanorec.sft", "--config", str(plan.config), "--run-dir", str(run_dir),
+                      "--seed", str(seed),
+                      *_flag("--max-steps", b.sft_steps),
+                      *_flag("--max-train-examples", b.train_examples), *b.training_flags(),
+                      *b.prompt,
                       *(["--with-images", "false"] if method.text_only else []))
-    return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "sft" / "final", run_dir / "sft" / "summary.json")
+    return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "sft" / "final",
+                 run_dir / "sft" / "summary.json")
 
 
 def sft_checkpoint(plan: Plan, seed: int) -> Path:
@@ -175,26 +194,37 @@ def sft_checkpoint(plan: Plan, seed: int) -> Path:
 def dpo_stage(plan: Plan, seed: int, method: Method, extra: Sequence[str] = ()) -> Stage:
     run_dir = plan.run_dir(seed, method.name)
     b = plan.budget
-    cmd = plan.module("hanorec.dpo", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
+    cmd = plan.module("hanorec.dpo", "--config", str(plan.config), "--run-dir", str(run_dir),
+                      "--seed", str(seed),
                       "--sft-checkpoint", str(sft_checkpoint(plan, seed)), *method.flags,
-                      *_flag("--max-steps", b.dpo_steps), *_flag("--max-train-pairs", b.train_examples), *b.training_flags(), *b.prompt, *extra)
-    return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "dpo" / "final", run_dir / "dpo" / "summary.json")
+                      *_flag("--max-steps", b.dpo_steps),
+                      *_flag("--max-train-pairs", b.train_examples), *b.training_flags(), *b.prompt,
+                      *extra)
+    return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "dpo" / "final",
+                 run_dir / "dpo" / "summary.json")
 
 
-def eval_stage(plan: Plan, seed: int, method: Method, checkpoint: Path, protocols: Sequence[str]) -> Stage:
+def eval_stage(plan: Plan, seed: int, method: Method, checkpoint: Path,
+               protocols: Sequence[str]) -> Stage:
     run_dir = plan.run_dir(seed, method.name)
     users = plan.budget.eval_users
-    cmd = plan.module("hanorec.evaluate", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
-                      "--checkpoint", str(checkpoint), "--name", EVAL_NAME, "--eval-protocols", ",".join(protocols),
-                      *_flag("--eval-max-users", users), *plan.budget.prompt, *plan.budget.evaluation_flags(),
+    cmd = plan.module("hanorec.evaluate", "--config", str(plan.config), "--run-dir", str(run_dir),
+                      "--seed", str(seed),
+                      "--checkpoint", str(checkpoint), "--name", EVAL_NAME, "--eval-protocols",
+                      ",".join(protocols),
+                      *_flag("--eval-max-users", users), *plan.budget.prompt,
+                      *plan.budget.evaluation_flags(),
                       *(["--with-images", "false"] if method.text_only else []))
-    return Stage(f"seed{seed}/{method.name}/eval", cmd, run_dir / "eval" / EVAL_NAME / "summary.json")
+    return Stage(f"seed{seed}/{method.name}/eval", cmd,
+                 run_dir / "eval" / EVAL_NAME / "summary.json")
 
 
 def baseline_stage(plan: Plan, seed: int, models: Sequence[str], protocol: str) -> Stage:
     out = plan.seed_dir(seed) / "baselines" / protocol
-    cmd = plan.module("hanorec.baselines", "--prepared-dir", str(plan.prepared), "--protocol", protocol, "--out", str(out),
-                      "--models", *models, "--sasrec-seed", str(seed), "--sasrec-epochs", str(plan.budget.sasrec_epochs),
+    cmd = plan.module("hanorec.baselines", "--prepared-dir", str(plan.prepared), "--protocol",
+                      protocol, "--out", str(out),
+                      "--models", *models, "--sasrec-seed", str(seed), "--sasrec-epochs",
+                      str(plan.budget.sasrec_epochs),
                       "--sasrec-eval-every", "10", "--sasrec-patience", "2", "--seed", str(seed))
     done = out / models[-1] / "summary.json"
     return Stage(f"seed{seed}/baselines-{protocol}/train+eval", cmd, done)
@@ -203,27 +233,35 @@ def baseline_stage(plan: Plan, seed: int, models: Sequence[str], protocol: str) 
 def bpo_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
     """Blind negatives from the seed's SFT model (images removed), then DPO with them added."""
     run_dir = plan.run_dir(seed, method.name)
-    negatives = run_dir / "bpo" / "blind"  # written next to its final name and renamed: exists = finished
+    # written next to its final name and renamed: exists = finished
+    negatives = run_dir / "bpo" / "blind"
     generate = Stage(f"seed{seed}/{method.name}/generate",
-                     plan.module("hanorec.bpo", "generate", "--config", str(plan.config), "--run-dir", str(run_dir),
-                                 "--seed", str(seed), "--checkpoint", str(sft_checkpoint(plan, seed)),
-                                 "--bpo-out", str(negatives), *_flag("--max-train-pairs", plan.budget.train_examples),
+                     plan.module("hanorec.bpo", "generate", "--config", str(plan.config),
+                                 "--run-dir", str(run_dir),
+                                 "--seed", str(seed), "--checkpoint",
+                                 str(sft_checkpoint(plan, seed)),
+                                 "--bpo-out", str(negatives),
+                                 *_flag("--max-train-pairs", plan.budget.train_examples),
                                  *plan.budget.prompt),
                      negatives)
     return [generate, dpo_stage(plan, seed, method, ("--blind-negatives", str(negatives)))]
 
 
 def recpo_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
-    """RecPO from the seed's SFT model; the stage itself evaluates on the full catalogue (test split).
+    """RecPO from the seed's SFT model; the stage itself evaluates on the full catalogue (test
+    split).
 
     Its ``summary.json`` is written after the evaluation, so it marks the whole stage finished.
     """
     run_dir = plan.run_dir(seed, method.name)
     b = plan.budget
     train = Stage(f"seed{seed}/{method.name}/train+eval",
-                  plan.module("hanorec.recpo", "--config", str(plan.config), "--run-dir", str(run_dir), "--seed", str(seed),
-                              "--recpo-init-checkpoint", str(sft_checkpoint(plan, seed)), *_flag("--max-steps", b.dpo_steps),
-                              *_flag("--max-train-examples", b.train_examples), *_flag("--recpo-eval-users", b.full_users),
+                  plan.module("hanorec.recpo", "--config", str(plan.config), "--run-dir",
+                              str(run_dir), "--seed", str(seed),
+                              "--recpo-init-checkpoint", str(sft_checkpoint(plan, seed)),
+                              *_flag("--max-steps", b.dpo_steps),
+                              *_flag("--max-train-examples", b.train_examples),
+                              *_flag("--recpo-eval-users", b.full_users),
                               *b.training_flags(), *b.prompt),
                   run_dir / "recpo" / "summary.json", run_dir / "recpo" / "summary.json")
     return [train]
@@ -235,18 +273,22 @@ def method_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
     if method.kind == "baseline":
         return []  # one baselines call per protocol serves every baseline model (see grid)
     if method.kind == "sft":
-        return [sft_stage(plan, seed, method), eval_stage(plan, seed, method, run_dir / "sft" / "final", LLM_PROTOCOLS)]
+        return [sft_stage(plan, seed, method),
+                eval_stage(plan, seed, method, run_dir / "sft" / "final", LLM_PROTOCOLS)]
     if method.kind == "dpo":
-        return [dpo_stage(plan, seed, method), eval_stage(plan, seed, method, run_dir / "dpo" / "final", LLM_PROTOCOLS)]
+        return [dpo_stage(plan, seed, method),
+                eval_stage(plan, seed, method, run_dir / "dpo" / "final", LLM_PROTOCOLS)]
     if method.kind == "bpo":
-        return [*bpo_stages(plan, seed, method), eval_stage(plan, seed, method, run_dir / "dpo" / "final", LLM_PROTOCOLS)]
+        return [*bpo_stages(plan, seed, method),
+                eval_stage(plan, seed, method, run_dir / "dpo" / "final", LLM_PROTOCOLS)]
     if method.kind == "recpo":
         return recpo_stages(plan, seed, method)
     raise ValueError(f"method {method.name}: unknown kind {method.kind!r}")
 
 
 def data_is_current(config: Path) -> bool:
-    """Whether the recipe's prepared folder matches the recipe (same fingerprint), checked in process.
+    """Whether the recipe's prepared folder matches the recipe (same fingerprint), checked in
+    process.
 
     The baselines read the prepared folder directly, so a folder another recipe prepared with other
     settings (say ``max_history``) must be rebuilt before the first stage, not merely exist.
@@ -260,19 +302,23 @@ def data_is_current(config: Path) -> bool:
 def grid(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> list[Stage]:
     """All stages in run order: per seed the shared SFT first, then every method's own stages."""
     stages: list[Stage] = []
-    if not data_is_current(plan.config):  # another recipe may have prepared the same folder differently
-        stages.append(Stage("prepare", plan.module("hanorec.data", "prepare", "--config", str(plan.config)),
+    # another recipe may have prepared the same folder differently
+    if not data_is_current(plan.config):
+        stages.append(Stage("prepare",
+                            plan.module("hanorec.data", "prepare", "--config", str(plan.config)),
                             plan.prepared / "manifest.json", force=True))
     baselines = [m.name for m in methods if m.kind == "baseline"]
     needs_sft = any(m.kind in ("sft", "dpo", "bpo", "recpo") for m in methods)
     for seed in seeds:
         if baselines:  # the full catalogue only as RecPO's reference
-            protocols = (*LLM_PROTOCOLS, "full") if any(m.kind == "recpo" for m in methods) else LLM_PROTOCOLS
+            protocols = (*LLM_PROTOCOLS,
+                         "full") if any(m.kind == "recpo" for m in methods) else LLM_PROTOCOLS
             stages += [baseline_stage(plan, seed, baselines, p) for p in protocols]
         if needs_sft:
             stages.append(sft_stage(plan, seed, BY_NAME["sft"]))
         for method in methods:
-            stages += [s for s in method_stages(plan, seed, method) if s.key not in {t.key for t in stages}]
+            stages += [s for s in method_stages(plan, seed, method)
+                       if s.key not in {t.key for t in stages}]
     return stages
 
 
@@ -287,17 +333,20 @@ def run_stage(stage: Stage, log_dir: Path) -> dict[str, Any]:
     """
     log = log_dir / (stage.key.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
         handle.write("$ " + " ".join(stage.cmd) + "\n")
         handle.flush()
-        proc = subprocess.Popen(stage.cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(stage.cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
+        tail = "".join(log.read_text(encoding="utf-8",
+                                     errors="replace").splitlines(keepends=True)[-15:])
         raise RuntimeError(f"stage {stage.key} failed (exit {proc.returncode}); log {log}:\n{tail}")
     steps = None
     if stage.steps_from is not None and stage.steps_from.is_file():
@@ -307,7 +356,8 @@ def run_stage(stage: Stage, log_dir: Path) -> dict[str, Any]:
             "command": " ".join(stage.cmd)}
 
 
-def execute(stages: Sequence[Stage], run_root: Path, *, dry_run: bool = False) -> dict[str, dict[str, Any]]:
+def execute(stages: Sequence[Stage], run_root: Path, *,
+            dry_run: bool = False) -> dict[str, dict[str, Any]]:
     """Run the stages in order, skipping finished ones; records go to ``<run_root>/stages.json``.
 
     A failed stage is recorded (``"failed"``: the error with the log's tail) and the later stages of

@@ -114,7 +114,8 @@ def measure(run, prepared, catalog, rows, batch: int, steps: int) -> dict[str, f
             clock.seconds.clear()
             loading["seconds"] = 0.0
             start = time.perf_counter()
-            nll, units = collate_and_forward(model, collator, chunk, sft_objective, parts if step else None)
+            nll, units = collate_and_forward(model, collator, chunk, sft_objective,
+                                             parts if step else None)
             forward_end = time.perf_counter()
             (nll / units).backward()
             optimizer.step()
@@ -154,7 +155,10 @@ def collate_and_forward(model, collator, rows, objective, parts):
         nll, units = objective(model, collator, rows, torch.device("cpu"))
         total = time.perf_counter() - start
     finally:
-        collator.encode_prompts, collator.encode_pairs = real["encode_prompts"], real["encode_pairs"]
+        collator.encode_prompts, collator.encode_pairs = (
+            real["encode_prompts"],
+            real["encode_pairs"],
+        )
     if parts is not None:
         parts["collation"].append(seconds["collation"] / len(rows))
         parts["forward"].append((total - seconds["collation"]) / len(rows))
@@ -163,7 +167,8 @@ def collate_and_forward(model, collator, rows, objective, parts):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/ml100k-smollm2.yaml")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
@@ -189,13 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in names:
         changes = VARIANTS[name]
-        run = replace(base, **{section: replace(getattr(base, section), **values) for section, values in changes.items()})
+        run = replace(base,
+                      **{section: replace(getattr(base, section), **values) for section,
+                         values in changes.items()})
         torch.manual_seed(0)
         results[name] = measure(run, prepared, catalog, rows, args.batch, args.steps)
         print(f"{name}: {results[name]['step']:.3f} s/example", flush=True)
     columns = ["tokens", "step", "image loading", "collation", "vision tower", "language model",
                "head / LM head", "backward + optimizer"]
-    print(f"\nSFT step, seconds per example (median of {args.steps} steps of {args.batch}, after a warm-up); "
+    print(f"\nSFT step, seconds per example (median of {args.steps} steps of {args.batch}, "
+          "after a warm-up); "
           f"{torch.get_num_threads()} threads; {describe_machine()}\n")
     print("| variant | " + " | ".join(columns) + " | vs recipe |")
     print("|---|" + "---:|" * (len(columns) + 1))

@@ -12,11 +12,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hanorec.losses import (
-    hanorec_betas,
     hardness_lambdas,
+    hars_betas,
     pair_deltas,
     preference_loss,
-    responsiveness,
+    reward_margins,
     sequence_logps,
 )
 
@@ -53,9 +53,9 @@ for step in range(30):
     chosen, rejected = logps(policy, chosen_items, SIGMA), logps(policy, rejected_items, SIGMA)
     with torch.no_grad():
         ref_chosen, ref_rejected = logps(reference, chosen_items), logps(reference, rejected_items)
-    h = (chosen - ref_chosen) - (rejected - ref_rejected)  # implicit reward margin
-    eta = responsiveness(h, BETA0)  # eq. 8, no gradient
-    beta = hanorec_betas(lambdas, eta, BETA0)  # eq. 11: max(1e-6, β0·η·λ_i)
+    h = reward_margins(chosen, rejected, ref_chosen, ref_rejected)  # implicit reward margins
+    # eq. 8 (η from h, no gradient) and eq. 11: β_i = max(1e-6, β0·η·λ_i)
+    beta, eta = hars_betas("dynamic", BETA0, lambdas, h)
     out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta)  # eq. 12
     optimizer.zero_grad()
     out.loss.backward()

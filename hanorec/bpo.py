@@ -2,7 +2,8 @@
 
     python -m hanorec.bpo generate --config configs/demo.yaml --checkpoint runs/demo/sft/final \\
         [--bpo-out runs/demo/bpo/blind]
-    accelerate launch -m hanorec.dpo --config configs/demo.yaml --blind-negatives runs/demo/bpo/blind
+    accelerate launch -m hanorec.dpo --config configs/demo.yaml \\
+        --blind-negatives runs/demo/bpo/blind
 
 BPO's idea: an MLLM that can answer as well **without** looking at the image relies on its
 language prior, not on the image. The model answers every preference prompt with its images
@@ -28,61 +29,78 @@ scores candidates) — and the answer is mapped with
 * ``text`` — it names no item (kept as text; a usable negative on ``general`` rows only).
 
 The output (``datasets.save_to_disk``, written next to its final name and renamed into place)
-has one row per pair: ``row_key`` (joins with the pairs, :func:`row_key`), ``protocol``,
-``user_id``, ``chosen``, ``blind_answer``, ``blind_item`` (item id or None) and ``status``;
-``manifest.json`` beside it holds the counts, the checkpoint and the generation settings.
-How the DPO stage mixes them in is :func:`mix_blind_negatives`.
+has one row per pair: ``row_key`` (joins with the pairs), ``protocol``, ``user_id``,
+``chosen``, ``blind_answer``, ``blind_item`` (item id or None) and ``status``; ``manifest.json``
+beside it holds the counts, the checkpoint and the generation settings. The format, and how
+the DPO stage mixes the answers in, is :mod:`hanorec.data.blind`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from hanorec import config as recipe
+from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
+from hanorec.data.blind import count_statuses, row_key, write_blind_dataset
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prompts import ANSWERS, GENERAL, LABELS, response_text
-from hanorec.dpo import DPOConfig, load_preference_data
 from hanorec.metrics import match_answer, normalize_title
 from hanorec.models.config import ModelConfig
-from hanorec.runtime import PromptConfig, load_rows, load_trained, make_collator
+from hanorec.models.lineage import load_trained
+from hanorec.preference import DPOConfig, load_preference_data
+from hanorec.runtime import PromptConfig, load_rows, make_collator
 from hanorec.scoring import candidate_scores, yes_no_scores
 
-STATUSES = ("item", "text", "chosen")
+__all__ = ["BPOConfig", "BPORun", "blind_answers", "blind_picks", "blind_records",
+           "classify_answer", "count_statuses", "generate", "label_to_title", "main", "row_key",
+           "write_blind_dataset"]
+USAGE = "usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR] [--bpo-out DIR]"
 
 
 @dataclass
 class BPOConfig:
     """The ``bpo:`` section: how blind answers are generated."""
 
-    checkpoint: str | None = field(default=None, metadata={"help": "Model folder answering the blind prompts (default dpo.sft_checkpoint, else <run_dir>/sft/final): the SFT model, as BPO samples its blind negatives from the model being aligned."})
-    bpo_out: str | None = field(default=None, metadata={"help": "Output dataset folder (default <run_dir>/bpo/blind); pass it to hanorec.dpo --blind-negatives."})
-    bpo_batch_size: int = field(default=4, metadata={"help": "Blind prompts per generate call (left-padded)."})
-    bpo_max_new_tokens: int = field(default=24, metadata={"help": "Token budget of a blind answer (a title is short)."})
-    bpo_sample: bool = field(default=False, metadata={"help": "Sample the blind answers (temperature, top-p) instead of greedy decoding."})
-    bpo_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --bpo-sample true)."})
-    bpo_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --bpo-sample true)."})
-    bpo_pick: Literal["generate", "score"] = field(default="generate", metadata={"help": "generate: the blind answer is generated and mapped to an item; score: the blind pick is the candidate (or Yes/No) with the highest blind likelihood, as the evaluator scores candidates — for models whose free answers name no item (candidate protocols and hit1 only)."})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "Model folder answering the blind prompts (default dpo.sft_checkpoint, else "
+                "<run_dir>/sft/final): the SFT model, as BPO samples its blind negatives from "
+                "the model being aligned."})
+    bpo_out: str | None = field(default=None, metadata={
+        "help": "Output dataset folder (default <run_dir>/bpo/blind); pass it to hanorec.dpo "
+                "--blind-negatives."})
+    bpo_batch_size: int = field(default=4, metadata={
+        "help": "Blind prompts per generate call (left-padded)."})
+    bpo_max_new_tokens: int = field(default=24, metadata={
+        "help": "Token budget of a blind answer (a title is short)."})
+    bpo_sample: bool = field(default=False, metadata={
+        "help": "Sample the blind answers (temperature, top-p) instead of greedy decoding."})
+    bpo_temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (with --bpo-sample true)."})
+    bpo_top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling mass (with --bpo-sample true)."})
+    bpo_pick: Literal["generate", "score"] = field(default="generate", metadata={
+        "help": "generate: the blind answer is generated and mapped to an item; score: the "
+                "blind pick is the candidate (or Yes/No) with the highest blind likelihood, as "
+                "the evaluator scores candidates — for models whose free answers name no item "
+                "(candidate protocols and hit1 only)."})
 
 
 @dataclass
 class BPORun:
-    run_dir: str = field(default="runs/demo", metadata={"help": "Run folder; blind answers go to <run_dir>/bpo/blind by default."})
-    seed: int = field(default=0, metadata={"help": "Seed of the row subset (as the DPO stage) and of sampling."})
+    run_dir: str = field(default="runs/demo", metadata={
+        "help": "Run folder; blind answers go to <run_dir>/bpo/blind by default."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the row subset (as the DPO stage) and of sampling."})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -91,13 +109,6 @@ class BPORun:
 
 
 # --------------------------------------------------------------------------- answers → items
-
-
-def row_key(row: Mapping[str, Any]) -> str:
-    """A stable key of a pair row: protocol, user, history (or prompt) and chosen answer, hashed."""
-    context = row["history"] if "history" in row else [row.get("prompt"), row.get("images")]
-    payload = json.dumps([row.get("protocol"), str(row.get("user_id")), context, row["chosen"]], default=str)
-    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
 def answer_space(row: Mapping[str, Any], catalog: Catalog) -> tuple[Sequence[str], Sequence[str]]:
@@ -112,7 +123,8 @@ def answer_space(row: Mapping[str, Any], catalog: Catalog) -> tuple[Sequence[str
     return catalog.item_ids, catalog.titles
 
 
-def classify_answer(answer: str, row: Mapping[str, Any], catalog: Catalog) -> tuple[str | None, str]:
+def classify_answer(answer: str, row: Mapping[str, Any],
+                    catalog: Catalog) -> tuple[str | None, str]:
     """``(blind_item, status)`` of one blind answer (statuses in the module docstring).
 
     Args:
@@ -140,55 +152,34 @@ def label_to_title(answer: str, row: Mapping[str, Any], catalog: Catalog) -> str
     return answer
 
 
-def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str], catalog: Catalog) -> list[dict[str, Any]]:
+def blind_records(rows: Sequence[Mapping[str, Any]], answers: Sequence[str],
+                  catalog: Catalog) -> list[dict[str, Any]]:
     """One output record per (row, blind answer)."""
     if len(rows) != len(answers):
         raise ValueError(f"{len(rows)} rows but {len(answers)} answers")
     records = []
     for row, answer in zip(rows, answers):
         item, status = classify_answer(answer, row, catalog)
-        records.append({"row_key": row_key(row), "protocol": row.get("protocol"), "user_id": str(row.get("user_id")),
-                        "chosen": row["chosen"], "blind_answer": answer, "blind_item": item, "status": status})
+        records.append({"row_key": row_key(row), "protocol": row.get("protocol"),
+                        "user_id": str(row.get("user_id")),
+                        "chosen": row["chosen"], "blind_answer": answer, "blind_item": item,
+                        "status": status})
     return records
-
-
-def count_statuses(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """``{"rows": N, "item": …, "text": …, "chosen": …, "empty": …}`` (``empty``: blank answers,
-    a subset of ``text``)."""
-    counts = Counter(r["status"] for r in records)
-    empty = sum(not r["blind_answer"].strip() for r in records)
-    return {"rows": len(records), **{s: counts.get(s, 0) for s in STATUSES}, "empty": empty}
-
-
-def write_blind_dataset(records: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Save records (``save_to_disk``) and ``manifest.json`` atomically; return the counts."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    features = datasets.Features({name: datasets.Value("string") for name in
-                                  ("row_key", "protocol", "user_id", "chosen", "blind_answer", "blind_item", "status")})
-    datasets.Dataset.from_list([dict(r) for r in records], features=features).save_to_disk(str(tmp))
-    counts = count_statuses(records)
-    (tmp / "manifest.json").write_text(json.dumps({"counts": counts, **(meta or {})}, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(out)
-    return counts
 
 
 # --------------------------------------------------------------------------- generation
 
 
 @torch.no_grad()
-def blind_answers(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], cfg: BPOConfig, *,
+def blind_answers(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]],
+                  cfg: BPOConfig, *,
                   seed: int = 0, progress: bool = True) -> list[str]:
     """Answers to the rows' prompts rendered by ``collator`` (blind), greedy or sampled, batched."""
     if collator.with_images:
         raise ValueError("blind answers need a collator with with_images=False")
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": cfg.bpo_temperature, "top_p": cfg.bpo_top_p} if cfg.bpo_sample else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": cfg.bpo_temperature,
+                "top_p": cfg.bpo_top_p} if cfg.bpo_sample else {"do_sample": False}
     torch.manual_seed(seed)
     answers: list[str] = []
     starts = range(0, len(rows), cfg.bpo_batch_size)
@@ -196,16 +187,21 @@ def blind_answers(model, collator: PromptCollator, rows: Sequence[Mapping[str, A
         chunk = rows[start : start + cfg.bpo_batch_size]
         batch = collator.encode_prompts(chunk, reserve=cfg.bpo_max_new_tokens, padding_side="left")
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        output = model.generate(**batch, max_new_tokens=cfg.bpo_max_new_tokens, pad_token_id=collator.pad_token_id, **sampling)
+        output = model.generate(**batch, max_new_tokens=cfg.bpo_max_new_tokens,
+                                pad_token_id=collator.pad_token_id, **sampling)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
-        answers.extend(t.strip() for t in collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(t.strip()
+                       for t in collator.tokenizer.batch_decode(new_tokens,
+                                                                skip_special_tokens=True))
     return answers
 
 
-def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], cfg: BPOConfig, *,
+def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], cfg: BPOConfig,
+                *,
                 progress: bool = True) -> list[str]:
     """The answer each blind prompt scores highest: the title of the most likely candidate
-    (``candidates``, ``hit3``), or ``Yes`` / ``No`` by the sign of ``log π(Yes) − log π(No)`` (hit1).
+    (``candidates``, ``hit3``), or ``Yes`` / ``No`` by the sign of ``log π(Yes) − log π(No)``
+    (hit1).
 
     Raises:
         ValueError: A protocol without candidates (``full``, ``general``): use ``generate``.
@@ -217,12 +213,17 @@ def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any
         ids = [i for i, row in enumerate(rows) if row.get("protocol") == protocol]
         chunk = [rows[i] for i in ids]
         if protocol == "hit1":
-            picks = ["Yes" if s >= 0 else "No" for s in yes_no_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size, progress=progress)]
+            picks = ["Yes" if s >= 0 else "No"
+                     for s in yes_no_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size,
+                                            progress=progress)]
         elif all("candidates" in row for row in chunk):
-            scores = candidate_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size, progress=progress)
-            picks = [response_text(row["candidates"][int(s.argmax())], collator.catalog) for row, s in zip(chunk, scores)]
+            scores = candidate_scores(model, collator, chunk, batch_size=cfg.bpo_batch_size,
+                                      progress=progress)
+            picks = [response_text(row["candidates"][int(s.argmax())], collator.catalog) for row,
+                     s in zip(chunk, scores)]
         else:
-            raise ValueError(f"--bpo-pick score needs candidate rows; protocol {protocol!r} has none (use --bpo-pick generate)")
+            raise ValueError(f"--bpo-pick score needs candidate rows; protocol {protocol!r} has "
+                             "none (use --bpo-pick generate)")
         for i, pick in zip(ids, picks):
             answers[i] = pick
     return answers
@@ -231,14 +232,17 @@ def blind_picks(model, collator: PromptCollator, rows: Sequence[Mapping[str, Any
 def generate(run: BPORun) -> Path:
     """Blind answers for the DPO training pairs of ``run``; returns the output folder."""
     cfg = run.bpo
-    checkpoint = Path(cfg.checkpoint or run.dpo.sft_checkpoint or Path(run.run_dir) / "sft" / "final")
+    checkpoint = Path(cfg.checkpoint or run.dpo.sft_checkpoint or Path(run.run_dir) / "sft"
+                      / "final")
     out = Path(cfg.bpo_out or Path(run.run_dir) / "bpo" / "blind")
     prepared, catalog = load_preference_data(run, Accelerator(cpu=not torch.cuda.is_available()))
-    rows = load_rows(prepared, run.dpo.dpo_protocols, "train", pairs=True, limit=run.dpo.max_train_pairs, seed=run.seed)
+    rows = load_rows(prepared, run.dpo.dpo_protocols, "train", pairs=True,
+                     limit=run.dpo.max_train_pairs, seed=run.seed)
     model, processor = load_trained(run.model, checkpoint)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     blind_prompt = replace(run.prompt, with_images=False)
-    collator = make_collator(processor, catalog, run.dpo.dpo_protocols[0], blind_prompt)  # rows carry their protocol
+    # rows carry their protocol
+    collator = make_collator(processor, catalog, run.dpo.dpo_protocols[0], blind_prompt)
     if collator.style.answer == "head" and cfg.bpo_pick != "score":
         raise ValueError("prompt.answer: head gives no text answers; use --bpo-pick score")
     if cfg.bpo_pick == "score":
@@ -248,69 +252,28 @@ def generate(run: BPORun) -> Path:
         if collator.style.answer == "index":
             answers = [label_to_title(answer, row, catalog) for answer, row in zip(answers, rows)]
     records = blind_records(rows, answers, catalog)
-    meta = {"checkpoint": str(checkpoint), "protocols": list(run.dpo.dpo_protocols), "prepared": str(prepared), **asdict(cfg)}
+    meta = {"checkpoint": str(checkpoint), "protocols": list(run.dpo.dpo_protocols),
+            "prepared": str(prepared), **asdict(cfg)}
     counts = write_blind_dataset(records, out, meta)
-    print(f"blind answers for {counts['rows']} pairs: {counts['item']} mapped to another item (blind negatives), "
-          f"{counts['chosen']} skipped (equal to the chosen item), {counts['text']} kept as text (no item named; {counts['empty']} of them blank); written to {out}")
+    print(f"blind answers for {counts['rows']} pairs: {counts['item']} mapped to another item "
+          "(blind negatives), "
+          f"{counts['chosen']} skipped (equal to the chosen item), {counts['text']} kept as "
+          f"text (no item named; {counts['empty']} of them blank); written to {out}")
     return out
 
 
-# --------------------------------------------------------------------------- DPO hook
-
-
-def blind_negative(record: Mapping[str, Any] | None, row: Mapping[str, Any]) -> str | None:
-    """The negative a pair row gets from its blind record: the item, or free text on general rows."""
-    if record is None or record["status"] == "chosen":
-        return None
-    if record["blind_item"] is not None:
-        return record["blind_item"]
-    if row.get("protocol") == GENERAL and record["blind_answer"].strip():
-        return record["blind_answer"]
-    return None
-
-
-def mix_blind_negatives(rows: list[dict[str, Any]], path: str | Path, *, ratio: float = 1.0,
-                        seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Give a seeded ``ratio`` of the rows that have a usable blind negative that negative, in
-    place of their last sampled one (K unchanged; see ``hanorec.dpo``'s design choices).
-
-    Returns:
-        The new rows and counts: ``rows``, ``with_record``, ``usable``, ``already_rejected``
-        (the blind item is already one of the row's negatives: nothing to do), ``replaced``.
-
-    Raises:
-        ValueError: ``ratio`` outside [0, 1], a missing folder, or no row matches a record.
-    """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"blind_ratio must be in [0, 1], got {ratio}")
-    if not Path(path).is_dir():
-        raise ValueError(f"--blind-negatives {path} does not exist: run `python -m hanorec.bpo generate` first")
-    table = {r["row_key"]: r for r in datasets.load_from_disk(str(path)).to_list()}
-    found = [table.get(row_key(row)) for row in rows]
-    if not any(found):
-        raise ValueError(f"--blind-negatives {path}: none of the {len(rows)} training pairs has a blind answer "
-                         "(generate them with the same recipe, protocols and max_train_pairs)")
-    negatives = [blind_negative(rec, row) for rec, row in zip(found, rows)]
-    already = [i for i, neg in enumerate(negatives) if neg is not None and neg in rows[i]["rejected"]]
-    usable = [i for i, neg in enumerate(negatives) if neg is not None and i not in set(already)]
-    take = round(ratio * len(usable))
-    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:take]
-    out = list(rows)
-    for i in sorted(usable[j] for j in order.tolist()):
-        out[i] = {**rows[i], "rejected": [*rows[i]["rejected"][:-1], negatives[i]]}
-    counts = {"rows": len(rows), "with_record": sum(r is not None for r in found), "usable": len(usable),
-              "already_rejected": len(already), "replaced": take}
-    print(f"blind negatives: {take} of {len(usable)} usable rows get theirs ({len(already)} already a negative; "
-          f"{counts['with_record']} of {len(rows)} pairs have a blind answer)")
-    return out, counts
-
-
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | int:
+    """``generate``: blind answers for the DPO training pairs; ``--help``: this usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "generate":
-        raise ValueError("usage: python -m hanorec.bpo generate --config RECIPE [--checkpoint DIR] [--bpo-out DIR] (see generate --help)")
-    run = recipe.parse(BPORun, argv[1:], prog="hanorec.bpo generate", description=__doc__)
-    return generate(run)
+    if argv[:1] == ["generate"]:
+        run = recipe.parse(BPORun, argv[1:], prog="hanorec.bpo generate", description=__doc__)
+        return generate(run)
+    if argv[:1] in (["-h"], ["--help"]):
+        ArgumentParser(prog="python -m hanorec.bpo", usage=USAGE.removeprefix("usage: "),
+                       description=__doc__, epilog="See `python -m hanorec.bpo generate --help` "
+                       "for every flag.").print_help()
+        return 0
+    raise ValueError(f"{USAGE} (see generate --help)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from hanorec.baselines.sasrec import SASRec, SASRecConfig, SASRecModel
 from hanorec.data.known import known_sequences
+from hanorec.data.prepared import read_manifest
 from hanorec.metrics import history_mask, ndcg, target_ranks
 
 FORMAT_VERSION = 1
@@ -56,19 +57,33 @@ class CollabConfig(SASRecConfig):
     """The ``collab:`` section: the recommender behind the collaborative item tokens and the
     ranking head (the ``sasrec_*`` fields are SASRec's, Kang & McAuley 2018)."""
 
-    collab_holdout: int = field(default=5, metadata={"help": "Most recent N items of each user's training sequence that the recommender does not train on; SFT can train on exactly those targets, whose recommender states are then out-of-sample like a test user's (0: train on everything for sasrec_epochs epochs)."})
-    collab_rows: str = field(default="heldout", metadata={"help": "SFT rows with collaborative tokens on: `heldout` = only the rows whose target is one of the held-out items (out-of-sample user states), `all` = every training row."})
-    projector_hidden: int = field(default=0, metadata={"help": "Hidden width of the 2-layer MLP projectors that map recommender vectors to the LM width (LLaRA's hybrid item representation); 0: the LM width."})
-    head_similarity: str = field(default="dot", metadata={"help": "Ranking head score between the answer-position state h and an item vector v: `dot` = <h, v>/sqrt(d), `cos` = cos(h, v)/head_tau (R2ec, arXiv 2505.16994)."})
-    head_tau: float = field(default=0.05, metadata={"help": "Temperature of the `cos` head similarity (R2ec uses 0.02)."})
+    collab_holdout: int = field(default=5, metadata={
+        "help": "Most recent N items of each user's training sequence that the recommender does "
+                "not train on; SFT can train on exactly those targets, whose recommender states "
+                "are then out-of-sample like a test user's (0: train on everything for "
+                "sasrec_epochs epochs)."})
+    collab_rows: str = field(default="heldout", metadata={
+        "help": "SFT rows with collaborative tokens on: `heldout` = only the rows whose target "
+                "is one of the held-out items (out-of-sample user states), `all` = every "
+                "training row."})
+    projector_hidden: int = field(default=0, metadata={
+        "help": "Hidden width of the 2-layer MLP projectors that map recommender vectors to the "
+                "LM width (LLaRA's hybrid item representation); 0: the LM width."})
+    head_similarity: str = field(default="dot", metadata={
+        "help": "Ranking head score between the answer-position state h and an item vector v: "
+                "`dot` = <h, v>/sqrt(d), `cos` = cos(h, v)/head_tau (R2ec, arXiv 2505.16994)."})
+    head_tau: float = field(default=0.05, metadata={
+        "help": "Temperature of the `cos` head similarity (R2ec uses 0.02)."})
 
     def __post_init__(self) -> None:
         if self.collab_holdout < 0:
             raise ValueError(f"collab.collab_holdout must be >= 0, got {self.collab_holdout}")
         if self.collab_rows not in ("heldout", "all"):
-            raise ValueError(f"collab.collab_rows must be 'heldout' or 'all', got {self.collab_rows!r}")
+            raise ValueError("collab.collab_rows must be 'heldout' or 'all', got "
+                             f"{self.collab_rows!r}")
         if self.head_similarity not in ("dot", "cos"):
-            raise ValueError(f"collab.head_similarity must be 'dot' or 'cos', got {self.head_similarity!r}")
+            raise ValueError("collab.head_similarity must be 'dot' or 'cos', got "
+                             f"{self.head_similarity!r}")
         if self.head_tau <= 0:
             raise ValueError(f"collab.head_tau must be positive, got {self.head_tau}")
 
@@ -115,8 +130,9 @@ class CollabFeatures:
 
 def cache_key(prepared: Path, cfg: CollabConfig) -> str:
     """Hash of the prepared data's fingerprint and the recommender's settings."""
-    manifest = json.loads((Path(prepared) / "manifest.json").read_text())
-    settings = {**asdict(cfg.sasrec()), "collab_holdout": cfg.collab_holdout, "version": FORMAT_VERSION}
+    manifest = read_manifest(prepared)
+    settings = {**asdict(cfg.sasrec()), "collab_holdout": cfg.collab_holdout,
+                "version": FORMAT_VERSION}
     blob = json.dumps({"data": manifest.get("fingerprint"), "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -130,14 +146,15 @@ def _selection(model: SASRec, inputs: list[list[int]], targets: list[int]) -> fl
 
 def train_recommender(sequences: Sequence[Sequence[int]], num_items: int, cfg: CollabConfig,
                       *, log: Any = None) -> tuple[SASRec, dict[str, Any]]:
-    """SASRec on each sequence minus its last ``collab_holdout`` items (see the module docstring)."""
+    """SASRec on each sequence minus its last ``collab_holdout`` items (module docstring)."""
     holdout = cfg.collab_holdout
     heads = [list(s[: len(s) - holdout]) for s in sequences]
     start = time.perf_counter()
     recommender = SASRec(cfg.sasrec())
     validate = None
     if holdout > 0:
-        chosen = [n for n, s in enumerate(sequences) if len(heads[n]) >= 1 and len(s) > len(heads[n])]
+        chosen = [n for n,
+                  s in enumerate(sequences) if len(heads[n]) >= 1 and len(s) > len(heads[n])]
         inputs = [heads[n] for n in chosen]
         targets = [int(sequences[n][len(heads[n])]) for n in chosen]
         validate = lambda model: _selection(model, inputs, targets)  # noqa: E731
@@ -186,20 +203,24 @@ def collab_features(prepared: str | Path, num_items: int, cfg: CollabConfig, *,
     folder = prepared / CACHE_FOLDER / cache_key(prepared, cfg)
     if not (folder / "meta.json").is_file():
         if log:
-            log(f"training the collaborative recommender (SASRec, holdout {cfg.collab_holdout}) into {folder}")
+            log(f"training the collaborative recommender (SASRec, holdout {cfg.collab_holdout}) "
+                f"into {folder}")
         recommender, meta = train_recommender(list(sequences.values()), num_items, cfg, log=log)
-        meta.update(num_items=num_items, sasrec=asdict(cfg.sasrec()), collab_holdout=cfg.collab_holdout,
+        meta.update(num_items=num_items, sasrec=asdict(cfg.sasrec()),
+                    collab_holdout=cfg.collab_holdout,
                     key=folder.name)
         _save(folder, recommender, meta)
     meta = json.loads((folder / "meta.json").read_text())
     if int(meta["num_items"]) != num_items:
-        raise ValueError(f"{folder}: recommender has {meta['num_items']} items, the catalogue {num_items}")
+        raise ValueError(f"{folder}: recommender has {meta['num_items']} items, the catalogue "
+                         f"{num_items}")
     model = _load_model(folder, meta)
     table = model.item_emb.weight[1:].detach().clone()
     return CollabFeatures(table, model, sequences, int(meta["collab_holdout"]), meta)
 
 
-def user_states(model: SASRecModel, sequences: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
+def user_states(model: SASRecModel, sequences: Sequence[Sequence[int]],
+                max_len: int) -> torch.Tensor:
     """``[B, d]`` SASRec states (last position) of 0-based item sequences (no gradient)."""
     from hanorec.baselines.sasrec import _left_pad
 
@@ -208,4 +229,5 @@ def user_states(model: SASRecModel, sequences: Sequence[Sequence[int]], max_len:
         return model(_left_pad(sequences, max_len).to(device))[:, -1, :]
 
 
-__all__ = ["CollabConfig", "CollabFeatures", "cache_key", "collab_features", "train_recommender", "user_states"]
+__all__ = ["CollabConfig", "CollabFeatures", "cache_key", "collab_features", "train_recommender",
+           "user_states"]

@@ -52,8 +52,8 @@ from hanorec.data.prompts import (
     build_prompt,
 )
 from hanorec.item_tokens import ensure_placeholders, virtual_id
+from hanorec.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 #: Per-token keys (padded along the sequence) and their padding value (None = pad token id).
 SEQUENCE_KEYS: dict[str, int | None] = {
     "input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0,
@@ -81,7 +81,8 @@ class ChoiceBatch:
 
     def to(self, device: torch.device | str) -> ChoiceBatch:
         """The batch with its tensors on ``device``."""
-        prompts = BatchFeature({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.prompts.items()})
+        prompts = BatchFeature({k: v.to(device) if isinstance(v, torch.Tensor) else v for k,
+                                v in self.prompts.items()})
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return ChoiceBatch(prompts, move(self.responses), self.choices, move(self.picks))
 
@@ -136,9 +137,11 @@ class PromptCollator:
         num_items_dropped: History items dropped in total.
     """
 
-    def __init__(self, processor: ProcessorMixin, catalog: Catalog, protocol: str, *, image_budget: int,
+    def __init__(self, processor: ProcessorMixin, catalog: Catalog, protocol: str, *,
+                 image_budget: int,
                  max_length: int, with_images: bool = True,
-                 padding_side: Literal["left", "right"] = "right", style: PromptStyle = DEFAULT_STYLE) -> None:
+                 padding_side: Literal["left", "right"] = "right",
+                 style: PromptStyle = DEFAULT_STYLE) -> None:
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         if padding_side not in ("left", "right"):
@@ -174,7 +177,8 @@ class PromptCollator:
         """
         counts = {len(texts) for texts in texts_per_row}
         if len(counts) != 1:
-            raise ValueError(f"every row needs the same number of responses, got counts {sorted(counts)}")
+            raise ValueError("every row needs the same number of responses, got counts "
+                             f"{sorted(counts)}")
         encoded = [self.encode_responses(texts) for texts in texts_per_row]
         width = max(len(ids) for row in encoded for ids in row)
         out = torch.full((len(encoded), counts.pop(), width), IGNORE_INDEX, dtype=torch.long)
@@ -216,19 +220,22 @@ class PromptCollator:
         return build_prompt(row, self.catalog, protocol, image_budget=self.image_budget,
                             max_items=max_items, with_images=self.with_images, style=self.style)
 
-    def prompt_features(self, prompt: Prompt, images: dict[Path, Image.Image]) -> dict[str, torch.Tensor]:
+    def prompt_features(self, prompt: Prompt,
+                        images: dict[Path, Image.Image]) -> dict[str, torch.Tensor]:
         """Chat-template and process one rendered prompt: 1-D token tensors + its image inputs.
 
         ``images`` caches opened files across calls (pass ``{}`` for none).
         """
-        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False) + prompt.suffix
+        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True,
+                                                  tokenize=False) + prompt.suffix
         pil = [images.setdefault(p, _load_rgb(p)) for p in prompt.image_paths]
         kwargs: dict[str, Any] = {"images": [pil]} if pil else {}
         out = self.processor(text=[text], return_tensors="pt", **kwargs)
         features = {}
         for key, value in out.items():
             features[key] = value[0] if key in SEQUENCE_KEYS else value
-        if "pixel_values" in features and features["pixel_values"].dim() == 5:  # Idefics3: (1, n, C, H, W)
+        # Idefics3: (1, n, C, H, W)
+        if "pixel_values" in features and features["pixel_values"].dim() == 5:
             features["pixel_values"] = features["pixel_values"][0]
             features["pixel_attention_mask"] = features["pixel_attention_mask"][0]
         if self.placeholder_ids:
@@ -241,7 +248,8 @@ class PromptCollator:
                  if int(t) in self._placeholder_kind]
         kinds = [kind.replace("mention", "item") for kind, _ in prompt.slots]
         if [kind for _, kind in found] != kinds:
-            raise ValueError(f"prompt placeholders {[k for _, k in found]} do not match its slots {kinds} "
+            raise ValueError(f"prompt placeholders {[k for _, k in found]} do not match its "
+                             f"slots {kinds} "
                              "(a title containing a placeholder text?)")
         out = ids.clone()
         for (position, _), (kind, item_id) in zip(found, prompt.slots):
@@ -261,7 +269,8 @@ class PromptCollator:
         """
         budget = self.max_length - reserve
         images: dict[Path, Image.Image] = {}
-        full = len(row["history"]) if "history" in row else 1  # a `general` conversation: one uncuttable unit
+        # a `general` conversation: one uncuttable unit
+        full = len(row["history"]) if "history" in row else 1
         for max_items in range(full, 0, -1):
             prompt = self._render(row, None if max_items == full else max_items)
             features = self.prompt_features(prompt, images)
@@ -271,9 +280,11 @@ class PromptCollator:
                 if dropped:
                     self.num_truncated += 1
                     self.num_items_dropped += dropped
-                return EncodedRow(features, length, prompt.num_history_items, bool(dropped), prompt.image_paths)
+                return EncodedRow(features, length, prompt.num_history_items, bool(dropped),
+                                  prompt.image_paths)
         raise ValueError(
-            f"prompt of user {row.get('user_id')!r} needs {length} tokens with a single history item, "
+            f"prompt of user {row.get('user_id')!r} needs {length} tokens with a single history "
+            "item, "
             f"more than max_length {self.max_length} minus {reserve} reserved for the response; "
             f"raise max_length or lower image_budget")
 
@@ -281,7 +292,8 @@ class PromptCollator:
                              padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
         """Batch already-rendered prompts (e.g. item descriptions) without truncation."""
         images: dict[Path, Image.Image] = {}
-        return self.collate_features([self.prompt_features(p, images) for p in prompts], padding_side or self.padding_side)
+        return self.collate_features([self.prompt_features(p, images) for p in prompts],
+                                     padding_side or self.padding_side)
 
     def encode_prompts(self, rows: Sequence[Mapping[str, Any]], *, reserve: int = 0,
                        padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
@@ -293,9 +305,11 @@ class PromptCollator:
             padding_side: Overrides the collator's padding side (``left`` for generation).
         """
         encoded = [self.encode_prompt_row(row, reserve=reserve) for row in rows]
-        return self.collate_features([e.features for e in encoded], padding_side or self.padding_side)
+        return self.collate_features([e.features for e in encoded],
+                                     padding_side or self.padding_side)
 
-    def encode_pairs(self, rows: Sequence[Mapping[str, Any]], responses: Sequence[str] | None = None,
+    def encode_pairs(self, rows: Sequence[Mapping[str, Any]],
+                     responses: Sequence[str] | None = None,
                      *, padding_side: Literal["left", "right"] | None = None) -> BatchFeature:
         """Prompt + response + eos per row, with ``labels`` scoring only response and eos.
 
@@ -317,7 +331,8 @@ class PromptCollator:
             features.append(append_response(encoded.features, ids))
         return self.collate_features(features, padding_side or self.padding_side)
 
-    def encode_preference(self, rows: Sequence[Mapping[str, Any]]) -> tuple[BatchFeature, torch.Tensor]:
+    def encode_preference(self,
+                          rows: Sequence[Mapping[str, Any]]) -> tuple[BatchFeature, torch.Tensor]:
         """Prompt batch and ``[B, K+1, R]`` responses (chosen first) for pair rows (DPO)."""
         texts = [self.response_texts(row) for row in rows]
         reserve = max(len(ids) for row_texts in texts for ids in self.encode_responses(row_texts))
@@ -329,8 +344,10 @@ class PromptCollator:
         if self.style.answer != "head":
             return ChoiceBatch(*self.encode_preference(rows))
         index = self.catalog.index
-        picks = torch.tensor([[index[row["chosen"]], *(index[item] for item in row["rejected"])] for row in rows])
-        choices = [[index[i] for i in row["candidates"]] if row.get("candidates") else None for row in rows]
+        picks = torch.tensor([[index[row["chosen"]], *(index[item] for item in row["rejected"])]
+                              for row in rows])
+        choices = [[index[i] for i in row["candidates"]] if row.get("candidates") else None
+                   for row in rows]
         return ChoiceBatch(self.encode_prompts(rows), choices=choices, picks=picks)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> BatchFeature:
@@ -338,7 +355,8 @@ class PromptCollator:
         return self.encode_pairs(rows)
 
     # ------------------------------------------------------------------ batching
-    def collate_features(self, rows: list[dict[str, torch.Tensor]], padding_side: str) -> BatchFeature:
+    def collate_features(self, rows: list[dict[str, torch.Tensor]],
+                         padding_side: str) -> BatchFeature:
         """Pad and stack per-row features (from :meth:`prompt_features`, maybe with
         :func:`append_response`) into one batch."""
         width = max(int(r["input_ids"].shape[0]) for r in rows)
@@ -362,7 +380,8 @@ def check_labels(tokenizer: Any) -> None:
     ids = tokenizer(list(LABELS), add_special_tokens=False)["input_ids"]
     bad = [label for label, seq in zip(LABELS, ids) if len(seq) != 1]
     if bad or len({seq[0] for seq in ids}) != len(LABELS):
-        raise ValueError(f"answer: index needs one token per label; this tokenizer splits {bad[:5]}")
+        raise ValueError("answer: index needs one token per label; this tokenizer splits "
+                         f"{bad[:5]}")
 
 
 def _load_rgb(path: Path) -> Image.Image:
@@ -377,11 +396,13 @@ def append_response(features: dict[str, torch.Tensor], ids: list[int]) -> dict[s
     out = dict(features)
     prompt_len = int(features["input_ids"].shape[0])
     out["input_ids"] = torch.cat([features["input_ids"], response])
-    out["labels"] = torch.cat([torch.full((prompt_len,), IGNORE_INDEX, dtype=response.dtype), response])
+    out["labels"] = torch.cat([torch.full((prompt_len,), IGNORE_INDEX, dtype=response.dtype),
+                               response])
     for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
         if key in features:
             fill = 1 if key == "attention_mask" else 0
-            out[key] = torch.cat([features[key], torch.full((len(ids),), fill, dtype=features[key].dtype)])
+            out[key] = torch.cat([features[key],
+                                  torch.full((len(ids),), fill, dtype=features[key].dtype)])
     return out
 
 

@@ -48,7 +48,8 @@ RECIPE_KEYS: set[str] = {
     "run_dir", "seed",                       # scalars of every run
     "data", "model", "prompt",               # shared sections
     "sft", "dpo", "eval", "bpo", "recpo",    # one section per stage
-    "collab",                                # collaborative item tokens and ranking head (hanorec.collab)
+    # collaborative item tokens and ranking head (hanorec.collab)
+    "collab",
 }
 
 #: Largest number of values a recipe may expand to (YAML anchors and aliases included).
@@ -158,7 +159,9 @@ def convert_value(value: Any, tp: Any, where: str) -> Any:
         try:
             return _finite(float(value), where)
         except OverflowError:
-            raise ConfigError(f"{where}: must be a finite number, got {short_repr(value)}") from None
+            raise ConfigError(
+                f"{where}: must be a finite number, got {short_repr(value)}"
+            ) from None
     if inner is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if typing.get_origin(inner) is typing.Literal:
@@ -184,12 +187,14 @@ def leaf_fields(run_cls: type) -> dict[str, tuple[str | None, dataclasses.Field,
     run_hints = _hints(run_cls)
     for top in dataclasses.fields(run_cls):
         tp = run_hints[top.name]
-        owners = [(top.name, f, _hints(tp)[f.name]) for f in dataclasses.fields(tp)] if _is_section(tp) else [(None, top, tp)]
+        owners = [(top.name, f, _hints(tp)[f.name])
+                  for f in dataclasses.fields(tp)] if _is_section(tp) else [(None, top, tp)]
         for section, fld, ftp in owners:
             if fld.name in leaves:
                 other = leaves[fld.name][0] or "top level"
                 raise ConfigError(
-                    f"flag {_flag(fld.name)} is defined twice ({other} and {section or 'top level'}); "
+                    f"flag {_flag(fld.name)} is defined twice ({other} and "
+                    f"{section or 'top level'}); "
                     "field names must be unique across sections"
                 )
             leaves[fld.name] = (section, fld, ftp)
@@ -415,7 +420,7 @@ def parse(run_cls: type[T], argv: Sequence[str] | None = None, *, prog: str, des
 
 
 def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
-    """Return a copy of ``cfg`` with flat ``{field_name: value}`` overrides applied and validated."""
+    """A copy of ``cfg`` with flat ``{field_name: value}`` overrides applied and validated."""
     leaves = leaf_fields(type(cfg))
     changes: dict[str | None, dict[str, Any]] = {}
     for name, value in overrides.items():

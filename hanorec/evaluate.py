@@ -6,13 +6,13 @@
     python -m hanorec.evaluate compare EVAL_A EVAL_B [--out DIR]
 
 The checkpoint defaults to ``<run_dir>/dpo/final`` when it exists, else ``<run_dir>/sft/final``
-(loaded with its whole adapter lineage merged, :func:`hanorec.runtime.load_trained`). Output
+(loaded with its whole adapter lineage merged, :func:`hanorec.models.lineage.load_trained`). Output
 goes to ``<run_dir>/eval/<name>/`` (``name`` defaults to the checkpoint's stage, e.g. ``dpo``):
 ``per_user/<protocol>.jsonl`` (one line per user: ``user_id`` and every per-user value),
 ``summary.json`` (mean and 95% bootstrap interval over users per protocol and metric, timings,
 the checkpoint) and ``report.md``.
 
-Protocols (DESIGN.md, "Evaluation protocols"; scoring in :mod:`hanorec.scoring`):
+Protocols (``docs/methods.md``, "Evaluation protocols"; scoring in :mod:`hanorec.scoring`):
 
 * ``hit1`` — score ``log π(Yes|x) − log π(No|x)``; ROC-AUC over all examples
   (:func:`hanorec.metrics.roc_auc`, ties count ½), interval by the cluster bootstrap over users
@@ -61,9 +61,11 @@ import torch
 from hanorec import config as recipe
 from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
-from hanorec.data.config import DataConfig
-from hanorec.data.known import known_sequences
+from hanorec.data.config import PROTOCOLS, DataConfig
+from hanorec.data.known import known_items, known_sequences
+from hanorec.forward import MODES
 from hanorec.metrics import (
+    PROTOCOL_KS,
     answer_validity,
     auc_contributions,
     full_ranking,
@@ -72,14 +74,9 @@ from hanorec.metrics import (
     target_ranks,
 )
 from hanorec.models.config import ModelConfig
-from hanorec.runtime import (
-    PromptConfig,
-    load_catalog,
-    load_rows,
-    load_trained,
-    make_collator,
-    write_json,
-)
+from hanorec.models.lineage import load_trained
+from hanorec.report import try_write_report
+from hanorec.runtime import PromptConfig, load_catalog, load_rows, make_collator, write_json
 from hanorec.scoring import (
     candidate_scores,
     candidate_titles,
@@ -91,10 +88,16 @@ from hanorec.scoring import (
 )
 from hanorec.stats import bootstrap_auc, compare_runs, summarize
 
-__all__ = ["EvalConfig", "EvalRun", "ProtocolResult", "compare_folders", "evaluate", "main", "quick_candidate_hr1"]
+__all__ = [
+    "EvalConfig",
+    "EvalRun",
+    "ProtocolResult",
+    "compare_folders",
+    "evaluate",
+    "main",
+    "quick_candidate_hr1",
+]
 
-PROTOCOLS = ("hit1", "hit3", "candidates", "full")
-PROTOCOL_KS = {"candidates": (1, 5, 10), "hit3": (1, 3), "full": (5, 10, 20)}
 NOT_COMPARED = ("score", "label")  # per-user values that are inputs, not metrics
 
 
@@ -102,26 +105,50 @@ NOT_COMPARED = ("score", "label")  # per-user values that are inputs, not metric
 class EvalConfig:
     """The ``eval:`` section."""
 
-    eval_protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS), metadata={"help": f"Protocols to evaluate, subset of {PROTOCOLS} (DESIGN.md, 'Evaluation protocols'); each must be prepared."})
-    eval_split: Literal["test", "validation"] = field(default="test", metadata={"help": "Split to evaluate (leave-one-out: test = last item, validation = second last)."})
-    eval_max_users: int = field(default=0, metadata={"help": "Evaluate a seeded subset of this many users per protocol (0: all)."})
+    eval_protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS), metadata={
+        "help": f"Protocols to evaluate, subset of {PROTOCOLS} (docs/methods.md, 'Evaluation "
+                "protocols'); each must be prepared."})
+    eval_split: Literal["test", "validation"] = field(default="test", metadata={
+        "help": "Split to evaluate (leave-one-out: test = last item, validation = second last)."})
+    eval_max_users: int = field(default=0, metadata={
+        "help": "Evaluate a seeded subset of this many users per protocol (0: all)."})
     eval_batch_size: int = field(default=4, metadata={"help": "Prompts per forward pass."})
-    eval_precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "Run the scoring forwards under bf16 autocast (GPUs, and CPUs with avx512_bf16/AMX; log-softmax stays fp32). About 2x faster on such CPUs (benchmarks/candidate_scoring.py); scores move by bf16 rounding, so compare runs at one precision."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Model folder with hanorec.json; default <run_dir>/dpo/final if it exists, else <run_dir>/sft/final."})
-    name: str | None = field(default=None, metadata={"help": "Output folder <run_dir>/eval/<name>; default the checkpoint's stage (sft, dpo)."})
-    length_normalize: bool = field(default=False, metadata={"help": "Score candidates by the mean token log-prob of their title instead of the sum."})
-    scoring_mode: Literal["auto", "kv", "packed", "duplicate"] = field(default="auto", metadata={"help": "Shared-prompt path of hanorec.forward.score_candidates (kv: one prompt pass, candidates branch from its KV cache; duplicate: one sequence per candidate)."})
-    candidates_per_pass: int = field(default=0, metadata={"help": "Candidates scored per prompt pass (bounds the expanded KV cache); 0: all at once."})
-    item_batch_size: int = field(default=16, metadata={"help": "Item prompts per forward when encoding the catalogue (full protocol)."})
-    generate: bool = field(default=False, metadata={"help": "Also answer the candidates prompts greedily: ValidRatio and generated HR@1 over all examples (S-DPO / LLaRA)."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Token budget of a generated answer."})
-    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples over users for the 95% intervals and paired tests."})
-    blind: bool = field(default=False, metadata={"help": "Evaluate again with images removed and report the gap per metric (modality reliance, BPO arXiv 2503.14189)."})
+    eval_precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={
+        "help": "Run the scoring forwards under bf16 autocast (GPUs, and CPUs with "
+                "avx512_bf16/AMX; log-softmax stays fp32). About 2x faster on such CPUs "
+                "(benchmarks/candidate_scoring.py); scores move by bf16 rounding, so compare "
+                "runs at one precision."})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "Model folder with hanorec.json; default <run_dir>/dpo/final if it exists, else "
+                "<run_dir>/sft/final."})
+    name: str | None = field(default=None, metadata={
+        "help": "Output folder <run_dir>/eval/<name>; default the checkpoint's stage (sft, dpo)."})
+    length_normalize: bool = field(default=False, metadata={
+        "help": "Score candidates by the mean token log-prob of their title instead of the sum."})
+    scoring_mode: Literal[MODES] = field(default="auto", metadata={  # type: ignore[valid-type]
+        "help": "Shared-prompt path of hanorec.forward.score_candidates (kv: one prompt pass, "
+                "candidates branch from its KV cache; duplicate: one sequence per candidate)."})
+    candidates_per_pass: int = field(default=0, metadata={
+        "help": "Candidates scored per prompt pass (bounds the expanded KV cache); 0: all at "
+                "once."})
+    item_batch_size: int = field(default=16, metadata={
+        "help": "Item prompts per forward when encoding the catalogue (full protocol)."})
+    generate: bool = field(default=False, metadata={
+        "help": "Also answer the candidates prompts greedily: ValidRatio and generated HR@1 "
+                "over all examples (S-DPO / LLaRA)."})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "Token budget of a generated answer."})
+    bootstrap_resamples: int = field(default=1000, metadata={
+        "help": "Bootstrap resamples over users for the 95% intervals and paired tests."})
+    blind: bool = field(default=False, metadata={
+        "help": "Evaluate again with images removed and report the gap per metric (modality "
+                "reliance, BPO arXiv 2503.14189)."})
 
 
 @dataclass
 class EvalRun:
-    run_dir: str = field(default="runs/demo", metadata={"help": "Run folder; evaluation writes to <run_dir>/eval/<name>."})
+    run_dir: str = field(default="runs/demo", metadata={
+        "help": "Run folder; evaluation writes to <run_dir>/eval/<name>."})
     seed: int = field(default=0, metadata={"help": "Seed of the user subset and of the bootstrap."})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,22 +176,23 @@ def check_protocols(protocols: Sequence[str], prepared: Path) -> None:
         raise ValueError("eval_protocols is empty")
     for protocol in protocols:
         if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r} in eval_protocols: choose from {PROTOCOLS}")
+            raise ValueError(f"unknown protocol {protocol!r} in eval_protocols: choose from "
+                             f"{PROTOCOLS}")
         if not (prepared / protocol).is_dir():
-            raise ValueError(f"protocol {protocol!r} is not prepared in {prepared}: add it to the data section's "
-                             "protocols and run `python -m hanorec.data prepare`")
+            raise ValueError(f"protocol {protocol!r} is not prepared in {prepared}: add it to the "
+                             "data section's protocols and run `python -m hanorec.data prepare`")
 
 
 def resolve_checkpoint(run_dir: str | Path, checkpoint: str | None) -> Path:
-    """The explicit checkpoint, else ``dpo/final``, else ``sft/final``; it must hold hanorec.json."""
+    """The explicit checkpoint, else ``dpo/final``, else ``sft/final`` (with a hanorec.json)."""
     if checkpoint:
         path = Path(checkpoint)
     else:
         dpo = Path(run_dir) / "dpo" / "final"
         path = dpo if dpo.is_dir() else Path(run_dir) / "sft" / "final"
     if not (path / "hanorec.json").is_file():
-        raise ValueError(f"checkpoint {path} does not exist or has no hanorec.json: train a stage first "
-                         "or pass --checkpoint with a stage's final folder")
+        raise ValueError(f"checkpoint {path} does not exist or has no hanorec.json: train a stage "
+                         "first or pass --checkpoint with a stage's final folder")
     return path
 
 
@@ -176,29 +204,33 @@ def stage_name(checkpoint: Path) -> str:
 # ------------------------------------------------------------------------------ protocols
 
 
-def _summary(per_user: dict[str, np.ndarray], cfg: EvalConfig, seed: int) -> dict[str, dict[str, float]]:
+def _summary(per_user: dict[str, np.ndarray], cfg: EvalConfig,
+             seed: int) -> dict[str, dict[str, float]]:
     return summarize(per_user, n_resamples=cfg.bootstrap_resamples, seed=seed)
 
 
-def eval_ranking(model, collator: PromptCollator, rows: list[dict], protocol: str, cfg: EvalConfig, seed: int,
-                 state_cache: dict | None = None) -> ProtocolResult:
-    """``candidates`` / ``hit3``: ranking by the read-out's scores (+ greedy answers for candidates)."""
+def eval_ranking(model, collator: PromptCollator, rows: list[dict], protocol: str,
+                 cfg: EvalConfig, seed: int, state_cache: dict | None = None) -> ProtocolResult:
+    """``candidates`` / ``hit3``: ranking by the read-out's scores (+ greedy answers)."""
     start = time.perf_counter()
-    scores = candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size, length_normalize=cfg.length_normalize,
-                              mode=cfg.scoring_mode, candidates_per_pass=cfg.candidates_per_pass or None,
+    scores = candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size,
+                              length_normalize=cfg.length_normalize, mode=cfg.scoring_mode,
+                              candidates_per_pass=cfg.candidates_per_pass or None,
                               state_cache=state_cache)
     targets = [int(row["target_index"]) for row in rows]
     per_user = ranking_metrics(target_ranks(scores, targets), PROTOCOL_KS[protocol])
     records: list[dict[str, Any]] = []
     if cfg.generate and protocol == "candidates" and collator.style.answer != "head":
-        answers = generate_answers(model, collator, rows, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+        answers = generate_answers(model, collator, rows, batch_size=cfg.eval_batch_size,
+                                   max_new_tokens=cfg.max_new_tokens)
         titles = [candidate_titles(collator, row) for row in rows]
         per_user["gen_valid"] = answer_validity(answers, titles)
         per_user["gen_HR@1"] = generated_hit1(answers, titles, targets)
-        records = [{"user_id": str(row["user_id"]), "answer": answer, "target": titles[n][targets[n]]}
+        records = [{"user_id": str(row["user_id"]), "answer": answer,
+                    "target": titles[n][targets[n]]}
                    for n, (row, answer) in enumerate(zip(rows, answers))]
-    return ProtocolResult([str(r["user_id"]) for r in rows], per_user, _summary(per_user, cfg, seed),
-                          time.perf_counter() - start, records)
+    return ProtocolResult([str(r["user_id"]) for r in rows], per_user,
+                          _summary(per_user, cfg, seed), time.perf_counter() - start, records)
 
 
 def eval_hit1(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig, seed: int,
@@ -206,12 +238,14 @@ def eval_hit1(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig
     """``hit1``: AUC of the Yes/No log-odds (the head: the query's log-probability) over all
     examples, cluster bootstrap over users."""
     start = time.perf_counter()
-    scores = yes_no_scores(model, collator, rows, batch_size=cfg.eval_batch_size, mode=cfg.scoring_mode,
-                           state_cache=state_cache)
+    scores = yes_no_scores(model, collator, rows, batch_size=cfg.eval_batch_size,
+                           mode=cfg.scoring_mode, state_cache=state_cache)
     labels = np.array([int(row["label"]) for row in rows], dtype=np.float64)
     user_ids = [str(r["user_id"]) for r in rows]
-    auc, low, high = bootstrap_auc(scores, labels, user_ids, n_resamples=cfg.bootstrap_resamples, seed=seed)
-    per_user = {"score": scores, "label": labels, "AUC_placement": auc_contributions(scores, labels)}
+    auc, low, high = bootstrap_auc(scores, labels, user_ids, n_resamples=cfg.bootstrap_resamples,
+                                   seed=seed)
+    per_user = {"score": scores, "label": labels,
+                "AUC_placement": auc_contributions(scores, labels)}
     summary = {"AUC": {"mean": auc, "low": low, "high": high, "n": len(rows)}}
     return ProtocolResult(user_ids, per_user, summary, time.perf_counter() - start)
 
@@ -229,36 +263,41 @@ def full_ranking_metrics(users: np.ndarray, items: np.ndarray, targets: Sequence
     return full_ranking(unit(users) @ unit(items).T, targets, sequences, PROTOCOL_KS["full"])
 
 
-def eval_full(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig, seed: int, prepared: Path,
-              cache: dict[Any, Any]) -> ProtocolResult:
+def eval_full(model, collator: PromptCollator, rows: list[dict], cfg: EvalConfig, seed: int,
+              prepared: Path, cache: dict[Any, Any]) -> ProtocolResult:
     """``full``: rank the whole catalogue, known items masked. The ``head`` read-out scores every
     item from the user's state; otherwise the cosine between the user's final hidden state and
     each item prompt's (the catalogue encoded once per image setting)."""
     from hanorec.scoring import item_states, user_states
 
     start = time.perf_counter()
-    catalog = collator.catalog
+    catalog, images = collator.catalog, collator.with_images
     sequences, fallbacks = known_sequences(prepared, cfg.eval_split)
     if fallbacks:
-        print(f"full: {fallbacks} users' train rows do not chain; their row history is masked instead")
+        print(f"full: {fallbacks} users' train rows do not chain; their row history is masked "
+              "instead")
     user_ids = [str(r["user_id"]) for r in rows]
-    masked = [sequences.get(u) or [catalog.position(i) for i in row["history"]] for u, row in zip(user_ids, rows)]
+    masked = known_items(rows, sequences, catalog.position)
     targets = [catalog.position(row["target"]) for row in rows]
     if collator.style.answer == "head":
-        scores = head_candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size, catalogue=True,
-                                       state_cache=cache.setdefault(("head", collator.with_images), {}))
+        scores = head_candidate_scores(model, collator, rows, batch_size=cfg.eval_batch_size,
+                                       catalogue=True,
+                                       state_cache=cache.setdefault(("head", images), {}))
         per_user = full_ranking(scores, targets, masked, PROTOCOL_KS["full"])
     else:
-        if ("items", collator.with_images) not in cache:
-            cache["items", collator.with_images] = item_states(model, collator, catalog.item_ids, batch_size=cfg.item_batch_size)
+        if ("items", images) not in cache:
+            cache["items", images] = item_states(model, collator, catalog.item_ids,
+                                                 batch_size=cfg.item_batch_size)
         states = user_states(model, collator, rows, batch_size=cfg.eval_batch_size)
-        per_user = full_ranking_metrics(states, cache["items", collator.with_images], targets, masked)
-    return ProtocolResult(user_ids, per_user, _summary(per_user, cfg, seed), time.perf_counter() - start)
+        per_user = full_ranking_metrics(states, cache["items", images], targets, masked)
+    summary = _summary(per_user, cfg, seed)
+    return ProtocolResult(user_ids, per_user, summary, time.perf_counter() - start)
 
 
-def run_protocol(model, collator: PromptCollator, protocol: str, rows: list[dict], cfg: EvalConfig, seed: int,
-                 prepared: Path, cache: dict[Any, Any]) -> ProtocolResult:
-    """One protocol's result; ``cache`` shares encodings across protocols (item states, head states)."""
+def run_protocol(model, collator: PromptCollator, protocol: str, rows: list[dict],
+                 cfg: EvalConfig, seed: int, prepared: Path,
+                 cache: dict[Any, Any]) -> ProtocolResult:
+    """One protocol's result; ``cache`` shares item and head states across protocols."""
     states = cache.setdefault(("head", collator.with_images), {})
     if protocol == "hit1":
         return eval_hit1(model, collator, rows, cfg, seed, states)
@@ -284,14 +323,17 @@ def write_per_user(path: Path, result: ProtocolResult) -> None:
 
 def read_per_user(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """User ids and per-user metric arrays of a ``per_user/*.jsonl`` file (inputs left out)."""
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
     if not records:
         raise ValueError(f"{path}: no users")
     names = [k for k in records[0] if k != "user_id" and k not in NOT_COMPARED]
-    return [str(r["user_id"]) for r in records], {k: np.array([r[k] for r in records], dtype=np.float64) for k in names}
+    values = {k: np.array([r[k] for r in records], dtype=np.float64) for k in names}
+    return [str(r["user_id"]) for r in records], values
 
 
-def blind_gap(with_images: ProtocolResult, blind: ProtocolResult, cfg: EvalConfig, seed: int) -> list[dict[str, Any]]:
+def blind_gap(with_images: ProtocolResult, blind: ProtocolResult, cfg: EvalConfig,
+              seed: int) -> list[dict[str, Any]]:
     """Paired ``with images − blind`` rows per metric (:func:`hanorec.stats.compare_runs`)."""
     keep = lambda r: {k: v for k, v in r.per_user.items() if k not in NOT_COMPARED}  # noqa: E731
     rows = compare_runs(keep(with_images), keep(blind), with_images.user_ids, blind.user_ids,
@@ -306,19 +348,16 @@ def write_outputs(out_dir: Path, results: dict[str, ProtocolResult], gaps: dict[
         write_per_user(out_dir / "per_user" / f"{key}.jsonl", result)
         if result.records:
             _write_jsonl(out_dir / "generated" / f"{key}.jsonl", result.records)
-    flat = {f"{key}/{metric}": value for key, result in results.items() for metric, value in result.summary.items()}
-    summary = {**meta, "metrics": flat,
-               "protocols": {key: {"n_users": len(r.user_ids), "seconds": round(r.seconds, 2), "metrics": r.summary}
-                             for key, r in results.items()},
-               "blind_gap": gaps}
+    flat = {f"{key}/{metric}": value
+            for key, result in results.items() for metric, value in result.summary.items()}
+    protocols = {key: {"n_users": len(r.user_ids), "seconds": round(r.seconds, 2),
+                       "metrics": r.summary} for key, r in results.items()}
+    summary = {**meta, "metrics": flat, "protocols": protocols, "blind_gap": gaps}
     write_json(out_dir / "summary.json", summary)
-    try:
-        from hanorec.report import write_report
-
-        rows = [{**row, "metric": f"{protocol}/{row['metric']}"} for protocol, part in gaps.items() for row in part]
-        write_report(out_dir, title=title, metrics_tables={meta["name"]: flat}, compare_runs=rows or None)
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"report skipped: {err}")
+    rows = [{**row, "metric": f"{protocol}/{row['metric']}"}
+            for protocol, part in gaps.items() for row in part]
+    try_write_report(out_dir, title=title, metrics_tables={meta["name"]: flat},
+                     compare_runs=rows or None)
     return summary
 
 
@@ -334,7 +373,8 @@ def evaluate(run: EvalRun) -> Path:
         raise ValueError(f"eval_split must be test or validation, got {cfg.eval_split!r}")
     unknown = [p for p in cfg.eval_protocols if p not in PROTOCOLS]
     if unknown:
-        raise ValueError(f"unknown protocol {unknown[0]!r} in eval_protocols: choose from {PROTOCOLS}")
+        raise ValueError(f"unknown protocol {unknown[0]!r} in eval_protocols: choose from "
+                         f"{PROTOCOLS}")
     checkpoint = resolve_checkpoint(run.run_dir, cfg.checkpoint)
     name = cfg.name or stage_name(checkpoint)
     prepare(run.data, progress=True)
@@ -350,25 +390,30 @@ def evaluate(run: EvalRun) -> Path:
     gaps: dict[str, list[dict]] = {}
     cache: dict[Any, Any] = {}  # item states and head states, per image setting
     for protocol in cfg.eval_protocols:
-        rows = load_rows(prepared, [protocol], cfg.eval_split, limit=cfg.eval_max_users, seed=run.seed)
+        rows = load_rows(prepared, [protocol], cfg.eval_split, limit=cfg.eval_max_users,
+                         seed=run.seed)
         for with_images in settings:
             prompt_cfg = replace(run.prompt, with_images=with_images and run.prompt.with_images)
             collator = make_collator(processor, catalog, protocol, prompt_cfg)
             key = protocol if with_images else f"{protocol}-blind"
             with scoring_precision(model, cfg.eval_precision):
-                results[key] = run_protocol(model, collator, protocol, rows, cfg, run.seed, prepared, cache)
+                results[key] = run_protocol(model, collator, protocol, rows, cfg, run.seed,
+                                            prepared, cache)
             print(f"{key}: " + ", ".join(f"{m} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
                                          for m, v in results[key].summary.items()))
         if cfg.blind:
-            gaps[protocol] = blind_gap(results[protocol], results[f"{protocol}-blind"], cfg, run.seed)
+            gaps[protocol] = blind_gap(results[protocol], results[f"{protocol}-blind"], cfg,
+                                       run.seed)
 
     out_dir = Path(run.run_dir) / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe.save_yaml(run, out_dir / "config.yaml")
+    seconds = {"load": round(load_seconds, 2), "total": round(time.perf_counter() - started, 2),
+               **{k: round(r.seconds, 2) for k, r in results.items()}}
     meta = {"name": name, "checkpoint": str(checkpoint), "split": cfg.eval_split,
-            "seconds": {"load": round(load_seconds, 2), "total": round(time.perf_counter() - started, 2),
-                        **{k: round(r.seconds, 2) for k, r in results.items()}}}
-    write_outputs(out_dir, results, gaps, meta, title=f"Evaluation of {checkpoint} ({cfg.eval_split} split)")
+            "seconds": seconds}
+    write_outputs(out_dir, results, gaps, meta,
+                  title=f"Evaluation of {checkpoint} ({cfg.eval_split} split)")
     print(f"evaluation written to {out_dir}")
     return out_dir
 
@@ -385,16 +430,20 @@ def compare_folders(folder_a: str | Path, folder_b: str | Path, *, out: str | Pa
     a, b = Path(folder_a), Path(folder_b)
     for folder in (a, b):
         if not (folder / "per_user").is_dir():
-            raise ValueError(f"{folder} is not an evaluation folder (no per_user/): pass <run_dir>/eval/<name>")
-    shared = sorted(p.name for p in (a / "per_user").glob("*.jsonl") if (b / "per_user" / p.name).is_file())
+            raise ValueError(f"{folder} is not an evaluation folder (no per_user/): pass "
+                             "<run_dir>/eval/<name>")
+    shared = sorted(p.name for p in (a / "per_user").glob("*.jsonl")
+                    if (b / "per_user" / p.name).is_file())
     if not shared:
         raise ValueError(f"{a} and {b} share no evaluated protocol")
     rows = []
     for filename in shared:
         users_a, values_a = read_per_user(a / "per_user" / filename)
         users_b, values_b = read_per_user(b / "per_user" / filename)
-        for row in compare_runs(values_a, values_b, users_a, users_b, n_resamples=n_resamples, seed=seed):
-            rows.append({"protocol": filename.removesuffix(".jsonl"), **row, "run_a": str(a), "run_b": str(b)})
+        protocol = filename.removesuffix(".jsonl")
+        for row in compare_runs(values_a, values_b, users_a, users_b, n_resamples=n_resamples,
+                                seed=seed):
+            rows.append({"protocol": protocol, **row, "run_a": str(a), "run_b": str(b)})
     target = Path(out) if out else a
     target.mkdir(parents=True, exist_ok=True)
     write_json(target / "comparison.json", {"run_a": str(a), "run_b": str(b), "rows": rows})
@@ -406,24 +455,28 @@ def compare_folders(folder_a: str | Path, folder_b: str | Path, *, out: str | Pa
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: protocol, metric, users, means, difference [95% interval], p-values."""
-    lines = ["| protocol | metric | users | A | B | A − B [95% CI] | p (bootstrap) | p (Wilcoxon) |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
-    lines += [f"| {r['protocol']} | {r['metric']} | {r['n_users']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | "
-              f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] | {r['p_bootstrap']:.3g} | "
-              f"{r['p_wilcoxon']:.3g} |" for r in rows]
+    lines = ["| protocol | metric | users | A | B | A − B [95% CI] | p (bootstrap) "
+             "| p (Wilcoxon) |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines += [f"| {r['protocol']} | {r['metric']} | {r['n_users']} | {r['mean_a']:.4f} | "
+              f"{r['mean_b']:.4f} | {r['diff']:+.4f} [{r['diff_low']:+.4f}, "
+              f"{r['diff_high']:+.4f}] | {r['p_bootstrap']:.3g} | {r['p_wilcoxon']:.3g} |"
+              for r in rows]
     return "\n".join(lines)
 
 
 def _compare_main(argv: list[str]) -> list[dict[str, Any]]:
     parser = ArgumentParser(prog="python -m hanorec.evaluate compare",
-                                     description="Paired comparison of two evaluation folders (<run_dir>/eval/<name>).")
+                            description="Paired comparison of two evaluation folders "
+                                        "(<run_dir>/eval/<name>).")
     parser.add_argument("run_a")
     parser.add_argument("run_b")
-    parser.add_argument("--out", default=None, help="Folder for comparison.json/.md (default: RUN_A).")
+    parser.add_argument("--out", default=None,
+                        help="Folder for comparison.json/.md (default: RUN_A).")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    return compare_folders(args.run_a, args.run_b, out=args.out, n_resamples=args.bootstrap_resamples, seed=args.seed)
+    return compare_folders(args.run_a, args.run_b, out=args.out,
+                           n_resamples=args.bootstrap_resamples, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> Path | list[dict[str, Any]]:

@@ -36,11 +36,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from hanorec.losses import sequence_logps
+from hanorec.losses import IGNORE_INDEX, sequence_logps
+from hanorec.models.families import MROPE_FAMILIES, SHARED_FAMILIES, UNSHARED_FAMILIES
 
 Mode = Literal["auto", "kv", "packed", "duplicate"]
 MODES: tuple[str, ...] = ("auto", "kv", "packed", "duplicate")
-IGNORE_INDEX = -100
 
 #: Per-token prompt fields (``[B, P]``), reordered with the tokens when re-padding.
 PER_TOKEN_KEYS: tuple[str, ...] = (
@@ -57,15 +57,6 @@ RESERVED_KEYS: tuple[str, ...] = (
     "use_cache",
     "logits_to_keep",
 )
-#: ``model_type`` of backbones whose shared paths match the duplicated batch in
-#: tests/test_forward.py; other causal backbones are probed once at first use.
-SHARED_FAMILIES: frozenset[str] = frozenset(
-    {"llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"}
-)
-#: Backbones with multimodal RoPE (3-axis ``position_ids`` from ``get_rope_index``).
-MROPE_FAMILIES: frozenset[str] = frozenset({"qwen2_vl", "qwen2_5_vl"})
-#: Backbones whose prompt attention is not causal (prefix-LM / bidirectional image tokens).
-UNSHARED_FAMILIES: frozenset[str] = frozenset({"paligemma", "gemma3"})
 _MASK_ATTENTION = frozenset({"eager", "sdpa"})
 
 _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[str, str | None]] = weakref.WeakKeyDictionary()
@@ -119,9 +110,9 @@ def response_logps(
 ) -> Tensor:
     """Log-probability of each of K+1 responses given its prompt, the prompt encoded once.
 
-    ``out[b, k] = Σ_t log π(y_{b,k,t} | x_b, y_{b,k,<t})`` (the policy term of DPO's reward), or the mean over
-    the response's tokens with ``average`` (IPO / SimPO). Differentiable: gradients reach the
-    model through the prompt pass and the response pass.
+    ``out[b, k] = Σ_t log π(y_{b,k,t} | x_b, y_{b,k,<t})`` (the policy term of DPO's reward), or the
+    mean over the response's tokens with ``average`` (IPO / SimPO). Differentiable: gradients reach
+    the model through the prompt pass and the response pass.
 
     Args:
         model: a causal (vision-)language model from transformers, optionally PEFT-wrapped.
@@ -258,7 +249,8 @@ def _prepare_prompt(batch: dict[str, Any]) -> _Prompt:
     ids = batch["input_ids"]
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(
-            f"forward.py: prompt_batch['input_ids'] must be a [B, P] tensor, got {getattr(ids, 'shape', ids)}"
+            "forward.py: prompt_batch['input_ids'] must be a [B, P] tensor, got "
+            f"{getattr(ids, 'shape', ids)}"
         )
     reserved = [key for key in RESERVED_KEYS if key in batch]
     if reserved:
@@ -280,7 +272,8 @@ def _prepare_prompt(batch: dict[str, Any]) -> _Prompt:
         if isinstance(value, Tensor):
             if value.shape != ids.shape:
                 raise ValueError(
-                    f"forward.py: prompt_batch[{key!r}] must be shaped like input_ids {tuple(ids.shape)}"
+                    f"forward.py: prompt_batch[{key!r}] must be shaped like input_ids "
+                    f"{tuple(ids.shape)}"
                 )
             inputs[key] = value.gather(1, order)
     return _Prompt(inputs=inputs, mask=inputs["attention_mask"])
@@ -290,7 +283,8 @@ def _prepare_responses(responses: Tensor, batch: int) -> _Responses:
     """Validate ``[B, K+1, R]`` right-padded responses and flatten them prompt-major."""
     if not isinstance(responses, Tensor) or responses.dim() != 3 or responses.shape[0] != batch:
         raise ValueError(
-            f"forward.py: responses must be a [B={batch}, K+1, R] tensor, got {getattr(responses, 'shape', responses)}"
+            f"forward.py: responses must be a [B={batch}, K+1, R] tensor, got "
+            f"{getattr(responses, 'shape', responses)}"
         )
     if responses.shape[1] == 0 or responses.shape[2] == 0:
         raise ValueError(
@@ -356,7 +350,7 @@ def _has_visual_grid(inputs: dict[str, Any]) -> bool:
 
 
 def _continue_positions(model: nn.Module, start: Tensor, length: int) -> Tensor:
-    """Positions ``start[n] + t`` for ``t < length`` (``[N, length]``, ``[3, N, length]`` for M-RoPE)."""
+    """Positions ``start[n] + t``, ``t < length``: ``[N, length]`` (M-RoPE: ``[3, N, length]``)."""
     pos = start[:, None] + torch.arange(length, device=start.device)
     return pos.unsqueeze(0).expand(3, -1, -1) if _uses_mrope(model) else pos
 

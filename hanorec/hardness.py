@@ -1,5 +1,11 @@
 """HaRS item embeddings and per-pair hardness (HaNoRec, arXiv 2511.18740, Sec. 3.2).
 
+Everything HaRS needs before training, in the order the DPO stage uses it:
+:func:`sft_item_embeddings` (the catalogue encoded once by the SFT model, cached) →
+:func:`pair_lambdas` (Δ and the static λ of every training pair, eqs. 5–6). Per batch,
+β comes from :func:`hanorec.losses.hars_betas` (eqs. 8, 11). ``docs/methods.md`` has the
+formulas.
+
 The backbone encodes the whole catalogue once:
 
 * ``e_txt(v)`` — the mean of the backbone's *input token embeddings* over the tokens of the
@@ -28,12 +34,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from hanorec.data.catalog import Catalog
 from hanorec.losses import fuse_item_embeddings, hardness_lambdas, pair_deltas
 from hanorec.models.families import image_features, unwrap
 
 
 @torch.no_grad()
-def title_embeddings(model: torch.nn.Module, tokenizer, titles: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
+def title_embeddings(model: torch.nn.Module, tokenizer, titles: Sequence[str], *,
+                     batch_size: int = 512) -> torch.Tensor:
     """Mean input-token embedding over each title's tokens: ``e_txt`` [N, d] (float32)."""
     table = unwrap(model).get_input_embeddings().weight
     out = torch.empty(len(titles), table.shape[1], dtype=torch.float32)
@@ -69,7 +77,8 @@ def image_embeddings(
     inner = unwrap(model)
     device = next(inner.parameters()).device
     rows: dict[int, torch.Tensor] = {}
-    for start in tqdm(range(0, len(todo), batch_size), desc="item images", disable=not progress, unit="batch"):
+    for start in tqdm(range(0, len(todo), batch_size), desc="item images", disable=not progress,
+                      unit="batch"):
         ids = todo[start : start + batch_size]
         images = []
         for i in ids:
@@ -90,13 +99,15 @@ def image_embeddings(
 def _image_inputs(image_processor, images: list[Image.Image]) -> dict[str, torch.Tensor]:
     """Image-processor outputs for single images, one image per batch element."""
     if "idefics" in type(image_processor).__name__.lower():  # (B, 1, C, H, W) without splitting
-        enc = image_processor([[im] for im in images], return_tensors="pt", do_image_splitting=False)
+        enc = image_processor([[im] for im in images], return_tensors="pt",
+                              do_image_splitting=False)
     else:
         enc = image_processor(images=images, return_tensors="pt")
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
-def catalogue_key(model_files: Sequence[str | Path], titles: Sequence[str], image_paths: Sequence[str | None]) -> str:
+def catalogue_key(model_files: Sequence[str | Path], titles: Sequence[str],
+                  image_paths: Sequence[str | None]) -> str:
     """A cache key from the model's weight files (content hashes) and the catalogue's content."""
     digest = hashlib.sha256()
     for path in sorted(str(p) for p in model_files):
@@ -120,15 +131,21 @@ def catalogue_embeddings(
     progress: bool = True,
 ) -> torch.Tensor:
     """Fused, L2-normalised item embeddings [N, d] for the whole catalogue, cached on disk."""
-    cache_file = Path(cache_dir) / f"item-embeddings-{cache_key}.safetensors" if cache_dir and cache_key else None
+    cache_file = (
+        Path(cache_dir) / f"item-embeddings-{cache_key}.safetensors"
+        if cache_dir and cache_key
+        else None
+    )
     if cache_file is not None and cache_file.is_file():
         return load_file(str(cache_file))["embeddings"]
     tokenizer = getattr(processor, "tokenizer", processor)
     text = title_embeddings(model, tokenizer, titles)
     image, has_image = (None, None)
     if use_images and any(p is not None for p in image_paths):
-        image, has_image = image_embeddings(model, processor.image_processor, image_paths, progress=progress)
-    fused = fuse_item_embeddings(text, image, has_image) if image is not None else fuse_item_embeddings(text)
+        image, has_image = image_embeddings(model, processor.image_processor, image_paths,
+                                            progress=progress)
+    fused = fuse_item_embeddings(text, image,
+                                 has_image) if image is not None else fuse_item_embeddings(text)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -137,7 +154,57 @@ def catalogue_embeddings(
     return fused
 
 
-def pair_hardness(embeddings: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_hardness(embeddings: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *,
+                  top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Δ (eq. 5) and static λ (eq. 6) for every training pair; ``rejected`` is [P] or [P, K]."""
     deltas = pair_deltas(embeddings, chosen, rejected, top_k=top_k)
     return deltas, hardness_lambdas(deltas)
+
+
+def sft_item_embeddings(model: torch.nn.Module, processor, catalog: Catalog, model_dir: Path, *,
+                        cache_dir: str | Path, progress: bool = True) -> torch.Tensor:
+    """The catalogue's fused item embeddings under the model trained in ``model_dir``.
+
+    Cached in ``cache_dir`` under a key of ``model_dir``'s weight files and the catalogue
+    (:func:`catalogue_key`), so a resumed or repeated stage encodes the catalogue once.
+    """
+    images = [str(p) if p else None for p in map(catalog.image_path, catalog.item_ids)]
+    key = catalogue_key(sorted(Path(model_dir).glob("*.safetensors")), catalog.titles, images)
+    return catalogue_embeddings(model, processor, catalog.titles, images, cache_dir=cache_dir,
+                                cache_key=key, progress=progress)
+
+
+def item_indices(rows: list[dict],
+                 catalog: Catalog) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen [N] and rejected [N, K] catalogue indices, and a mask of rows that are item pairs."""
+    is_item = torch.tensor([r["chosen"] in catalog.index for r in rows])
+    chosen = torch.tensor([catalog.index.get(r["chosen"], 0) for r in rows])
+    rejected = torch.tensor([[catalog.index.get(x, 0) for x in r["rejected"]] for r in rows])
+    return chosen, rejected, is_item
+
+
+def static_hardness(embeddings: torch.Tensor, rows: list[dict], catalog: Catalog, *, top_k: int,
+                    pairwise: bool) -> torch.Tensor:
+    """λ per pair (eq. 6): [N] (mean Δ over the negatives, S-DPO) or [N, K] (every negative its
+    own pair). Rows that are not item pairs (Yes/No answers, free text) get λ = 1."""
+    chosen, rejected, is_item = item_indices(rows, catalog)
+    if pairwise:
+        k = rejected.shape[1]
+        _, lam = pair_hardness(embeddings, chosen.repeat_interleave(k), rejected.reshape(-1),
+                               top_k=top_k)
+        lam = lam.view(-1, k)
+    else:
+        _, lam = pair_hardness(embeddings, chosen, rejected, top_k=top_k)
+    lam = lam.clone()
+    lam[~is_item] = 1.0
+    return lam
+
+
+def pair_lambdas(embeddings: torch.Tensor | None, rows: list[dict], catalog: Catalog, *,
+                 top_k: int, pairwise: bool) -> torch.Tensor:
+    """:func:`static_hardness`, or λ = 1 for every pair when there are no embeddings (HaRS off,
+    or a catalogue without items)."""
+    if embeddings is not None:
+        return static_hardness(embeddings, rows, catalog, top_k=top_k, pairwise=pairwise)
+    k = len(rows[0]["rejected"]) if rows else 1
+    return torch.ones(len(rows), k if pairwise else 1).squeeze(-1)

@@ -60,7 +60,8 @@ def bf16_speedup(device_type: str = "cpu", size: int = 256, repeats: int = 3) ->
     0 on a CUDA device without bf16.
     """
     if device_type == "cuda":
-        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)):
+        if not (torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported(including_emulation=False)):
             return 0.0
         size = max(size, 2048)  # small GPU matmuls measure launch overhead, not arithmetic
     return _matmul_seconds(torch.float32, device_type, size, repeats) / _matmul_seconds(
@@ -69,14 +70,15 @@ def bf16_speedup(device_type: str = "cpu", size: int = 256, repeats: int = 3) ->
 
 @functools.cache
 def native_bf16(device_type: str = "cpu") -> bool:
-    """True when bfloat16 matmuls measured faster than float32 on ``device_type`` (:func:`bf16_speedup`)."""
+    """True when bf16 matmuls measured faster than fp32 on ``device_type`` (``bf16_speedup``)."""
     return bf16_speedup(device_type) > 1.0
 
 
 def warn_if_emulated_bf16(what: str, device_type: str = "cpu") -> None:
-    """One warning that ``what`` (a flag and value, e.g. ``"--mixed-precision bf16"``) will be slow."""
+    """One warning that ``what`` (a flag and value: ``"--mixed-precision bf16"``) will be slow."""
     if not native_bf16(device_type):
-        warnings.warn(f"{what}: bfloat16 matmuls measured slower than float32 on this {device_type.upper()} "
+        warnings.warn(f"{what}: bfloat16 matmuls measured slower than float32 on this "
+                      f"{device_type.upper()} "
                       "(emulated or slow bf16; see hanorec/hardware.py); use fp32 on this machine",
                       RuntimeWarning, stacklevel=3)
 

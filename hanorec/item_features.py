@@ -13,7 +13,7 @@ fills it for one recipe (the ``prompt:`` and ``collab:`` sections):
   (:func:`hanorec.hardness.image_embeddings`) — the vision tower and its projector are then
   frozen by construction, and a poster costs one token.
 
-A trained encoder travels with the stage's ``final/`` folder (:mod:`hanorec.runtime`), so
+A trained encoder travels with the stage's ``final/`` folder (:mod:`hanorec.models.lineage`), so
 evaluation and later stages reload it rather than rebuild it.
 """
 
@@ -37,14 +37,16 @@ def token_rms(model: nn.Module) -> float:
     return float(base.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
 
 
-def _text_features(model: nn.Module, processor: Any, catalog: Catalog, style: PromptStyle) -> torch.Tensor:
+def _text_features(model: nn.Module, processor: Any, catalog: Catalog,
+                   style: PromptStyle) -> torch.Tensor:
     from hanorec.hardness import title_embeddings
 
     tokenizer = getattr(processor, "tokenizer", processor)
     return title_embeddings(model, tokenizer, [style.display_title(t) for t in catalog.titles])
 
 
-def _image_features(model: nn.Module, processor: Any, catalog: Catalog, progress: bool) -> torch.Tensor:
+def _image_features(model: nn.Module, processor: Any, catalog: Catalog,
+                    progress: bool) -> torch.Tensor:
     from hanorec.hardness import image_embeddings
 
     paths = [str(p) if p else None for p in map(catalog.image_path, catalog.item_ids)]
@@ -90,8 +92,10 @@ def attach_for_recipe(model: nn.Module, processor: Any, catalog: Catalog, prepar
     """
     if not style.needs_encoder:
         return None, None
-    collab = collab_features(prepared, len(catalog), collab_cfg, log=print if progress else None) if style.item_tokens else None
-    encoder = build_encoder(model, processor, catalog, style, with_images=with_images, collab=collab,
+    collab = collab_features(prepared, len(catalog), collab_cfg,
+                             log=print if progress else None) if style.item_tokens else None
+    encoder = build_encoder(model, processor, catalog, style, with_images=with_images,
+                            collab=collab,
                             collab_cfg=collab_cfg, progress=progress)
     attach_item_encoder(model, encoder)
     return encoder, collab

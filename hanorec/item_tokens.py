@@ -49,14 +49,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from hanorec.data.prompts import PLACEHOLDERS
+
 VIRTUAL_BASE = 1 << 30
 MENTION_BASE = VIRTUAL_BASE + (1 << 27)
 POSTER_BASE = VIRTUAL_BASE + (1 << 28)
 USER_ID = VIRTUAL_BASE + (1 << 29)
-#: Placeholder text of each token kind, registered as special tokens of the tokenizer. A
-#: ``mention`` (a candidate, a query, an item prompt) shares the ``item`` placeholder; only
-#: ``item`` tokens (the history) feed the user token's recommender state.
-PLACEHOLDERS: dict[str, str] = {"item": "<|item|>", "mention": "<|item|>", "poster": "<|poster|>", "user": "<|user|>"}
 WEIGHTS_FILE = "item_encoder.safetensors"
 SPEC_FILE = "item_encoder.json"
 ATTRIBUTE = "hanorec_item_encoder"
@@ -85,7 +83,8 @@ def ensure_placeholders(tokenizer: Any) -> dict[str, int]:
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
                              special_tokens=True)
-    ids = {kind: tokenizer.convert_tokens_to_ids(text) for kind, text in PLACEHOLDERS.items() if kind != "mention"}
+    ids = {kind: tokenizer.convert_tokens_to_ids(text) for kind,
+           text in PLACEHOLDERS.items() if kind != "mention"}
     for kind, text in PLACEHOLDERS.items():
         if kind == "mention":
             continue
@@ -140,9 +139,13 @@ class ItemEncoder(nn.Module):
         super().__init__()
         self.spec = spec
         width = spec.projector_hidden or spec.hidden
-        self.register_buffer("collab", torch.zeros(spec.num_items, spec.collab_dim) if spec.collab_dim else None)
-        self.register_buffer("text", torch.zeros(spec.num_items, spec.hidden) if spec.text else None)
-        self.register_buffer("image", torch.zeros(spec.num_items, spec.hidden) if spec.image else None)
+        self.register_buffer("collab",
+                             torch.zeros(spec.num_items, spec.collab_dim) if spec.collab_dim
+                             else None)
+        self.register_buffer("text",
+                             torch.zeros(spec.num_items, spec.hidden) if spec.text else None)
+        self.register_buffer("image",
+                             torch.zeros(spec.num_items, spec.hidden) if spec.image else None)
         self.collab_proj = _mlp(spec.collab_dim, width, spec.hidden) if spec.collab_dim else None
         self.user_proj = _mlp(spec.collab_dim, width, spec.hidden) if spec.user else None
         self.poster_proj = _mlp(spec.hidden, width, spec.hidden) if spec.image else None
@@ -157,7 +160,8 @@ class ItemEncoder(nn.Module):
                 raise ValueError("the user token needs the recommender (collab_dim and sasrec)")
             from hanorec.baselines.sasrec import SASRecConfig, SASRecModel
 
-            self.sasrec = SASRecModel(spec.num_items, SASRecConfig(**spec.sasrec)).requires_grad_(False)
+            self.sasrec = SASRecModel(spec.num_items,
+                                      SASRecConfig(**spec.sasrec)).requires_grad_(False)
 
     # ------------------------------------------------------------------ set-up
     def set_features(self, *, collab: Tensor | None = None, text: Tensor | None = None,
@@ -235,26 +239,32 @@ class ItemEncoder(nn.Module):
         items = (input_ids >= VIRTUAL_BASE) & (input_ids < POSTER_BASE)
         posters = (input_ids >= POSTER_BASE) & (input_ids < USER_ID)
         users = input_ids == USER_ID
-        index = torch.where(input_ids >= MENTION_BASE, input_ids - MENTION_BASE, input_ids - VIRTUAL_BASE)
+        index = torch.where(input_ids >= MENTION_BASE, input_ids - MENTION_BASE,
+                            input_ids - VIRTUAL_BASE)
         unknown = (input_ids > USER_ID) | (items & (index >= self.spec.num_items)) | (
             posters & (input_ids - POSTER_BASE >= self.spec.num_items))
         if bool(unknown.any()):
-            raise ValueError(f"item_tokens: virtual id {int(input_ids[unknown][0])} is out of range")
+            raise ValueError(f"item_tokens: virtual id {int(input_ids[unknown][0])} is out of "
+                             "range")
         if bool(items.any()):
             out[items] = self._project("collab_proj", self.collab, index[items], out.dtype)
         if bool(posters.any()):
-            out[posters] = self._project("poster_proj", self.image, input_ids[posters] - POSTER_BASE, out.dtype)
+            out[posters] = self._project("poster_proj", self.image,
+                                         input_ids[posters] - POSTER_BASE, out.dtype)
         if bool(users.any()):
             if self.user_proj is None:
-                raise ValueError("item_tokens: the prompt has a user token but the encoder has no user projector")
+                raise ValueError("item_tokens: the prompt has a user token but the encoder has "
+                                 "no user projector")
             states = self.user_states(_histories_before(input_ids, users))
             out[users] = self.user_proj(states.to(self.user_proj[1].weight.dtype)).to(out.dtype)
         return out
 
-    def _project(self, name: str, table: Tensor | None, index: Tensor, dtype: torch.dtype) -> Tensor:
+    def _project(self, name: str, table: Tensor | None, index: Tensor,
+                 dtype: torch.dtype) -> Tensor:
         mlp = getattr(self, name)
         if mlp is None or table is None:
-            raise ValueError(f"item_tokens: the prompt has {name.split('_')[0]} tokens but the encoder has no such features")
+            raise ValueError(f"item_tokens: the prompt has {name.split('_')[0]} tokens but the "
+                             "encoder has no such features")
         return mlp(table[index]).to(dtype)
 
 
@@ -267,7 +277,8 @@ def _histories_before(input_ids: Tensor, users: Tensor) -> list[list[int]]:
         ids = input_ids[row, :position]
         histories.append((ids[items[row, :position]] - VIRTUAL_BASE).tolist())
     if any(not h for h in histories):
-        raise ValueError("item_tokens: a user token with no item token before it (the history needs item tokens)")
+        raise ValueError("item_tokens: a user token with no item token before it (the history "
+                         "needs item tokens)")
     return histories
 
 
@@ -310,7 +321,8 @@ def attach_item_encoder(model: nn.Module, encoder: ItemEncoder) -> ItemEncoder:
             return None
         return getattr(base, ATTRIBUTE)(ids, output)
 
-    encoder._hooks = [embeddings.register_forward_pre_hook(before), embeddings.register_forward_hook(after)]
+    encoder._hooks = [embeddings.register_forward_pre_hook(before),
+                      embeddings.register_forward_hook(after)]
     return encoder
 
 
@@ -329,7 +341,7 @@ def detach_item_encoder(model: nn.Module) -> ItemEncoder | None:
 
 @contextmanager
 def encoder_detached(model: nn.Module) -> Iterator[ItemEncoder | None]:
-    """Detach the encoder for the block (e.g. ``save_pretrained`` of a full model), then re-attach."""
+    """Detach the encoder for the block (``save_pretrained`` of a full model), then re-attach."""
     encoder = detach_item_encoder(model)
     try:
         yield encoder

@@ -5,7 +5,7 @@ tensors) and computes in ``float64``. Ranking metrics return **per-user arrays**
 evaluator can save per-user values and :mod:`hanorec.stats` can bootstrap over users; the
 reported number is the mean of the array.
 
-Conventions (DESIGN.md, "Evaluation protocols"):
+Conventions (``docs/methods.md``, "Evaluation protocols"):
 
 * ``target_ranks`` ranks one target among ``C`` scored items per user, **1-based** and
   **pessimistic on ties**: ``rank = 1 + #{j ≠ target : s_j ≥ s_target}``. A target tied with a
@@ -27,8 +27,11 @@ from scipy.stats import rankdata
 
 __all__ = [
     "DEFAULT_KS",
+    "FULL_KS",
+    "PROTOCOL_KS",
     "answer_validity",
     "auc_contributions",
+    "full_ranking",
     "generated_hit1",
     "history_mask",
     "hit_rate",
@@ -180,7 +183,11 @@ def ranking_metrics(ranks: object, ks: Sequence[int] = DEFAULT_KS) -> dict[str, 
     return result
 
 
-FULL_KS = (5, 10, 20)
+#: The cut-offs each ranking protocol reports (``docs/methods.md``, "Evaluation protocols"):
+#: the evaluator, the classic baselines and RecPO's full-catalogue test read this one table.
+PROTOCOL_KS: dict[str, tuple[int, ...]] = {"candidates": (1, 5, 10), "hit3": (1, 3),
+                                           "full": (5, 10, 20)}
+FULL_KS = PROTOCOL_KS["full"]
 
 
 def full_ranking(scores: object, targets: Sequence[int], known: Sequence[Iterable[int]],
@@ -348,7 +355,8 @@ def match_answer(answer: str, candidate_titles: Sequence[str]) -> int | None:
 
 def _check_lengths(answers: Sequence[str], candidates: Sequence[Sequence[str]]) -> None:
     if len(answers) != len(candidates):
-        raise ValueError(f"candidates: {len(candidates)} candidate lists for {len(answers)} answers")
+        raise ValueError(f"candidates: {len(candidates)} candidate lists for {len(answers)} "
+                         "answers")
 
 
 def answer_validity(

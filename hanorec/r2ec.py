@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature, StoppingCriteria
 
 from hanorec.collate import PromptCollator, append_response
+from hanorec.losses import IGNORE_INDEX
 from hanorec.readout import final_states, forward_states, similarity
 from hanorec.scoring import item_prompt, model_device
 
@@ -107,7 +108,8 @@ def suppressed_ids(collator: PromptCollator) -> list[int]:
 
 @torch.no_grad()
 def sample_traces(model: nn.Module, collator: PromptCollator, rows: Sequence[Mapping[str, Any]], *,
-                  num_traces: int, max_new_tokens: int, marker: Sequence[int], do_sample: bool = True,
+                  num_traces: int, max_new_tokens: int, marker: Sequence[int],
+                  do_sample: bool = True,
                   temperature: float = 1.0, top_k: int = 0) -> list[list[int]]:
     """``len(rows) × num_traces`` traces (row-major), each closed by the marker.
 
@@ -117,8 +119,10 @@ def sample_traces(model: nn.Module, collator: PromptCollator, rows: Sequence[Map
     (:func:`suppressed_ids`).
     """
     repeated = [row for row in rows for _ in range(num_traces)]
-    batch = collator.encode_prompts(repeated, reserve=max_new_tokens + len(marker), padding_side="left")
-    batch = {k: (v.to(model_device(model)) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    batch = collator.encode_prompts(repeated, reserve=max_new_tokens + len(marker),
+                                    padding_side="left")
+    batch = {k: (v.to(model_device(model)) if isinstance(v, Tensor) else v) for k,
+             v in batch.items()}
     width = batch["input_ids"].shape[1]
     options: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
@@ -130,7 +134,8 @@ def sample_traces(model: nn.Module, collator: PromptCollator, rows: Sequence[Map
     return [close_trace(seq.tolist(), marker, stop) for seq in out[:, width:]]
 
 
-def _sequence_features(collator: PromptCollator, rows: Sequence[Mapping[str, Any]], traces: Sequence[Sequence[int]],
+def _sequence_features(collator: PromptCollator, rows: Sequence[Mapping[str, Any]],
+                       traces: Sequence[Sequence[int]],
                        reserve: int) -> list[dict[str, Tensor]]:
     if len(traces) % len(rows):
         raise ValueError(f"{len(traces)} traces for {len(rows)} rows: expected a multiple")
@@ -139,11 +144,14 @@ def _sequence_features(collator: PromptCollator, rows: Sequence[Mapping[str, Any
     return [append_response(encoded[i // per_row], list(t)) for i, t in enumerate(traces)]
 
 
-def _item_features(collator: PromptCollator, item_ids: Sequence[str], marker: Sequence[int]) -> list[dict[str, Tensor]]:
-    return [append_response(collator.prompt_features(item_prompt(collator, item), {}), list(marker)) for item in item_ids]
+def _item_features(collator: PromptCollator, item_ids: Sequence[str],
+                   marker: Sequence[int]) -> list[dict[str, Tensor]]:
+    return [append_response(collator.prompt_features(item_prompt(collator, item), {}), list(marker))
+            for item in item_ids]
 
 
-def sequence_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]], traces: Sequence[Sequence[int]],
+def sequence_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]],
+                   traces: Sequence[Sequence[int]],
                    *, reserve: int) -> BatchFeature:
     """Prompt ⊕ trace (marker last) per trace; ``rows`` is repeated to match ``traces`` row-major.
 
@@ -153,28 +161,32 @@ def sequence_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]], 
     return collator.collate_features(_sequence_features(collator, rows, traces, reserve), "left")
 
 
-def item_batch(collator: PromptCollator, item_ids: Sequence[str], marker: Sequence[int]) -> BatchFeature:
+def item_batch(collator: PromptCollator, item_ids: Sequence[str],
+               marker: Sequence[int]) -> BatchFeature:
     """Item-description prompts (title, image when present) each followed by the marker."""
     return collator.collate_features(_item_features(collator, item_ids, marker), "left")
 
 
-def joint_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]], traces: Sequence[Sequence[int]],
+def joint_batch(collator: PromptCollator, rows: Sequence[Mapping[str, Any]],
+                traces: Sequence[Sequence[int]],
                 item_ids: Sequence[str], marker: Sequence[int], *, reserve: int) -> BatchFeature:
     """:func:`sequence_batch` rows followed by :func:`item_batch` rows in one batch.
 
     User states and the in-batch item rows then come from a single forward, which is what
     DistributedDataParallel needs (one forward per backward).
     """
-    features = _sequence_features(collator, rows, traces, reserve) + _item_features(collator, item_ids, marker)
+    features = _sequence_features(collator, rows, traces,
+                                  reserve) + _item_features(collator, item_ids, marker)
     return collator.collate_features(features, "left")
 
 
-def last_states(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-    """``[B, H]`` final-layer hidden state at the last (marker) token, float32."""
-    return final_states(model, batch)
+#: ``[B, H]`` final-layer hidden state at the last (marker) token, float32: every sequence here
+#: is left-padded with the marker last, so it is :func:`hanorec.readout.final_states`.
+last_states = final_states
 
 
-def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+def state_and_token_logps(model: nn.Module,
+                          batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """One forward: user states ``h_T`` ``[N, H]`` and per-token trace log-probs ``[N, W]``.
 
     ``W`` is the longest trace; ``logp[n, w]`` scores the trace token at position ``w`` of the
@@ -185,9 +197,9 @@ def state_and_token_logps(model: nn.Module, batch: Mapping[str, Any]) -> tuple[T
     """
     out = forward_states(model, batch, logits_to_keep=0)
     labels = batch["labels"]
-    width = int((labels != -100).sum(1).max())
+    width = int((labels != IGNORE_INDEX).sum(1).max())
     targets = labels[:, -width:]
-    mask = targets != -100
+    mask = targets != IGNORE_INDEX
     logits = out.logits[:, -width - 1 : -1].float()
     logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return out.hidden_states[-1][:, -1].float(), logps * mask, mask
@@ -210,21 +222,25 @@ class ItemTable:
         batch_size: Item prompts per forward during a refresh.
     """
 
-    def __init__(self, item_ids: Sequence[str], marker: Sequence[int], batch_size: int = 16) -> None:
+    def __init__(self, item_ids: Sequence[str], marker: Sequence[int],
+                 batch_size: int = 16) -> None:
         self.item_ids, self.marker, self.batch_size = list(item_ids), list(marker), batch_size
         self.states: Tensor | None = None
         self.seconds = 0.0
 
     @torch.no_grad()
-    def refresh(self, model: nn.Module, collator: PromptCollator, *, progress: bool = True) -> float:
+    def refresh(self, model: nn.Module, collator: PromptCollator, *,
+                progress: bool = True) -> float:
         """Recompute every row (model in eval mode, restored after); returns the seconds taken."""
         start, was_training = time.perf_counter(), model.training
         model.eval()
         device, parts = model_device(model), []
-        bar = tqdm(total=len(self.item_ids), desc="item table H_V", disable=not progress, leave=False)
+        bar = tqdm(total=len(self.item_ids), desc="item table H_V", disable=not progress,
+                   leave=False)
         for lo in range(0, len(self.item_ids), self.batch_size):
             chunk = self.item_ids[lo : lo + self.batch_size]
-            batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in item_batch(collator, chunk, self.marker).items()}
+            batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k,
+                     v in item_batch(collator, chunk, self.marker).items()}
             parts.append(last_states(model, batch))
             bar.update(len(chunk))
         bar.close()

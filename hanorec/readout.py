@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hanorec.collate import ChoiceBatch
-from hanorec.forward import MROPE_FAMILIES, response_logps
+from hanorec.forward import response_logps
 from hanorec.item_tokens import ItemEncoder, attached_encoder
+from hanorec.models.families import MROPE_FAMILIES
 
 
 def forward_states(model: nn.Module, batch: Mapping[str, Any], *, logits_to_keep: int = 1) -> Any:
@@ -49,7 +50,8 @@ def forward_states(model: nn.Module, batch: Mapping[str, Any], *, logits_to_keep
     mask = inputs.get("attention_mask")
     if family not in MROPE_FAMILIES and mask is not None and bool((mask[:, 0] == 0).any()):
         inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=logits_to_keep)
+    return model(**inputs, output_hidden_states=True, use_cache=False,
+                 logits_to_keep=logits_to_keep)
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:
@@ -86,7 +88,8 @@ def require_encoder(model: nn.Module) -> ItemEncoder:
     """The model's attached item encoder (the head's item vectors); a clear error without one."""
     encoder = attached_encoder(model)
     if encoder is None:
-        raise ValueError("answer: head needs an item encoder on the model (see hanorec.item_features)")
+        raise ValueError("answer: head needs an item encoder on the model (see "
+                         "hanorec.item_features)")
     return encoder
 
 
@@ -117,8 +120,9 @@ def choice_columns(choices: Sequence[Sequence[int] | None], num_items: int,
 
 
 def head_logps(model: nn.Module, batch: Mapping[str, Any], choices: Sequence[Sequence[int] | None],
-               picks: Tensor, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-    """``[B, P]`` head log-probabilities ``log π(v | x)`` of the items ``picks`` (catalogue indices).
+               picks: Tensor, *, noise_std: float = 0.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """``[B, P]`` head log-probabilities ``log π(v | x)`` of the items ``picks`` (catalogue ids).
 
     Args:
         model: The policy with an attached :class:`ItemEncoder`.
@@ -130,10 +134,12 @@ def head_logps(model: nn.Module, batch: Mapping[str, Any], choices: Sequence[Seq
     """
     scores, columns, allowed = head_scores(model, batch, choices)
     if noise_std > 0:
-        noise = torch.randn(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+        noise = torch.randn(scores.shape, generator=generator, device=scores.device,
+                            dtype=scores.dtype)
         scores = scores + noise_std * noise
     logps = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    positions = picks.to(scores.device) if columns is None else _positions(columns, picks.to(scores.device))
+    positions = picks.to(scores.device) if columns is None else _positions(columns,
+                                                                           picks.to(scores.device))
     picked = logps.gather(1, positions)
     if not bool(torch.isfinite(picked).all()):
         raise ValueError("head_logps: a pick is not among its row's choices")
@@ -157,14 +163,18 @@ def score_states(encoder: ItemEncoder, states: Tensor,
 def _positions(columns: Tensor, picks: Tensor) -> Tensor:
     """Column position of each picked catalogue index (``columns`` sorted)."""
     positions = torch.searchsorted(columns, picks)
-    if bool((positions >= len(columns)).any()) or not bool((columns[positions.clamp(max=len(columns) - 1)] == picks).all()):
+    if bool((positions >= len(columns)).any()) or not bool(
+        (columns[positions.clamp(max=len(columns) - 1)] == picks).all()
+    ):
         raise ValueError("head_logps: a pick is not among its row's choices")
     return positions
 
 
-def row_choices(rows: Sequence[Mapping[str, Any]], index: Mapping[str, int]) -> list[list[int] | None]:
+def row_choices(rows: Sequence[Mapping[str, Any]],
+                index: Mapping[str, int]) -> list[list[int] | None]:
     """Each row's candidate indices (``candidates`` rows) or None (choose from the catalogue)."""
-    return [[index[i] for i in row["candidates"]] if row.get("candidates") else None for row in rows]
+    return [[index[i] for i in row["candidates"]] if row.get("candidates") else None
+            for row in rows]
 
 
 def answer_logps(model: nn.Module, batch: ChoiceBatch, *, mode: str = "auto", average: bool = False,
@@ -181,4 +191,5 @@ def answer_logps(model: nn.Module, batch: ChoiceBatch, *, mode: str = "auto", av
                               noise_std=noise_std, generator=generator)
     if batch.picks is None or batch.choices is None:
         raise ValueError("answer_logps: the batch has neither responses nor head picks")
-    return head_logps(model, batch.prompts, batch.choices, batch.picks, noise_std=noise_std, generator=generator)
+    return head_logps(model, batch.prompts, batch.choices, batch.picks, noise_std=noise_std,
+                      generator=generator)

@@ -1,6 +1,7 @@
 """R²ec trained with RecPO: reason, then rank the whole catalogue with the model's own states.
 
-    accelerate launch -m hanorec.recpo --config configs/r2ec-demo.yaml   (or: python -m hanorec.recpo ...)
+    accelerate launch -m hanorec.recpo --config configs/r2ec-demo.yaml
+    python -m hanorec.recpo --config configs/r2ec-demo.yaml
 
 What it does, top to bottom (R²ec, arXiv 2505.16994): prepare the data, load the backbone with
 a LoRA adapter (on top of an SFT model when ``recpo_init_checkpoint`` names one), and train the
@@ -49,26 +50,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hanorec import config as recipe
 from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
-from hanorec.data.known import known_sequences
+from hanorec.data.known import known_items, known_sequences
 from hanorec.item_features import attach_for_recipe
-from hanorec.losses import clipped_surrogate, group_advantages, recpo_rewards
-from hanorec.metrics import FULL_KS, full_ranking, history_mask, match_answer
+from hanorec.losses import ADVANTAGES, clipped_surrogate, group_advantages, recpo_rewards
+from hanorec.metrics import PROTOCOL_KS, full_ranking, history_mask, match_answer
 from hanorec.models.config import ModelConfig
+from hanorec.models.lineage import export_model, load_policy_from_sft
 from hanorec.models.loading import load_backbone
 from hanorec.r2ec import (
     ItemTable,
@@ -80,30 +79,20 @@ from hanorec.r2ec import (
     sequence_batch,
     state_and_token_logps,
 )
+from hanorec.report import try_write_report
 from hanorec.runtime import (
     PromptConfig,
-    build_optimizer,
-    export_model,
     load_catalog,
-    load_policy_from_sft,
     load_rows,
     make_collator,
-    maybe_resume,
-    optimizer_step,
     prepare_data,
+    prepare_training,
     start_stage,
     to_device,
-    total_steps,
     write_json,
 )
 from hanorec.stats import summarize
-from hanorec.training import (
-    CheckpointManager,
-    EpochBatches,
-    MetricsLogger,
-    TrainConfig,
-    batch_stream,
-)
+from hanorec.training import MicroStep, TrainConfig, train_loop
 
 MASKED = -1e4  # score of masked (already seen) items in the rewards: below any cos/τ
 
@@ -112,35 +101,67 @@ MASKED = -1e4  # score of masked (already seen) items in the rewards: below any 
 class RecPOConfig(TrainConfig):
     """The ``recpo:`` section: optimisation (see TrainConfig) plus R²ec / RecPO settings."""
 
-    recpo_protocol: str = field(default="full", metadata={"help": "Prepared protocol whose rows train and evaluate the item head (full-catalogue ranking, R²ec)."})
-    recpo_init_checkpoint: str | None = field(default=None, metadata={"help": "SFT 'final' folder to start from (its adapter merged, a fresh LoRA added); none: the base backbone."})
-    max_train_examples: int = field(default=0, metadata={"help": "Use a seeded subset of this many training rows (0: all)."})
-    recpo_warmup_steps: int = field(default=0, metadata={"help": "First optimizer steps that train the item head alone with in-batch InfoNCE (no reasoning) before RL."})
-    num_traces: int = field(default=4, metadata={"help": "Reasoning traces sampled per user, the group size G (R²ec: 4)."})
-    temperature: float = field(default=1.5, metadata={"help": "Sampling temperature of the traces (R²ec: 1.5)."})
-    top_k_sampling: int = field(default=200, metadata={"help": "Top-k of trace sampling (R²ec: 200; 0 disables)."})
-    max_trace_tokens: int = field(default=16, metadata={"help": "Token budget of a reasoning trace before the <answer> marker is forced."})
-    item_tau: float = field(default=0.02, metadata={"help": "Temperature τ of the item scores s(v) = cos(h_T, H_V[v]) / τ (R²ec: 0.02)."})
-    reward_softmax_weight: float = field(default=0.05, metadata={"help": "w of the fused reward (1−w)·NDCG@k + w·softmax(s)[target] (R²ec: 0.05)."})
-    reward_ndcg_k: int = field(default=1000, metadata={"help": "NDCG cut-off k of the reward (R²ec: 1000), capped at the catalogue size."})
-    advantage: Literal["gaussian", "leave_one_out"] = field(default="gaussian", metadata={"help": "Group advantages: GRPO (R − mean)/(std + 1e-8) or RLOO leave-one-out."})
-    clip_eps_low: float = field(default=0.2, metadata={"help": "Lower clip ε_low of the surrogates (DAPO: 0.2)."})
-    clip_eps_high: float = field(default=0.28, metadata={"help": "Upper clip ε_high of the surrogates (DAPO: 0.28)."})
-    item_negatives: Literal["in_batch", "catalogue"] = field(default="in_batch", metadata={"help": "Negatives of the item softmax (warm-up and RecPO item term): the in-batch targets' fresh rows (R²ec), or those plus every other catalogue row of the cached H_V (no gradient; a memory bank, sharper on small batches)."})
-    recpo_item_weight: float = field(default=1.0, metadata={"help": "Weight of the clipped in-batch item term (best trace per user) next to the token surrogate."})
-    recpo_item_refresh_every: int = field(default=10, metadata={"help": "Recompute the cached item table H_V every N optimizer steps."})
-    item_batch_size: int = field(default=16, metadata={"help": "Item prompts per forward when computing H_V."})
-    recpo_eval_users: int = field(default=0, metadata={"help": "Evaluate a seeded subset of this many test users (0: all)."})
-    recpo_eval_reasoning: bool = field(default=True, metadata={"help": "At evaluation, write a greedy trace before the marker (false: marker directly after the prompt)."})
-    recpo_timing_users: int = field(default=4, metadata={"help": "Users on which head scoring and title generation + matching are timed."})
-    title_max_tokens: int = field(default=32, metadata={"help": "Token budget of a generated title in the timing comparison."})
-    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples over users for the 95% intervals."})
+    recpo_protocol: str = field(default="full", metadata={
+        "help": "Prepared protocol whose rows train and evaluate the item head (full-catalogue "
+                "ranking, R²ec)."})
+    recpo_init_checkpoint: str | None = field(default=None, metadata={
+        "help": "SFT 'final' folder to start from (its adapter merged, a fresh LoRA added); "
+                "none: the base backbone."})
+    max_train_examples: int = field(default=0, metadata={
+        "help": "Use a seeded subset of this many training rows (0: all)."})
+    recpo_warmup_steps: int = field(default=0, metadata={
+        "help": "First optimizer steps that train the item head alone with in-batch InfoNCE (no "
+                "reasoning) before RL."})
+    num_traces: int = field(default=4, metadata={
+        "help": "Reasoning traces sampled per user, the group size G (R²ec: 4)."})
+    temperature: float = field(default=1.5, metadata={
+        "help": "Sampling temperature of the traces (R²ec: 1.5)."})
+    top_k_sampling: int = field(default=200, metadata={
+        "help": "Top-k of trace sampling (R²ec: 200; 0 disables)."})
+    max_trace_tokens: int = field(default=16, metadata={
+        "help": "Token budget of a reasoning trace before the <answer> marker is forced."})
+    item_tau: float = field(default=0.02, metadata={
+        "help": "Temperature τ of the item scores s(v) = cos(h_T, H_V[v]) / τ (R²ec: 0.02)."})
+    reward_softmax_weight: float = field(default=0.05, metadata={
+        "help": "w of the fused reward (1−w)·NDCG@k + w·softmax(s)[target] (R²ec: 0.05)."})
+    reward_ndcg_k: int = field(default=1000, metadata={
+        "help": "NDCG cut-off k of the reward (R²ec: 1000), capped at the catalogue size."})
+    advantage: Literal[ADVANTAGES] = field(default="gaussian", metadata={  # type: ignore[valid-type]
+        "help": "Group advantages: GRPO (R − mean)/(std + 1e-8) or RLOO leave-one-out."})
+    clip_eps_low: float = field(default=0.2, metadata={
+        "help": "Lower clip ε_low of the surrogates (DAPO: 0.2)."})
+    clip_eps_high: float = field(default=0.28, metadata={
+        "help": "Upper clip ε_high of the surrogates (DAPO: 0.28)."})
+    item_negatives: Literal["in_batch", "catalogue"] = field(default="in_batch", metadata={
+        "help": "Negatives of the item softmax (warm-up and RecPO item term): the in-batch "
+                "targets' fresh rows (R²ec), or those plus every other catalogue row of the "
+                "cached H_V (no gradient; a memory bank, sharper on small batches)."})
+    recpo_item_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the clipped in-batch item term (best trace per user) next to the "
+                "token surrogate."})
+    recpo_item_refresh_every: int = field(default=10, metadata={
+        "help": "Recompute the cached item table H_V every N optimizer steps."})
+    item_batch_size: int = field(default=16, metadata={
+        "help": "Item prompts per forward when computing H_V."})
+    recpo_eval_users: int = field(default=0, metadata={
+        "help": "Evaluate a seeded subset of this many test users (0: all)."})
+    recpo_eval_reasoning: bool = field(default=True, metadata={
+        "help": "At evaluation, write a greedy trace before the marker (false: marker directly "
+                "after the prompt)."})
+    recpo_timing_users: int = field(default=4, metadata={
+        "help": "Users on which head scoring and title generation + matching are timed."})
+    title_max_tokens: int = field(default=32, metadata={
+        "help": "Token budget of a generated title in the timing comparison."})
+    bootstrap_resamples: int = field(default=1000, metadata={
+        "help": "Bootstrap resamples over users for the 95% intervals."})
 
 
 @dataclass
 class RecPORun:
-    run_dir: str = field(default="runs/r2ec-demo", metadata={"help": "Run folder; this stage writes to <run_dir>/recpo."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
+    run_dir: str = field(default="runs/r2ec-demo", metadata={
+        "help": "Run folder; this stage writes to <run_dir>/recpo."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of initialisation, data order and sampling."})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -173,8 +194,8 @@ class Head:
 # ------------------------------------------------------------------------------ losses
 
 
-def in_batch_item_logps(users: Tensor, items: Tensor, item_index: Tensor, tau: float, accelerator: Accelerator,
-                        bank: Tensor | None = None) -> Tensor:
+def in_batch_item_logps(users: Tensor, items: Tensor, item_index: Tensor, tau: float,
+                        accelerator: Accelerator, bank: Tensor | None = None) -> Tensor:
     """``log softmax_j(cos(h_u, H_V[t_j]) / τ)[u]`` over the (gathered) in-batch target rows.
 
     Rows from other processes enter without gradient (``accelerator.gather``); this process's
@@ -195,8 +216,8 @@ def in_batch_item_logps(users: Tensor, items: Tensor, item_index: Tensor, tau: f
     if bank is not None:
         in_batch = torch.zeros(bank.shape[0], dtype=torch.bool, device=users.device)
         in_batch[all_index] = True
-        extra = item_scores(users, bank.to(users.device), tau).masked_fill(in_batch[None, :], float("-inf"))
-        scores = torch.cat([scores, extra], dim=1)
+        extra = item_scores(users, bank.to(users.device), tau)
+        scores = torch.cat([scores, extra.masked_fill(in_batch[None, :], float("-inf"))], dim=1)
     return torch.log_softmax(scores, dim=-1).gather(1, own[:, None]).squeeze(1)
 
 
@@ -205,15 +226,18 @@ def item_bank(head: Head, cfg: RecPOConfig) -> Tensor | None:
     return head.table.states if cfg.item_negatives == "catalogue" else None
 
 
-def warmup_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig, accelerator: Accelerator) -> tuple[Tensor, dict[str, float]]:
+def warmup_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig,
+                accelerator: Accelerator) -> tuple[Tensor, dict[str, float]]:
     """In-batch InfoNCE of the item head, user state at the marker right after the prompt."""
     device, count = accelerator.device, len(rows)
     targets = [r["target"] for r in rows]
-    batch = joint_batch(head.collator, rows, [head.marker] * count, targets, head.marker, reserve=head.reserve)
+    batch = joint_batch(head.collator, rows, [head.marker] * count, targets, head.marker,
+                        reserve=head.reserve)
     states = last_states(model, to_device(batch, device))
     users, items = states[:count], states[count:]
     index = torch.tensor([head.position(t) for t in targets], device=device)
-    loss = -in_batch_item_logps(users, items, index, head.tau, accelerator, item_bank(head, cfg)).mean()
+    bank = item_bank(head, cfg)
+    loss = -in_batch_item_logps(users, items, index, head.tau, accelerator, bank).mean()
     return loss, {"train/item_loss": float(loss.detach())}
 
 
@@ -225,6 +249,13 @@ def history_penalty(rows: list[dict], head: Head, num_items: int, device: torch.
     return torch.where(mask, MASKED, 0.0)
 
 
+def fused_rewards(scores: Tensor, index: Tensor, cfg: RecPOConfig) -> Tensor:
+    """RecPO's reward of each scored state, ``(1−w)·NDCG@k + w·softmax(s)[target]`` (k capped
+    at the catalogue size; :func:`hanorec.losses.recpo_rewards`)."""
+    ndcg_k = min(cfg.reward_ndcg_k, scores.shape[-1])
+    return recpo_rewards(scores, index, ndcg_k=ndcg_k, softmax_weight=cfg.reward_softmax_weight)
+
+
 def policy_pass(model, batch: dict, num_traces: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward of a :func:`joint_batch`: the traces' user states, token log-probs and mask,
     and the target items' states (the rows after the first ``num_traces``)."""
@@ -233,7 +264,8 @@ def policy_pass(model, batch: dict, num_traces: int) -> tuple[Tensor, Tensor, Te
     return states[:n], logps[:n], mask[:n], states[n:]
 
 
-def recpo_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig, accelerator: Accelerator) -> tuple[Tensor, dict[str, float]]:
+def recpo_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig,
+               accelerator: Accelerator) -> tuple[Tensor, dict[str, float]]:
     """RecPO on one micro-batch: sample, reward, advantages, clipped token + item surrogates.
 
     * traces ``o_{u,g}`` (g = 1..G) sampled from the current policy, closed by the marker;
@@ -244,29 +276,36 @@ def recpo_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig, accelerato
       token, ``L_item = −mean_u min(ρ_u A_u*, clip(ρ_u, 1−ε_low, 1+ε_high) A_u*)`` for the best
       trace g* of each user, ``ρ_u = p_θ(t_u)/p_old(t_u)`` under the in-batch item softmax.
     """
-    device, group = accelerator.device, cfg.num_traces
+    device, group, clip = accelerator.device, cfg.num_traces, (cfg.clip_eps_low, cfg.clip_eps_high)
     model.eval()
     traces = sample_traces(accelerator.unwrap_model(model), head.collator, rows, num_traces=group,
                            max_new_tokens=cfg.max_trace_tokens, marker=head.marker,
                            temperature=cfg.temperature, top_k=cfg.top_k_sampling)
     model.train()
-    batch = to_device(joint_batch(head.collator, rows, traces, [r["target"] for r in rows], head.marker, reserve=head.reserve), device)
-    index = torch.tensor([head.position(r["target"]) for r in rows], device=device)
+    targets = [r["target"] for r in rows]
+    batch = joint_batch(head.collator, rows, traces, targets, head.marker, reserve=head.reserve)
+    batch = to_device(batch, device)
+    index = torch.tensor([head.position(t) for t in targets], device=device)
+    bank = item_bank(head, cfg)
     with torch.no_grad():  # the sampling policy: old log-probs and the rewards
         old_states, old_logps, mask, old_items = policy_pass(model, batch, len(traces))
         scores = head.table.scores(old_states, head.tau).view(len(rows), group, -1)
         scores = scores + history_penalty(rows, head, scores.shape[-1], device)[:, None]
-        rewards = recpo_rewards(scores, index, ndcg_k=min(cfg.reward_ndcg_k, scores.shape[-1]), softmax_weight=cfg.reward_softmax_weight)
+        rewards = fused_rewards(scores, index, cfg)
         advantages = group_advantages(rewards, cfg.advantage)
         best = advantages.argmax(1) + torch.arange(len(rows), device=device) * group
-        old_item = in_batch_item_logps(old_states[best], old_items, index, head.tau, accelerator, item_bank(head, cfg))
+        old_item = in_batch_item_logps(old_states[best], old_items, index, head.tau, accelerator,
+                                       bank)
     states, logps, _, fresh_items = policy_pass(model, batch, len(traces))
-    token_loss = clipped_surrogate(logps, old_logps, advantages.flatten(), mask, cfg.clip_eps_low, cfg.clip_eps_high)
-    item_logp = in_batch_item_logps(states[best], fresh_items, index, head.tau, accelerator, item_bank(head, cfg))
+    token_loss = clipped_surrogate(logps, old_logps, advantages.flatten(), mask, *clip)
+    item_logp = in_batch_item_logps(states[best], fresh_items, index, head.tau, accelerator, bank)
     best_adv = advantages.flatten()[best]
-    item_loss = clipped_surrogate(item_logp[:, None], old_item[:, None], best_adv, torch.ones_like(item_logp[:, None]), cfg.clip_eps_low, cfg.clip_eps_high)
-    stats = {"train/reward_mean": float(rewards.mean()), "train/advantage_std": float(advantages.std()),
-             "train/surrogate_loss": float(token_loss.detach()), "train/item_loss": float(item_loss.detach()),
+    item_loss = clipped_surrogate(item_logp[:, None], old_item[:, None], best_adv,
+                                  torch.ones_like(item_logp[:, None]), *clip)
+    stats = {"train/reward_mean": float(rewards.mean()),
+             "train/advantage_std": float(advantages.std()),
+             "train/surrogate_loss": float(token_loss.detach()),
+             "train/item_loss": float(item_loss.detach()),
              "train/trace_length": float(mask.sum(1).float().mean())}
     return token_loss + cfg.recpo_item_weight * item_loss, stats
 
@@ -275,40 +314,36 @@ def recpo_loss(model, head: Head, rows: list[dict], cfg: RecPOConfig, accelerato
 
 
 @torch.no_grad()
-def user_states(model, head: Head, rows: list[dict], *, reasoning: bool, batch_size: int, device) -> Tensor:
+def user_states(model, head: Head, rows: list[dict], *, reasoning: bool, batch_size: int,
+                device) -> Tensor:
     """``[U, H]`` states at the marker: after a greedy trace (``reasoning``) or the bare prompt."""
     was_training = model.training
     model.eval()
     out = []
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        traces = (sample_traces(model, head.collator, chunk, num_traces=1, max_new_tokens=head.trace_budget,
-                                marker=head.marker, do_sample=False) if reasoning else [head.marker] * len(chunk))
-        out.append(last_states(model, to_device(sequence_batch(head.collator, chunk, traces, reserve=head.reserve), device)))
+        if reasoning:
+            traces = sample_traces(model, head.collator, chunk, num_traces=1,
+                                   max_new_tokens=head.trace_budget, marker=head.marker,
+                                   do_sample=False)
+        else:
+            traces = [head.marker] * len(chunk)
+        batch = sequence_batch(head.collator, chunk, traces, reserve=head.reserve)
+        out.append(last_states(model, to_device(batch, device)))
     model.train(was_training)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def mean_reward(model, head: Head, rows: list[dict], cfg: RecPOConfig, *, reasoning: bool, device) -> float:
+def mean_reward(model, head: Head, rows: list[dict], cfg: RecPOConfig, *, reasoning: bool,
+                device) -> float:
     """Mean fused reward of one (greedy or trace-free) state per user on a fixed set of rows."""
-    states = user_states(model, head, rows, reasoning=reasoning, batch_size=cfg.per_device_batch_size, device=device)
-    scores = head.table.scores(states, head.tau) + history_penalty(rows, head, head.table.states.shape[0], device)
+    states = user_states(model, head, rows, reasoning=reasoning,
+                         batch_size=cfg.per_device_batch_size, device=device)
+    penalty = history_penalty(rows, head, head.table.states.shape[0], device)
+    scores = head.table.scores(states, head.tau) + penalty
     index = torch.tensor([head.position(r["target"]) for r in rows], device=device)
-    return float(recpo_rewards(scores[:, None], index, ndcg_k=min(cfg.reward_ndcg_k, scores.shape[-1]), softmax_weight=cfg.reward_softmax_weight).mean())
-
-
-def known_items(rows: list[dict], catalog, sequences: dict[str, list[int]]) -> tuple[list[int], list[list[int]]]:
-    """Target index and the items to mask per row: the user's whole known sequence (rebuilt by
-    :func:`hanorec.data.known.known_sequences`), the row's history when it could not be rebuilt."""
-    targets = [catalog.position(r["target"]) for r in rows]
-    masked = [sequences.get(str(r["user_id"])) or [catalog.position(i) for i in r["history"]] for r in rows]
-    return targets, masked
-
-
-def full_metrics(scores: np.ndarray, targets: list[int], masked: list[list[int]]) -> dict[str, np.ndarray]:
-    """HR/NDCG@5/10/20 and MRR with the ``masked`` items removed (:func:`hanorec.metrics.full_ranking`)."""
-    return full_ranking(scores, targets, masked, FULL_KS)
+    return float(fused_rewards(scores[:, None], index, cfg).mean())
 
 
 def _seconds_per_user(rows: list[dict], score_one) -> float:
@@ -318,7 +353,8 @@ def _seconds_per_user(rows: list[dict], score_one) -> float:
     return (time.perf_counter() - start) / len(rows)
 
 
-def time_per_user(model, head: Head, rows: list[dict], cfg: RecPOConfig, device) -> dict[str, float]:
+def time_per_user(model, head: Head, rows: list[dict], cfg: RecPOConfig,
+                  device) -> dict[str, float]:
     """Seconds per user, one user at a time, on the first ``recpo_timing_users`` rows.
 
     * ``head_seconds_per_user``: the R²ec inference as evaluated (greedy trace when
@@ -336,35 +372,48 @@ def time_per_user(model, head: Head, rows: list[dict], cfg: RecPOConfig, device)
 
     @torch.no_grad()
     def title_pass(row: dict) -> None:
-        prompt = to_device(collator.encode_prompts([row], reserve=cfg.title_max_tokens, padding_side="left"), device)
-        out = model.generate(**prompt, max_new_tokens=cfg.title_max_tokens, do_sample=False, pad_token_id=collator.pad_token_id)
-        match_answer(collator.tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True), titles)
+        prompt = collator.encode_prompts([row], reserve=cfg.title_max_tokens, padding_side="left")
+        prompt = to_device(prompt, device)
+        out = model.generate(**prompt, max_new_tokens=cfg.title_max_tokens, do_sample=False,
+                             pad_token_id=collator.pad_token_id)
+        answer = out[0, prompt["input_ids"].shape[1] :]
+        match_answer(collator.tokenizer.decode(answer, skip_special_tokens=True), titles)
 
     was_training = model.training
     model.eval()
-    timing = {"head_seconds_per_user": _seconds_per_user(rows, lambda r: head_pass(r, cfg.recpo_eval_reasoning)),
+    timing = {"head_seconds_per_user": _seconds_per_user(
+                  rows, lambda r: head_pass(r, cfg.recpo_eval_reasoning)),
               "head_only_seconds_per_user": _seconds_per_user(rows, lambda r: head_pass(r, False)),
-              "title_generation_seconds_per_user": _seconds_per_user(rows, title_pass), "timed_users": len(rows)}
+              "title_generation_seconds_per_user": _seconds_per_user(rows, title_pass),
+              "timed_users": len(rows)}
     model.train(was_training)
     return timing
 
 
-def evaluate_full(model, head: Head, run: RecPORun, prepared: Path, out_dir: Path, device) -> dict[str, Any]:
+def evaluate_full(model, head: Head, run: RecPORun, prepared: Path, out_dir: Path,
+                  device) -> dict[str, Any]:
     """Test-split ``full`` evaluation: per-user JSONL, summary.json (with timings), report.md."""
     cfg = run.recpo
-    rows = load_rows(prepared, [cfg.recpo_protocol], "test", limit=cfg.recpo_eval_users, seed=run.seed)
+    rows = load_rows(prepared, [cfg.recpo_protocol], "test", limit=cfg.recpo_eval_users,
+                     seed=run.seed)
     head.table.refresh(model, head.collator)
-    states = user_states(model, head, rows, reasoning=cfg.recpo_eval_reasoning, batch_size=cfg.per_device_batch_size, device=device)
+    states = user_states(model, head, rows, reasoning=cfg.recpo_eval_reasoning,
+                         batch_size=cfg.per_device_batch_size, device=device)
     sequences, _ = known_sequences(prepared, "test")
-    targets, masked = known_items(rows, head.collator.catalog, sequences)
-    per_user = full_metrics(head.table.scores(states, head.tau).cpu().numpy(), targets, masked)
+    catalog = head.collator.catalog
+    targets = [catalog.position(r["target"]) for r in rows]
+    masked = known_items(rows, sequences, catalog.position)
+    scores = head.table.scores(states, head.tau).cpu().numpy()
+    per_user = full_ranking(scores, targets, masked, PROTOCOL_KS["full"])
     (out_dir / "per_user").mkdir(exist_ok=True)
     with open(out_dir / "per_user" / "full.jsonl", "w", encoding="utf-8") as handle:
         for u, row in enumerate(rows):
-            handle.write(json.dumps({"user_id": str(row["user_id"]), **{k: float(v[u]) for k, v in per_user.items()}}) + "\n")
+            values = {k: float(v[u]) for k, v in per_user.items()}
+            handle.write(json.dumps({"user_id": str(row["user_id"]), **values}) + "\n")
     summary = summarize(per_user, n_resamples=cfg.bootstrap_resamples, seed=run.seed)
     timing = time_per_user(model, head, rows, cfg, device)
-    return {"metrics": summary, "n_users": len(rows), "timing": timing, "hv_refresh_seconds": round(head.table.seconds, 3)}
+    return {"metrics": summary, "n_users": len(rows), "timing": timing,
+            "hv_refresh_seconds": round(head.table.seconds, 3)}
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -381,7 +430,8 @@ def load_policy(run: RecPORun, catalog=None, prepared: Path | None = None):
     model, processor = load_backbone(run.model, for_training=True)
     if run.prompt.style().needs_encoder:
         if catalog is None or prepared is None:
-            raise ValueError("load_policy: the prompt style needs item tokens; pass the catalogue and prepared folder")
+            raise ValueError("load_policy: the prompt style needs item tokens; pass the "
+                             "catalogue and prepared folder")
         attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(), run.collab,
                           with_images=run.prompt.with_images)
     return model, processor
@@ -389,9 +439,12 @@ def load_policy(run: RecPORun, catalog=None, prepared: Path | None = None):
 
 def check_config(cfg: RecPOConfig) -> None:
     """Value ranges; the error names the field."""
-    checks = [(cfg.num_traces >= 1, "num_traces must be >= 1"), (cfg.item_tau > 0, "item_tau must be positive"),
-              (cfg.max_trace_tokens >= 0, "max_trace_tokens must be >= 0"), (cfg.recpo_item_refresh_every >= 1, "recpo_item_refresh_every must be >= 1"),
-              (cfg.recpo_warmup_steps >= 0, "recpo_warmup_steps must be >= 0"), (cfg.temperature > 0, "temperature must be positive")]
+    checks = [(cfg.num_traces >= 1, "num_traces must be >= 1"),
+              (cfg.item_tau > 0, "item_tau must be positive"),
+              (cfg.max_trace_tokens >= 0, "max_trace_tokens must be >= 0"),
+              (cfg.recpo_item_refresh_every >= 1, "recpo_item_refresh_every must be >= 1"),
+              (cfg.recpo_warmup_steps >= 0, "recpo_warmup_steps must be >= 0"),
+              (cfg.temperature > 0, "temperature must be positive")]
     for ok, message in checks:
         if not ok:
             raise ValueError(f"recpo.{message}")
@@ -405,80 +458,75 @@ def main(argv: list[str] | None = None) -> Path:
 
     prepared = prepare_data(run.data, accelerator)
     catalog = load_catalog(run.data, prepared)
-    train_rows = load_rows(prepared, [cfg.recpo_protocol], "train", limit=cfg.max_train_examples, seed=run.seed)
+    train_rows = load_rows(prepared, [cfg.recpo_protocol], "train", limit=cfg.max_train_examples,
+                           seed=run.seed)
 
     model, processor = load_policy(run, catalog, prepared)
     collator = make_collator(processor, catalog, cfg.recpo_protocol, run.prompt)
     marker = marker_ids(collator.tokenizer)
-    head = Head(collator, marker, ItemTable(catalog.item_ids, marker, cfg.item_batch_size), cfg.item_tau, cfg.max_trace_tokens)
-    order = EpochBatches(len(train_rows), cfg.per_device_batch_size, seed=run.seed, rank=accelerator.process_index, world=accelerator.num_processes)
-    steps = total_steps(cfg, len(order))
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    position = maybe_resume(cfg, out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
-    checkpoints = CheckpointManager(out_dir, keep=cfg.keep_checkpoints)
-    log = MetricsLogger(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process, resume_step=position.step if cfg.resume else None)
+    table = ItemTable(catalog.item_ids, marker, cfg.item_batch_size)
+    head = Head(collator, marker, table, cfg.item_tau, cfg.max_trace_tokens)
+    training = prepare_training(accelerator, model, cfg, len(train_rows), seed=run.seed,
+                                out_dir=out_dir)
+    model = training.model
 
-    batches = batch_stream(order, position)
-    bar = tqdm(total=steps, initial=position.step, desc="recpo", disable=not accelerator.is_main_process)
-    model.train()
-    started, refreshed_at = time.time(), None
-    while position.step < steps:
-        warm = position.step < cfg.recpo_warmup_steps
-        stats: dict[str, float] = {}
-        if (not warm or cfg.item_negatives == "catalogue") and (refreshed_at is None or position.step - refreshed_at >= cfg.recpo_item_refresh_every):
-            stats["train/hv_refresh_seconds"] = head.table.refresh(accelerator.unwrap_model(model), collator, progress=accelerator.is_main_process)
-            refreshed_at = position.step
-        for micro in range(cfg.gradient_accumulation_steps):
-            epoch, index, ids = next(batches)
-            rows = [train_rows[i] for i in ids]
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not last else nullcontext():
-                loss, micro_stats = warmup_loss(model, head, rows, cfg, accelerator) if warm else recpo_loss(model, head, rows, cfg, accelerator)
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            for key, value in micro_stats.items():
-                stats[key] = stats.get(key, 0.0) + value / cfg.gradient_accumulation_steps
-            position.epoch, position.batch_in_epoch = epoch, index + 1
-        stats["train/grad_norm"] = optimizer_step(accelerator, model, optimizer, scheduler, cfg)
-        position.step += 1
-        bar.update()
-        if position.step % cfg.log_every == 0 or position.step == steps:
-            log.log(position.step, {**stats, "train/lr": scheduler.get_last_lr()[0], "train/phase": 0.0 if warm else 1.0})
-        if cfg.save_every and position.step % cfg.save_every == 0:
-            if accelerator.is_main_process:
-                checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, position)
-            accelerator.wait_for_everyone()
-    bar.close()
-    train_seconds = time.time() - started
+    # The loop: the item-head warm-up, then RecPO; the item table refreshed every N steps.
+    refreshed_at: list[int] = []
+
+    def refresh(at: int) -> dict[str, float]:
+        warm = at < cfg.recpo_warmup_steps
+        due = not refreshed_at or at - refreshed_at[-1] >= cfg.recpo_item_refresh_every
+        if (warm and cfg.item_negatives != "catalogue") or not due:
+            return {}
+        refreshed_at.append(at)
+        seconds = head.table.refresh(training.unwrapped, collator,
+                                     progress=accelerator.is_main_process)
+        return {"train/hv_refresh_seconds": seconds}
+
+    def step(ids: list[int], at: int) -> MicroStep:
+        rows = [train_rows[i] for i in ids]
+        warm = at < cfg.recpo_warmup_steps
+        objective = warmup_loss if warm else recpo_loss
+        loss, stats = objective(model, head, rows, cfg, accelerator)
+        stats["train/phase"] = 0.0 if warm else 1.0
+        return MicroStep(loss / cfg.gradient_accumulation_steps, stats)
+
+    result = train_loop(training, step, before_step=refresh, desc="recpo")
 
     final = out_dir / "final"
     if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model)
-        result = evaluate_full(policy, head, run, prepared, out_dir, accelerator.device)
-        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint, prompt_cfg=run.prompt)
-        summary = {"stage": "recpo", "protocol": cfg.recpo_protocol, "split": "test", "steps": position.step,
-                   "train_examples": len(train_rows), "seconds": round(train_seconds, 1), "adapter": str(final), **result}
+        policy = training.unwrapped
+        evaluation = evaluate_full(policy, head, run, prepared, out_dir, accelerator.device)
+        export_model(policy, processor, final, run.model, parent=cfg.recpo_init_checkpoint,
+                     prompt_cfg=run.prompt)
+        summary = {"stage": "recpo", "protocol": cfg.recpo_protocol, "split": "test",
+                   "steps": result.position.step, "train_examples": len(train_rows),
+                   "seconds": round(result.train_seconds, 1), "adapter": str(final), **evaluation}
         write_json(out_dir / "summary.json", summary)
         write_report(out_dir, summary)
-        print("R²ec full-catalogue test: " + ", ".join(f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for k, v in result["metrics"].items()))
+        print("R²ec full-catalogue test: " + ", ".join(
+            f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+            for k, v in evaluation["metrics"].items()))
     accelerator.wait_for_everyone()
     return final
 
 
 def write_report(out_dir: Path, summary: dict[str, Any]) -> None:
     """``report.md`` (metrics table with intervals, training curves) plus the timing lines."""
-    try:
-        from hanorec.report import write_report as write_markdown
-
-        path = write_markdown(out_dir, title="R²ec / RecPO — full-catalogue ranking (test)", metrics_tables={"r2ec": summary["metrics"]})
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"report skipped: {err}")
+    path = try_write_report(out_dir, title="R²ec / RecPO — full-catalogue ranking (test)",
+                            metrics_tables={"r2ec": summary["metrics"]})
+    if path is None:
         return
     t = summary["timing"]
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(f"\n## Inference time per user\n\n| trace + head scoring (whole catalogue) | head scoring, no trace | title generation + matching |\n|---|---|---|\n"
-                     f"| {t['head_seconds_per_user']:.4f} s | {t['head_only_seconds_per_user']:.4f} s | {t['title_generation_seconds_per_user']:.4f} s |\n\n"
-                     f"Measured on {t['timed_users']} users; H_V refresh of the whole catalogue: {summary['hv_refresh_seconds']} s.\n")
+        handle.write(
+            "\n## Inference time per user\n\n| trace + head scoring (whole catalogue) | head "
+            "scoring, no trace | title generation + matching |\n|---|---|---|\n"
+            f"| {t['head_seconds_per_user']:.4f} s | {t['head_only_seconds_per_user']:.4f} s | "
+            f"{t['title_generation_seconds_per_user']:.4f} s |\n\n"
+            f"Measured on {t['timed_users']} users; H_V refresh of the whole catalogue: "
+            f"{summary['hv_refresh_seconds']} s.\n"
+        )
 
 
 if __name__ == "__main__":

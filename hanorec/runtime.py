@@ -1,69 +1,88 @@
-"""What every stage does the same way: data, prompts, processes, optimizer, checkpoints.
+"""What every stage does the same way around its loop: data, prompts, processes, optimizer.
 
-The entry modules (``hanorec.sft``, ``hanorec.dpo``, ``hanorec.recpo``) keep their loops and
-their losses; this module holds the steps around the loop that would otherwise be written
-three times: preparing the data once per machine, loading rows, building the collator,
-creating the optimizer and schedule, resuming, and the optimizer step itself.
+The entry modules (``hanorec.sft``, ``hanorec.dpo``, ``hanorec.recpo``) keep their step
+functions and losses and run them through :func:`hanorec.training.train_loop`; this module holds
+the set-up that would otherwise be written three times: the accelerator and the stage folder
+(:func:`start_stage`), preparing the data once per machine, loading catalogue and rows (through
+:mod:`hanorec.data.prepared`), building the collator from the ``prompt:`` section, and the
+optimizer, schedule and data order of a run (:func:`prepare_training`). Model lineage (load a
+stage's output, export one) is :mod:`hanorec.models.lineage`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import torch
 from accelerate import Accelerator
 
 from hanorec.collate import PromptCollator
-from hanorec.config import to_dict
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
 from hanorec.data.prepare import prepare
-from hanorec.data.prompts import PromptStyle
-from hanorec.item_tokens import (
-    SPEC_FILE,
-    attach_item_encoder,
-    attached_encoder,
-    encoder_detached,
-    load_item_encoder,
-    save_item_encoder,
-)
-from hanorec.models.config import ModelConfig
-from hanorec.training import (
-    CheckpointManager,
-    LoopPosition,
-    TrainConfig,
-    cosine_with_warmup,
-)
+from hanorec.data.prepared import read_rows
+from hanorec.data.prompts import ANSWER_MODES, IMAGE_TOKEN_MODES, PromptStyle
+from hanorec.report import try_write_report
+from hanorec.training import EpochBatches, TrainConfig, Training, cosine_with_warmup
 
 
 @dataclass
 class PromptConfig:
     """How rows become prompts; shared by training and evaluation so both see the same text."""
 
-    image_budget: int = field(default=5, metadata={"help": "Only the most recent N history items carry their image (the rest are titles), so prompts fit the context (HaNoRec interleaves titles and posters)."})
-    max_length: int = field(default=1024, metadata={"help": "Token budget of prompt + response; the oldest history items are dropped whole to fit, never cutting image tokens."})
-    with_images: bool = field(default=True, metadata={"help": "Render images; false gives the text-only (blind) prompts used by the `SFT text-only` ablation and BPO."})
-    answer: Literal["title", "index", "head"] = field(default="title", metadata={"help": "Read-out of the model's choice: `title` = the item's title as the response (its log-likelihood scores it), `index` = candidates listed with letters and the single label token as the response (LlamaRec, Yue et al. 2023: every candidate scored from one forward), `head` = a ranking head over the answer-position state scores item vectors (R2ec arXiv 2505.16994; docs/guide.md, 'Read-outs')."})
-    item_tokens: bool = field(default=False, metadata={"help": "One collaborative token after each history, candidate and query title: a SASRec item embedding through a trainable MLP (LLaRA's hybrid item representation, Liao et al. SIGIR 2024); the recommender trains on the training split (collab section)."})
-    user_token: bool = field(default=False, metadata={"help": "A user token after the history: the recommender's sequence state over the history shown, projected (A-LLMRec, Kim et al. KDD 2024). Needs item_tokens."})
-    image_tokens: Literal["full", "pooled"] = field(default="full", metadata={"help": "`full`: every image through the vision tower, one token per vision feature; `pooled`: one token per image, the mean of its vision features computed once per item (vision tower and projector frozen)."})
-    title_words: int = field(default=0, metadata={"help": "Keep only the first N words of each title in prompts and title answers (0: whole titles)."})
-    title_year: bool = field(default=True, metadata={"help": "Keep a trailing '(1995)' in titles (false saves ~6 digit tokens per title in byte-level tokenizers)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System message replacing the chat template's default one (None: the template's own; SmolLM2's costs ~20 tokens per prompt)."})
-    titles: bool = field(default=True, metadata={"help": "Show item titles; false leaves each item as its item token only (the ablation of what titles add; needs item_tokens and an index or head answer)."})
+    image_budget: int = field(default=5, metadata={
+        "help": "Only the most recent N history items carry their image (the rest are titles), "
+                "so prompts fit the context (HaNoRec interleaves titles and posters)."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Token budget of prompt + response; the oldest history items are dropped whole "
+                "to fit, never cutting image tokens."})
+    with_images: bool = field(default=True, metadata={
+        "help": "Render images; false gives the text-only (blind) prompts used by the `SFT "
+                "text-only` ablation and BPO."})
+    answer: Literal[ANSWER_MODES] = field(default="title", metadata={  # type: ignore[valid-type]
+        "help": "Read-out of the model's choice: `title` = the item's title as the response "
+                "(its log-likelihood scores it), `index` = candidates listed with letters and "
+                "the single label token as the response (LlamaRec, Yue et al. 2023: every "
+                "candidate scored from one forward), `head` = a ranking head over the "
+                "answer-position state scores item vectors (R2ec arXiv 2505.16994; "
+                "docs/guide.md, 'Read-outs')."})
+    item_tokens: bool = field(default=False, metadata={
+        "help": "One collaborative token after each history, candidate and query title: a "
+                "SASRec item embedding through a trainable MLP (LLaRA's hybrid item "
+                "representation, Liao et al. SIGIR 2024); the recommender trains on the "
+                "training split (collab section)."})
+    user_token: bool = field(default=False, metadata={
+        "help": "A user token after the history: the recommender's sequence state over the "
+                "history shown, projected (A-LLMRec, Kim et al. KDD 2024). Needs item_tokens."})
+    image_tokens: Literal[IMAGE_TOKEN_MODES] = field(default="full", metadata={  # type: ignore[valid-type]
+        "help": "`full`: every image through the vision tower, one token per vision feature; "
+                "`pooled`: one token per image, the mean of its vision features computed once "
+                "per item (vision tower and projector frozen)."})
+    title_words: int = field(default=0, metadata={
+        "help": "Keep only the first N words of each title in prompts and title answers (0: "
+                "whole titles)."})
+    title_year: bool = field(default=True, metadata={
+        "help": "Keep a trailing '(1995)' in titles (false saves ~6 digit tokens per title in "
+                "byte-level tokenizers)."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System message replacing the chat template's default one (None: the template's "
+                "own; SmolLM2's costs ~20 tokens per prompt)."})
+    titles: bool = field(default=True, metadata={
+        "help": "Show item titles; false leaves each item as its item token only (the ablation "
+                "of what titles add; needs item_tokens and an index or head answer)."})
 
     def style(self) -> PromptStyle:
         """The prompt style these fields describe."""
-        return PromptStyle(answer=self.answer, item_tokens=self.item_tokens, user_token=self.user_token,
+        return PromptStyle(answer=self.answer, item_tokens=self.item_tokens,
+                           user_token=self.user_token,
                            image_tokens=self.image_tokens, title_words=self.title_words,
-                           title_year=self.title_year, system_prompt=self.system_prompt, titles=self.titles)
+                           title_year=self.title_year, system_prompt=self.system_prompt,
+                           titles=self.titles)
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:
@@ -86,7 +105,8 @@ def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Pa
     prompt = getattr(run, "prompt", None)
     unused = prompt is not None and prompt.style().needs_encoder
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available(),
                               kwargs_handlers=handlers)
     if cfg.mixed_precision == "bf16":
         warn_if_emulated_bf16("--mixed-precision bf16", accelerator.device.type)
@@ -111,15 +131,13 @@ def load_catalog(data_cfg: DataConfig, prepared: Path) -> Catalog:
     return Catalog.from_prepared(prepared, image_root=root)
 
 
-def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bool = False, limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows of ``split`` for each protocol, tagged with ``protocol``; ``limit`` keeps a seeded subset."""
+def load_rows(prepared: Path, protocols: Sequence[str], split: str, *, pairs: bool = False,
+              limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of ``split`` per protocol, tagged with ``protocol``; ``limit``: a seeded subset."""
     rows: list[dict[str, Any]] = []
     for protocol in protocols:
-        folder = prepared / ("pairs" if pairs else "") / protocol
-        if not folder.exists():
-            raise ValueError(f"{folder} does not exist: add {protocol!r} to the data section's protocols")
-        part = datasets.load_from_disk(str(folder))[split]
-        rows.extend({**r, "protocol": protocol} for r in part.to_list())
+        part = read_rows(prepared, protocol, split, pairs=pairs)
+        rows.extend({**r, "protocol": protocol} for r in part)
     if not rows:
         raise ValueError(f"no {split} rows for protocols {list(protocols)} in {prepared}")
     return subsample(rows, limit, seed)
@@ -133,8 +151,10 @@ def subsample(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dict[st
     return [rows[i] for i in sorted(order.tolist())]
 
 
-def make_collator(processor, catalog: Catalog, protocol: str, prompt_cfg: PromptConfig) -> PromptCollator:
-    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget, max_length=prompt_cfg.max_length,
+def make_collator(processor, catalog: Catalog, protocol: str,
+                  prompt_cfg: PromptConfig) -> PromptCollator:
+    return PromptCollator(processor, catalog, protocol, image_budget=prompt_cfg.image_budget,
+                          max_length=prompt_cfg.max_length,
                           with_images=prompt_cfg.with_images, style=prompt_cfg.style())
 
 
@@ -149,42 +169,28 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.floor(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters and a cosine schedule with linear warm-up."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
     return optimizer, cosine_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
 
 
-def maybe_resume(cfg: TrainConfig, out_dir: Path, model, optimizer, scheduler) -> LoopPosition:
-    """Restore the newest checkpoint when ``--resume`` is on (a fresh position otherwise)."""
-    if not cfg.resume:
-        return LoopPosition()
-    latest, position = CheckpointManager(out_dir).resume(model, optimizer, scheduler)  # skips damaged ones
-    if latest is None:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-        return LoopPosition()
-    print(f"resumed from {latest} (step {position.step})")
-    return position
-
-
-def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, cfg: TrainConfig) -> float:
-    """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-def save_gradients(model: torch.nn.Module, path: str | Path) -> None:
-    """Write the current gradients of the trainable parameters (the distributed-equivalence check)."""
-    from safetensors.torch import save_file
-
-    grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters() if p.grad is not None}
-    save_file(grads, str(path))
+def prepare_training(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig,
+                     num_examples: int, *, seed: int, out_dir: Path) -> Training:
+    """The run :func:`hanorec.training.train_loop` takes: the deterministic order over
+    ``num_examples`` rows, the step count, AdamW with its schedule, model and optimizer prepared
+    by the accelerator."""
+    order = EpochBatches(num_examples, cfg.per_device_batch_size, seed=seed,
+                         rank=accelerator.process_index, world=accelerator.num_processes)
+    steps = total_steps(cfg, len(order))
+    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Training(accelerator, model, optimizer, scheduler, cfg, order, steps, out_dir)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -194,102 +200,18 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def ranking_check(model, collator: PromptCollator, rows: list[dict], cfg: TrainConfig) -> dict[str, float]:
-    """Likelihood HR@1 on the validation ``candidates`` rows (empty when SFT trains without them)."""
+def ranking_check(model, collator: PromptCollator, rows: list[dict],
+                  cfg: TrainConfig) -> dict[str, float]:
+    """Likelihood HR@1 on the validation ``candidates`` rows (empty without such rows)."""
     from hanorec.scoring import quick_candidate_hr1
 
     rows = [r for r in rows if r.get("protocol") == "candidates"]
     if not rows:
         return {}
-    return {"eval/candidates_hr1": quick_candidate_hr1(model, collator, rows, cfg.per_device_batch_size)}
-
-
-def _lineage(folder: Path) -> dict[str, Any]:
-    meta = folder / "hanorec.json"
-    if not meta.is_file():
-        raise ValueError(f"{folder} is not a hanorec model folder (no hanorec.json); pass the 'final' folder a stage wrote")
-    return json.loads(meta.read_text())
-
-
-def load_trained(model_cfg: ModelConfig, folder: str | Path):
-    """Load a stage's output for inference: the base, then every adapter of its lineage merged.
-
-    ``<run>/dpo/final`` names its parent ``<run>/sft/final``; the chain is applied oldest first
-    (each adapter merged into the base before the next), so the result is the model as trained.
-    """
-    from peft import PeftModel
-
-    from hanorec.models.loading import load_backbone
-
-    chain: list[Path] = []
-    current: Path | None = Path(folder)
-    while current is not None:
-        info = _lineage(current)
-        chain.append(current)
-        current = Path(info["parent"]) if info.get("parent") else None
-    chain.reverse()
-    first = _lineage(chain[0])
-    base_cfg = model_cfg if first["adapter"] else _replace_path(model_cfg, chain[0])
-    model, processor = load_backbone(base_cfg, for_training=False)
-    for adapter in chain if first["adapter"] else chain[1:]:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
-    encoders = [folder for folder in chain if (folder / SPEC_FILE).is_file()]
-    if encoders:  # the newest stage's item encoder (a later stage saves the one it ran with)
-        attach_item_encoder(model, load_item_encoder(encoders[-1]))
-    model.requires_grad_(False)
-    return model.eval(), processor
-
-
-def load_policy_from_sft(model_cfg: ModelConfig, sft_dir: str | Path):
-    """The DPO policy: the SFT model (adapter chain merged) with a fresh trainable adapter."""
-    from hanorec.models.loading import add_lora
-
-    model, processor = load_trained(model_cfg, sft_dir)
-    if not model_cfg.use_lora:
-        raise ValueError("preference optimisation needs model.use_lora: the reference is the policy with its adapter disabled")
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return add_lora(model, model_cfg).train(), processor
-
-
-def _replace_path(model_cfg, folder: Path):
-    from dataclasses import replace
-
-    return replace(model_cfg, model_name_or_path=str(folder))
-
-
-def export_model(model, processor, folder: Path, model_cfg: ModelConfig, *, parent: str | None = None,
-                 prompt_cfg: PromptConfig | None = None) -> None:
-    """Save the adapter (or the full model) with the processor and a ``hanorec.json`` lineage.
-
-    ``parent`` names an adapter folder merged into the base before this one (DPO on SFT). An
-    attached item encoder is written beside it (``item_encoder.*``); ``prompt_cfg`` (the
-    prompt section the model was trained with) is recorded in ``hanorec.json``.
-    The folder is written next to its final name and renamed into place (atomic).
-    """
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    encoder = attached_encoder(model)
-    with encoder_detached(model):  # the encoder is saved on its own, not inside the model's weights
-        model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if encoder is not None:
-        save_item_encoder(encoder, tmp)
-    lineage = {"base_model": model_cfg.model_name_or_path, "adapter": hasattr(model, "peft_config"), "parent": parent,
-               "model": to_dict(model_cfg), "prompt": to_dict(prompt_cfg) if prompt_cfg is not None else None}
-    (tmp / "hanorec.json").write_text(json.dumps(lineage, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    return {"eval/candidates_hr1": quick_candidate_hr1(model, collator, rows,
+                                                       cfg.per_device_batch_size)}
 
 
 def write_stage_report(out_dir: Path, title: str) -> None:
     """``report.md`` with training-curve plots for a stage folder (skipped without matplotlib)."""
-    try:
-        from hanorec.report import write_report
-
-        write_report(out_dir, title=title, metrics_tables={})
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"report skipped: {err}")
+    try_write_report(out_dir, title=title, metrics_tables={})

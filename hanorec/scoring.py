@@ -41,15 +41,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hanorec.collate import PromptCollator
-from hanorec.data.prompts import Prompt
+from hanorec.data.prompts import ANSWERS, PLACEHOLDERS, Prompt
 from hanorec.forward import score_candidates
 from hanorec.hardware import warn_if_emulated_bf16
-from hanorec.losses import sequence_logps
+from hanorec.losses import IGNORE_INDEX, sequence_logps
 from hanorec.metrics import target_ranks
 from hanorec.readout import final_states, require_encoder, score_states
 
 Row = Mapping[str, Any]
-YES_NO = ("Yes", "No")
+YES_NO = ANSWERS  # the two hit1 responses, in the order the log-odds subtract them
 
 __all__ = [
     "candidate_scores",
@@ -72,11 +72,11 @@ def scoring_precision(model: nn.Module, precision: str = "fp32") -> torch.autoca
     """Autocast context for the scoring forwards: ``bf16`` runs matmuls in bfloat16.
 
     Autocast keeps log-softmax and reductions in float32 and every function here casts its
-    output to float before numpy, so only the matmul rounding changes (candidate scores move by ~1e-2 nats on the
-    tiny models; rankings of well-separated candidates are kept). Worth it where bf16 matmuls are
-    fast: GPUs, and CPUs with avx512_bf16 or AMX (about 3x the fp32 matmul rate on one such 2-core
-    machine); where bf16 is emulated (AVX2-only CPUs) it is ~5x slower than fp32 and warns
-    (:mod:`hanorec.hardware`).
+    output to float before numpy, so only the matmul rounding changes (candidate scores move by
+    ~1e-2 nats on the tiny models; rankings of well-separated candidates are kept). Worth it where
+    bf16 matmuls are fast: GPUs, and CPUs with avx512_bf16 or AMX (about 3x the fp32 matmul rate on
+    one such 2-core machine); where bf16 is emulated (AVX2-only CPUs) it is ~5x slower than fp32 and
+    warns (:mod:`hanorec.hardware`).
 
     Args:
         model: The model that will run (its device picks the autocast device type).
@@ -97,7 +97,8 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
-def _batches(items: Sequence[Any], batch_size: int, desc: str, progress: bool) -> Iterator[Sequence[Any]]:
+def _batches(items: Sequence[Any], batch_size: int, desc: str,
+             progress: bool) -> Iterator[Sequence[Any]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, len(items), batch_size)
@@ -105,10 +106,11 @@ def _batches(items: Sequence[Any], batch_size: int, desc: str, progress: bool) -
         yield items[start : start + batch_size]
 
 
-def _response_ids(collator: PromptCollator, texts_per_row: Sequence[Sequence[str]]) -> tuple[Tensor, int]:
+def _response_ids(collator: PromptCollator,
+                  texts_per_row: Sequence[Sequence[str]]) -> tuple[Tensor, int]:
     """``[B, C, R]`` response ids and the longest response (tokens to reserve in the prompt)."""
     responses = collator.response_tensor(texts_per_row)
-    return responses, int((responses != -100).sum(-1).max())
+    return responses, int((responses != IGNORE_INDEX).sum(-1).max())
 
 
 def _shared_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
@@ -135,9 +137,10 @@ def _state_key(row: Row) -> tuple[str, tuple[str, ...]]:
 
 
 @torch.no_grad()
-def head_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *, batch_size: int = 16,
+def head_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
+                batch_size: int = 16,
                 progress: bool = True, state_cache: dict | None = None) -> Tensor:
-    """``[N, H]`` answer-position states of the ``head`` prompts, computed once per user and history."""
+    """``[N, H]`` answer-position states of the ``head`` prompts, once per user and history."""
     cache = {} if state_cache is None else state_cache
     todo = list(dict.fromkeys(key for key in map(_state_key, rows) if key not in cache))
     pending = set(todo)
@@ -152,12 +155,14 @@ def head_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
 
 @torch.no_grad()
 def head_candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
-                          batch_size: int = 16, progress: bool = True, state_cache: dict | None = None,
+                          batch_size: int = 16, progress: bool = True,
+                          state_cache: dict | None = None,
                           catalogue: bool = False) -> np.ndarray:
     """``[N, C]`` head scores of each row's candidates in candidate order, or ``[N, I]`` of the
     whole catalogue with ``catalogue``."""
     encoder = require_encoder(model)
-    states = head_states(model, collator, rows, batch_size=batch_size, progress=progress, state_cache=state_cache)
+    states = head_states(model, collator, rows, batch_size=batch_size, progress=progress,
+                         state_cache=state_cache)
     device = model_device(model)
     out = []
     for start in range(0, len(rows), 256):
@@ -193,11 +198,13 @@ def candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[
         state_cache: ``head`` states shared across calls (:func:`head_states`).
     """
     if collator.style.answer == "head":
-        return head_candidate_scores(model, collator, rows, batch_size=batch_size, progress=progress,
+        return head_candidate_scores(model, collator, rows, batch_size=batch_size,
+                                     progress=progress,
                                      state_cache=state_cache)
     return _shared_scores(model, collator, rows, lambda row: candidate_titles(collator, row),
                           batch_size=batch_size, average=length_normalize, mode=mode,
-                          candidates_per_pass=candidates_per_pass, desc="candidates", progress=progress)
+                          candidates_per_pass=candidates_per_pass, desc="candidates",
+                          progress=progress)
 
 
 def yes_no_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
@@ -206,7 +213,8 @@ def yes_no_scores(model: nn.Module, collator: PromptCollator, rows: Sequence[Row
     """``[N]`` log-odds ``log π(Yes ⊕ eos | x) − log π(No ⊕ eos | x)`` (hit1 rows); with the
     ``head`` read-out, the head's log-probability of the query item over the catalogue."""
     if collator.style.answer == "head":
-        scores = head_candidate_scores(model, collator, rows, batch_size=batch_size, progress=progress,
+        scores = head_candidate_scores(model, collator, rows, batch_size=batch_size,
+                                       progress=progress,
                                        state_cache=state_cache, catalogue=True)
         logps = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
         queries = [collator.catalog.position(row["query"]) for row in rows]
@@ -237,22 +245,20 @@ def naive_candidate_scores(model: nn.Module, collator: PromptCollator, rows: Seq
 
 @torch.no_grad()
 def generate_answers(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
-                     batch_size: int = 4, max_new_tokens: int = 32, progress: bool = True) -> list[str]:
+                     batch_size: int = 4, max_new_tokens: int = 32,
+                     progress: bool = True) -> list[str]:
     """Greedy answers (``do_sample=False``), decoded without special tokens, one per row."""
     device, answers = model_device(model), []
     tokenizer = collator.tokenizer
     for chunk in _batches(rows, batch_size, "generate", progress):
-        prompts = _to(collator.encode_prompts(chunk, reserve=max_new_tokens, padding_side="left"), device)
+        prompts = _to(collator.encode_prompts(chunk, reserve=max_new_tokens, padding_side="left"),
+                      device)
         output = model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=collator.pad_token_id)
         new_tokens = output[:, prompts["input_ids"].shape[1]:]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(t.strip()
+                       for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
-
-
-def _last_hidden(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Final-layer hidden state at the last token of each prompt ``[B, H]``."""
-    return final_states(model, batch)
 
 
 @torch.no_grad()
@@ -262,15 +268,14 @@ def user_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
     device, out = model_device(model), []
     for chunk in _batches(rows, batch_size, "user states", progress):
         batch = _to(collator.encode_prompts(chunk, padding_side="left"), device)
-        out.append(_last_hidden(model, batch).cpu().numpy())
+        out.append(final_states(model, batch).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
 def item_prompt(collator: PromptCollator, item_id: str) -> Prompt:
     """One-turn item description prompt: ``[image] "<title>"[<|item|>]`` then a description request
-    (the image as a poster token with ``image_tokens: pooled``, the item token when the style has them)."""
-    from hanorec.item_tokens import PLACEHOLDERS
-
+    (the image as a poster token with ``image_tokens: pooled``, the item token when the style has
+    them)."""
     catalog, style = collator.catalog, collator.style
     path: Path | None = catalog.image_path(item_id) if collator.with_images else None
     content: list[dict[str, Any]] = []
@@ -301,7 +306,7 @@ def item_states(model: nn.Module, collator: PromptCollator, item_ids: Sequence[s
     for chunk in _batches(list(item_ids), batch_size, "catalogue", progress):
         prompts = [item_prompt(collator, item) for item in chunk]
         batch = _to(collator.encode_built_prompts(prompts, padding_side="left"), device)
-        out.append(_last_hidden(model, batch).cpu().numpy())
+        out.append(final_states(model, batch).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 

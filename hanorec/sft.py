@@ -37,67 +37,59 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hanorec import config as recipe
 from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.item_features import attach_for_recipe
-from hanorec.losses import sequence_logps
+from hanorec.losses import IGNORE_INDEX, sequence_logps
 from hanorec.metrics import target_ranks
 from hanorec.models.config import ModelConfig
+from hanorec.models.lineage import export_model
 from hanorec.models.loading import load_backbone
 from hanorec.readout import head_logps, row_choices
 from hanorec.runtime import (
     PromptConfig,
-    build_optimizer,
-    export_model,
     load_catalog,
     load_rows,
     make_collator,
-    maybe_resume,
-    optimizer_step,
     prepare_data,
-    save_gradients,
+    prepare_training,
     start_stage,
     subsample,
     to_device,
-    total_steps,
     write_json,
     write_stage_report,
 )
 from hanorec.scoring import head_candidate_scores, quick_candidate_hr1
-from hanorec.training import (
-    CheckpointManager,
-    EarlyStopping,
-    EpochBatches,
-    MetricsLogger,
-    TrainConfig,
-    batch_stream,
-)
+from hanorec.training import MicroStep, TrainConfig, train_loop
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """The ``sft:`` section: optimisation (see TrainConfig) plus what to train on."""
 
-    sft_protocols: list[str] = field(default_factory=lambda: ["candidates", "hit1"], metadata={"help": "Protocols whose train rows are mixed into SFT (hit1, hit3, candidates, full)."})
-    max_train_examples: int = field(default=0, metadata={"help": "Use a seeded subset of this many training rows (0: all)."})
-    rank_examples: int = field(default=0, metadata={"help": "Validation `candidates` rows (users) of the periodic HR@1 check (0: the candidates rows among the eval_examples ones; -1: all)."})
-    debug_gradients_path: str | None = field(default=None, metadata={"help": "Write the (process-averaged) gradients of the first optimizer step to this safetensors file and continue; used by the distributed-equivalence test."})
+    sft_protocols: list[str] = field(default_factory=lambda: ["candidates", "hit1"], metadata={
+        "help": "Protocols whose train rows are mixed into SFT (hit1, hit3, candidates, full)."})
+    max_train_examples: int = field(default=0, metadata={
+        "help": "Use a seeded subset of this many training rows (0: all)."})
+    rank_examples: int = field(default=0, metadata={
+        "help": "Validation `candidates` rows (users) of the periodic HR@1 check (0: the "
+                "candidates rows among the eval_examples ones; -1: all)."})
 
 
 @dataclass
 class SFTRun:
-    run_dir: str = field(default="runs/demo", metadata={"help": "Run folder; this stage writes to <run_dir>/sft."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and dropout."})
+    run_dir: str = field(default="runs/demo", metadata={
+        "help": "Run folder; this stage writes to <run_dir>/sft."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of initialisation, data order and dropout."})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -110,10 +102,11 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch.pop("labels")
     logits = model(**batch, use_cache=False).logits
     logps = sequence_logps(logits[:, :-1], labels[:, 1:])
-    return -logps.sum(), (labels[:, 1:] != -100).sum()
+    return -logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def head_nll(model, collator: PromptCollator, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+def head_nll(model, collator: PromptCollator, rows: list[dict],
+             device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed ``−log π(target | x)`` of the ranking head over each row's candidates (or the
     catalogue), and the number of rows."""
     index = collator.catalog.index
@@ -123,15 +116,17 @@ def head_nll(model, collator: PromptCollator, rows: list[dict], device) -> tuple
     return -logps.sum(), torch.tensor(len(rows), device=logps.device)
 
 
-def sft_objective(model, collator: PromptCollator, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of the rows' supervised answers and its unit count (tokens, or rows for the head)."""
+def sft_objective(model, collator: PromptCollator, rows: list[dict],
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the rows' supervised answers and its unit count (tokens; rows for the head)."""
     if collator.style.answer == "head":
         return head_nll(model, collator, rows, device)
     return token_nll(model, to_device(collator.encode_pairs(rows), device))
 
 
 @torch.no_grad()
-def validation(model, collator: PromptCollator, rows: list[dict], rank_rows: list[dict], batch_size: int,
+def validation(model, collator: PromptCollator, rows: list[dict], rank_rows: list[dict],
+               batch_size: int,
                device) -> dict[str, float]:
     """Unit-mean NLL on the validation rows and HR@1 (the read-out's scores) on ``rank_rows``.
 
@@ -167,7 +162,8 @@ def _head_validation(model, collator: PromptCollator, rows: list[dict], rank_row
         losses.extend(np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(part)), targets])
     out = {"eval/loss": float(np.mean(losses))}
     if rank_rows:
-        scores = head_candidate_scores(model, collator, rank_rows, batch_size=batch_size, progress=False,
+        scores = head_candidate_scores(model, collator, rank_rows, batch_size=batch_size,
+                                       progress=False,
                                        state_cache=cache)
         ranks = target_ranks(scores, [int(r["target_index"]) for r in rank_rows])
         out["eval/candidates_hr1"] = float(np.mean(ranks == 1))
@@ -181,7 +177,8 @@ def training_rows(prepared, run: SFTRun, catalog, collab) -> list[dict]:
     if collab is not None and collab.holdout > 0 and run.collab.collab_rows == "heldout":
         rows = [r for r in rows if collab.is_heldout(r, catalog.index)]
         if not rows:
-            raise ValueError("collab.collab_rows: heldout left no training row (is collab_holdout larger than 0 "
+            raise ValueError("collab.collab_rows: heldout left no training row (is "
+                             "collab_holdout larger than 0 "
                              "and the train split complete?)")
     return subsample(rows, run.sft.max_train_examples, run.seed)
 
@@ -195,87 +192,55 @@ def main(argv: list[str] | None = None) -> Path:
     # Data: prepared once, rows of every SFT protocol, a fixed validation subset.
     prepared = prepare_data(run.data, accelerator)
     catalog = load_catalog(run.data, prepared)
-    val_rows = load_rows(prepared, cfg.sft_protocols, "validation", limit=cfg.eval_examples, seed=run.seed)
+    val_rows = load_rows(prepared, cfg.sft_protocols, "validation", limit=cfg.eval_examples,
+                         seed=run.seed)
     rank_rows = [r for r in val_rows if r["protocol"] == "candidates"]
     if cfg.rank_examples and "candidates" in cfg.sft_protocols:
-        rank_rows = load_rows(prepared, ["candidates"], "validation", limit=max(cfg.rank_examples, 0), seed=run.seed)
+        rank_rows = load_rows(prepared, ["candidates"], "validation",
+                              limit=max(cfg.rank_examples, 0), seed=run.seed)
 
     # Model: backbone + LoRA (or QLoRA / full) + the item encoder the prompt style needs,
     # AdamW + cosine schedule.
     model, processor = load_backbone(run.model, for_training=True)
-    _, collab = attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(), run.collab,
-                                  with_images=run.prompt.with_images, progress=accelerator.is_main_process)
+    _, collab = attach_for_recipe(model, processor, catalog, prepared, run.prompt.style(),
+                                  run.collab,
+                                  with_images=run.prompt.with_images,
+                                  progress=accelerator.is_main_process)
     train_rows = training_rows(prepared, run, catalog, collab)
     collator = make_collator(processor, catalog, cfg.sft_protocols[0], run.prompt)
-    order = EpochBatches(len(train_rows), cfg.per_device_batch_size, seed=run.seed, rank=accelerator.process_index, world=accelerator.num_processes)
-    steps = total_steps(cfg, len(order))
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    position = maybe_resume(cfg, out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
-    checkpoints = CheckpointManager(out_dir, keep=cfg.keep_checkpoints)
-    log = MetricsLogger(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process, resume_step=position.step if cfg.resume else None)
-    stopper = EarlyStopping(cfg.early_stopping_patience)
-    if "early_stopping" in position.extra:
-        stopper.load_state_dict(position.extra["early_stopping"])
+    training = prepare_training(accelerator, model, cfg, len(train_rows), seed=run.seed,
+                                out_dir=out_dir)
 
-    # The loop: accumulate micro-batches, one optimizer step, log / evaluate / checkpoint.
-    batches = batch_stream(order, position)
-    bar = tqdm(total=steps, initial=position.step, desc="sft", disable=not accelerator.is_main_process)
-    model.train()
-    started, eval_seconds = time.time(), -float(position.extra.get("train_seconds", 0.0))  # resumed runs count on
-    while position.step < steps:
-        loss_sum, token_sum = 0.0, 0
-        for micro in range(cfg.gradient_accumulation_steps):
-            epoch, index, ids = next(batches)
-            rows = [train_rows[i] for i in ids]
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not last else nullcontext():
-                nll, units = sft_objective(model, collator, rows, accelerator.device)
-                global_units = accelerator.reduce(units.detach().clone(), reduction="sum")
-                loss = nll * accelerator.num_processes / (global_units * cfg.gradient_accumulation_steps)
-                accelerator.backward(loss)
-            loss_sum, token_sum = loss_sum + float(nll.detach()), token_sum + int(units)
-            position.epoch, position.batch_in_epoch = epoch, index + 1
-        if cfg.debug_gradients_path and position.step == 0 and accelerator.is_main_process:
-            save_gradients(accelerator.unwrap_model(model), cfg.debug_gradients_path)
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg)
-        position.step += 1
-        bar.update()
-        if position.step % cfg.log_every == 0 or position.step == steps:
-            examples = position.step * cfg.gradient_accumulation_steps * order.global_batch
-            log.log(position.step, {"train/loss": loss_sum / max(token_sum, 1), "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                                    "train/epoch": position.epoch + position.batch_in_epoch / len(order), "train/examples": examples,
-                                    "train/seconds": time.time() - started - eval_seconds})
-        stop = False
-        if cfg.eval_every and position.step % cfg.eval_every == 0:
-            eval_started = time.time()
-            val = validation(accelerator.unwrap_model(model), collator, val_rows, rank_rows, cfg.per_device_batch_size, accelerator.device)
-            eval_seconds += time.time() - eval_started
-            log.log(position.step, {**val, "eval/seconds": time.time() - eval_started})
-            stop = stopper.update(val["eval/loss"])
-        if (cfg.save_every and position.step % cfg.save_every == 0) or stop:
-            position.extra["early_stopping"] = stopper.state_dict()
-            position.extra["train_seconds"] = time.time() - started - eval_seconds
-            if accelerator.is_main_process:
-                checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, position)
-            accelerator.wait_for_everyone()
-        if stop:
-            print(f"early stopping at step {position.step}: no validation improvement in {cfg.early_stopping_patience} evaluations")
-            break
-    bar.close()
-    train_seconds = time.time() - started - eval_seconds
+    # The loop: the token-exact loss of each micro-batch, validation every eval_every steps.
+    def step(ids: list[int], at: int) -> MicroStep:
+        nll, units = sft_objective(training.model, collator, [train_rows[i] for i in ids],
+                                   accelerator.device)
+        global_units = accelerator.reduce(units.detach().clone(), reduction="sum")
+        loss = nll * accelerator.num_processes / (global_units * cfg.gradient_accumulation_steps)
+        return MicroStep(loss, {"train/loss": float(nll.detach())}, weight=int(units))
+
+    def validate() -> dict[str, float]:
+        return validation(training.unwrapped, collator, val_rows, rank_rows,
+                          cfg.per_device_batch_size, accelerator.device)
+
+    started = time.time()
+    result = train_loop(training, step, validate=validate, desc="sft")
+    val = result.validation
 
     # Export: the adapter (PeftModel.from_pretrained loads it), the item encoder, a summary.
-    val = validation(accelerator.unwrap_model(model), collator, val_rows, rank_rows, cfg.per_device_batch_size, accelerator.device)
-    log.log(position.step, val)
     final = out_dir / "final"
     if accelerator.is_main_process:
-        export_model(accelerator.unwrap_model(model), processor, final, run.model, prompt_cfg=run.prompt)
-        write_json(out_dir / "summary.json", {"stage": "sft", "steps": position.step, **val, "train_examples": len(train_rows), "truncated_examples": collator.num_truncated,
-                                              "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 1),
-                                              "setup_seconds": round(started - setup_started, 1), "collab": collab.meta if collab is not None else None, "adapter": str(final)})
+        export_model(training.unwrapped, processor, final, run.model, prompt_cfg=run.prompt)
+        write_json(out_dir / "summary.json", {
+            "stage": "sft", "steps": result.position.step, **val,
+            "train_examples": len(train_rows), "truncated_examples": collator.num_truncated,
+            "seconds": round(time.time() - started, 1),
+            "train_seconds": round(result.train_seconds, 1),
+            "setup_seconds": round(started - setup_started, 1),
+            "collab": collab.meta if collab is not None else None, "adapter": str(final)})
         write_stage_report(out_dir, "SFT")
-        print(f"SFT done: {position.step} steps, validation loss {val['eval/loss']:.4f}; adapter in {final}")
+        print(f"SFT done: {result.position.step} steps, validation loss {val['eval/loss']:.4f}; "
+              f"adapter in {final}")
     accelerator.wait_for_everyone()
     return final
 

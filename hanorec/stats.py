@@ -1,7 +1,8 @@
 """Uncertainty and significance for per-user metrics (numpy + scipy).
 
-DESIGN.md asks for every metric with a 95% bootstrap interval over users and a paired test
-between two runs. The unit of resampling is the **user** (one row per user and protocol):
+Every metric is reported with a 95% bootstrap interval over users, and two runs are compared
+with a paired test (``docs/methods.md``, "Evaluation protocols"). The unit of resampling is the
+**user** (one row per user and protocol):
 
 * :func:`bootstrap_ci` — percentile bootstrap of the mean (Efron & Tibshirani, 1993, §13.3):
   draw ``n_resamples`` samples of ``n`` users with replacement; the interval is the

@@ -1,18 +1,17 @@
-"""Loop helpers shared by the training entry points (SFT, DPO, RecPO).
+"""The training loop of every stage (SFT, DPO, RecPO) and the plumbing it needs, written once.
 
-What lives here is the plumbing a training loop needs and that should be written once:
-
+* :func:`train_loop` — the loop itself: resume, then per optimizer step the micro-batches of
+  the deterministic order (each through the stage's step function, gradient sync only on the
+  last), the optimizer step, logging, periodic validation with early stopping, checkpoints, and
+  a final validation. A stage supplies only its step function (one micro-batch → loss and
+  values to log, :class:`MicroStep`) and, optionally, its validation.
 * ``TrainConfig`` — the optimisation fields every stage has (learning rate, schedule,
   accumulation, checkpoint cadence, early stopping).
 * ``EpochBatches`` — a deterministic, resumable batch order: the permutation of an epoch is a
   function of (seed, epoch) only, and each process of a distributed run takes its own slice of
   every global batch, so "where the data was" is just ``(epoch, batch_in_epoch)``.
-* ``CheckpointManager`` — atomic checkpoints (written to a temporary folder, fsynced, then
-  renamed), kept N deep, with the trainable weights as safetensors, the optimizer and scheduler
-  states, every RNG state and the data position; ``torch.load(weights_only=True)`` only. A
-  checkpoint is verified in full (both files load, the tensor names and shapes fit the model,
-  the optimizer groups match) before anything is restored, and :meth:`CheckpointManager.resume`
-  falls back to the newest checkpoint that passes, with a one-line warning per damaged one.
+* checkpoints (:mod:`hanorec.checkpoints`): atomic, verified, with every RNG state and the data
+  position, so a resumed run ends bit-identical to an uninterrupted one (on CPU).
 * ``MetricsLogger`` — one JSON object per line in ``metrics.jsonl``; on resume, lines past the
   resumed step are dropped so the log reads as one uninterrupted run (a line torn by a kill is
   dropped too).
@@ -23,46 +22,65 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from hanorec.checkpoints import CheckpointManager, LoopPosition
 from hanorec.config import FieldError
 
-CHECKPOINT_PREFIX = "checkpoint-"
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every training stage."""
 
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (HaNoRec: 1e-4 with LoRA)."})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "Peak AdamW learning rate (HaNoRec: 1e-4 with LoRA)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    num_epochs: float = field(default=1.0, metadata={"help": "Training epochs (fractions allowed); ignored when max_steps > 0."})
-    max_steps: int = field(default=0, metadata={"help": "Optimizer steps to run; 0 means num_epochs worth."})
-    per_device_batch_size: int = field(default=2, metadata={"help": "Examples per process per micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps with linear warm-up before the cosine decay."})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "Mixed precision (bf16/fp16 need hardware that has it)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate on the validation split every N optimizer steps (0: only at the end)."})
-    eval_examples: int = field(default=64, metadata={"help": "Validation examples used by the periodic evaluation (0: all)."})
-    save_every: int = field(default=0, metadata={"help": "Write a checkpoint every N optimizer steps (0: only at the end)."})
-    keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep on disk (oldest deleted first)."})
-    early_stopping_patience: int = field(default=0, metadata={"help": "Stop after N evaluations without improvement of the validation loss (0: off)."})
-    log_every: int = field(default=1, metadata={"help": "Write training metrics every N optimizer steps."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the newest complete checkpoint in the run directory."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Gradient clipping norm (0 disables)."})
+    num_epochs: float = field(default=1.0, metadata={
+        "help": "Training epochs (fractions allowed); ignored when max_steps > 0."})
+    max_steps: int = field(default=0, metadata={
+        "help": "Optimizer steps to run; 0 means num_epochs worth."})
+    per_device_batch_size: int = field(default=2, metadata={
+        "help": "Examples per process per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step."})
+    warmup_ratio: float = field(default=0.05, metadata={
+        "help": "Fraction of steps with linear warm-up before the cosine decay."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
+        "help": "Mixed precision (bf16/fp16 need hardware that has it)."})
+    eval_every: int = field(default=0, metadata={
+        "help": "Evaluate on the validation split every N optimizer steps (0: only at the end)."})
+    eval_examples: int = field(default=64, metadata={
+        "help": "Validation examples used by the periodic evaluation (0: all)."})
+    save_every: int = field(default=0, metadata={
+        "help": "Write a checkpoint every N optimizer steps (0: only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "How many checkpoints to keep on disk (oldest deleted first)."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "Stop after N evaluations without improvement of the validation loss (0: off)."})
+    log_every: int = field(default=1, metadata={
+        "help": "Write training metrics every N optimizer steps."})
+    resume: bool = field(default=False, metadata={
+        "help": "Resume from the newest complete checkpoint in the run directory."})
+    debug_gradients_path: str | None = field(default=None, metadata={
+        "help": "Write the (process-averaged) gradients of the first optimizer step to this "
+                "safetensors file and continue; used by the distributed-equivalence test."})
 
     def __post_init__(self) -> None:
         for name, ok, message in self._train_checks():
@@ -111,7 +129,8 @@ class EpochBatches:
     (the requirement for exact gradient averaging across processes).
     """
 
-    def __init__(self, num_examples: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int, rank: int = 0,
+                 world: int = 1, shuffle: bool = True):
         if num_examples < batch_size * world:
             raise ValueError(
                 f"{num_examples} training examples cannot fill one global batch of "
@@ -142,7 +161,8 @@ class EpochBatches:
 # --------------------------------------------------------------------------- schedule
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the peak, then cosine decay to zero at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -189,14 +209,16 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
+            kept = [ln for ln in self.path.read_text(errors="replace").splitlines()
+                    if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3)}
-        row.update({k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in values.items()})
+        row.update({k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
+                    for k, v in values.items()})
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -215,210 +237,237 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-# --------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the loop touches, in a form ``torch.load(weights_only=True)`` accepts."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "python_version": py_version,
-        "python_gauss": py_gauss,
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_has_gauss": int(np_state[3]),
-        "numpy_gauss": float(np_state[4]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (LoRA weights, or all when fully fine-tuned), detached on CPU."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-
-
-@dataclass
-class LoopPosition:
-    """Where a run is: optimizer steps done, and the data position of the next batch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class CheckpointManager:
-    """Atomic, N-deep checkpoints under ``run_dir`` named ``checkpoint-<step>``.
-
-    A checkpoint is first written to ``.tmp-checkpoint-<step>-<pid>``, fsynced, and only then
-    renamed to its final name (an atomic rename on POSIX), so an interrupted write never
-    replaces or corrupts the last good checkpoint; stale temporary folders are ignored and
-    cleaned on the next save.
-    """
-
-    def __init__(self, run_dir: str | Path, keep: int = 2):
-        self.run_dir, self.keep = Path(run_dir), max(1, keep)
-
-    def checkpoints(self) -> list[Path]:
-        found = [p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "state.pt").is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-    def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
-
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: LoopPosition, *, write_hook: Any = None) -> Path:
-        """Write a checkpoint atomically and prune old ones; returns its final path."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        final = self.run_dir / f"{CHECKPOINT_PREFIX}{position.step}"
-        tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{position.step}-{os.getpid()}"
-        tmp.mkdir()
-        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-        if write_hook is not None:  # lets tests interrupt a save half-way
-            write_hook(tmp)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "position": {"step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch},
-            "extra": position.extra,
-        }
-        torch.save(state, tmp / "state.pt")
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[Path | None, LoopPosition]:
-        """Restore the newest checkpoint that verifies; damaged ones are skipped with a warning.
-
-        Returns:
-            The checkpoint used (None when the run directory holds none) and its position.
-
-        Raises:
-            CheckpointError: Checkpoints exist but none of them can be restored.
-        """
-        found = self.checkpoints()
-        for path in reversed(found):
-            try:
-                return path, self.load(path, model, optimizer, scheduler)
-            except CheckpointError as err:
-                print(f"warning: --resume skips {path.name}: {err}")
-        if found:
-            raise CheckpointError(f"{self.run_dir}: none of the {len(found)} checkpoints can be resumed (see the warnings); delete them or run without --resume")
-        return None, LoopPosition()
-
-    @staticmethod
-    def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopPosition:
-        """Restore weights, optimizer, scheduler and RNG states; return the loop position.
-
-        Everything is read and checked (:func:`read_checkpoint`) before anything is restored.
-
-        Raises:
-            CheckpointError: A file that does not load, names or shapes that do not fit the
-                model, or optimizer groups that do not match.
-        """
-        path = Path(path)
-        weights, state = read_checkpoint(path, model, optimizer)
-        params = dict(model.named_parameters())
-        try:
-            with torch.no_grad():
-                for name, tensor in weights.items():
-                    params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state["scheduler"] is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{path / 'state.pt'}: cannot be restored ({type(err).__name__}: {err})") from None
-        pos = state["position"]
-        return LoopPosition(step=pos["step"], epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"], extra=state.get("extra") or {})
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be restored (damaged file, or written for another model)."""
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    file = path / "trainable.safetensors"
-    try:
-        return load_file(str(file))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
-        raise CheckpointError(f"{file}: cannot be read ({err})") from None
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    file = path / "state.pt"
-    try:
-        state = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - zip, unpickling and OS errors alike
-        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
-    position = state.get("position") if isinstance(state, dict) else None
-    if not isinstance(position, dict) or not all(isinstance(position.get(k), int) for k in ("step", "epoch", "batch_in_epoch")) or not {"optimizer", "rng", "scheduler"} <= set(state):
-        raise CheckpointError(f"{file}: not a hanorec training state (optimizer, scheduler, rng and position expected)")
-    return state
-
-
-def read_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify a checkpoint against ``model`` (and ``optimizer``) without applying it.
-
-    Returns:
-        The trainable weights and the training state.
-
-    Raises:
-        CheckpointError: The reason, naming the file.
-    """
-    path = Path(path)
-    weights = _load_weights(path)
-    params = dict(model.named_parameters())
-    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
-    unknown = sorted(set(weights) - set(params))
-    if missing or unknown:
-        raise CheckpointError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
-    shapes = [n for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
-    if shapes:
-        name = shapes[0]
-        raise CheckpointError(f"{path}: checkpoint does not fit the model ({name} has shape {tuple(weights[name].shape)}, the model {tuple(params[name].shape)})")
-    state = _load_state(path)
-    if optimizer is not None:
-        saved = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
-        if [len(g.get("params", [])) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
-            raise CheckpointError(f"{path / 'state.pt'}: the optimizer state does not match the model's trainable parameters")
-    return weights, state
-
-
-def batch_stream(order: EpochBatches, position: LoopPosition):
+def batch_stream(order: EpochBatches,
+                 position: LoopPosition) -> Iterator[tuple[int, int, list[int]]]:
     """Endless (epoch, batch index, ids) from the saved data position onwards."""
     epoch, start = position.epoch, position.batch_in_epoch
     while True:
         for offset, ids in enumerate(order.epoch(epoch, start=start)):
             yield epoch, start + offset, ids
         epoch, start = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class MicroStep:
+    """A stage's step function's answer for one micro-batch.
+
+    Attributes:
+        loss: What to backpropagate: the micro-batch's share of the optimizer step's loss
+            (already divided by the number of micro-batches, and normalised as the stage needs).
+        metrics: Values to log. The step logs ``Σ metrics / Σ weight`` over its micro-batches.
+        weight: The micro-batch's weight in that ratio: 1 for a plain mean over micro-batches,
+            or a count (tokens, rows) when ``metrics`` hold sums over it.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    weight: float = 1.0
+
+
+#: ``(this process's row ids, optimizer step) -> MicroStep``.
+StepFn = Callable[[list[int], int], MicroStep]
+
+
+@dataclass
+class Training:
+    """A run ready for :func:`train_loop` (built by :func:`hanorec.runtime.prepare_training`).
+
+    Attributes:
+        accelerator: The run's accelerator.
+        model: The model, prepared by the accelerator.
+        optimizer: Its optimizer, prepared by the accelerator.
+        scheduler: The learning-rate schedule.
+        cfg: The stage's optimisation section.
+        order: The deterministic batch order.
+        steps: Optimizer steps to run.
+        out_dir: The stage folder (checkpoints, ``metrics.jsonl``).
+    """
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    cfg: TrainConfig
+    order: EpochBatches
+    steps: int
+    out_dir: Path
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The model without its distributed wrapper (what is saved and evaluated)."""
+        return self.accelerator.unwrap_model(self.model)
+
+
+@dataclass
+class LoopResult:
+    """Where :func:`train_loop` ended: the position, the training time and the final validation."""
+
+    position: LoopPosition
+    train_seconds: float
+    validation: dict[str, float]
+
+
+def train_loop(run: Training, step_fn: StepFn, *,
+               validate: Callable[[], dict[str, float]] | None = None,
+               before_step: Callable[[int], dict[str, float]] | None = None,
+               desc: str = "train") -> LoopResult:
+    """Run ``run.steps`` optimizer steps of ``step_fn`` from the resumed position.
+
+    Per optimizer step: ``before_step(step)`` (its values join the step's log), then
+    ``gradient_accumulation_steps`` micro-batches of ``run.order``, each through
+    ``step_fn(ids, step)`` and backward (DDP syncs gradients on the last one only), then the
+    optimizer step (:func:`optimizer_step`). Every ``log_every`` steps it logs the step's values
+    (:class:`MicroStep`), ``train/grad_norm``, ``train/lr``, ``train/epoch``,
+    ``train/examples`` (``steps × accumulation × global batch``) and ``train/seconds``
+    (training time without evaluation, counting on after a resume). Every ``eval_every`` steps
+    it logs ``validate()`` with ``eval/seconds`` and stops early after
+    ``early_stopping_patience`` evaluations without a lower ``eval/loss``. Every ``save_every``
+    steps, and when it stops early, it writes a checkpoint (on the main process). At the end
+    it runs and logs ``validate()`` once more.
+
+    Args:
+        run: The prepared run.
+        step_fn: The stage's step function.
+        validate: The stage's validation (``eval/loss`` and more); None: no validation.
+        before_step: Work before a step's micro-batches (e.g. a refresh), returning values to log.
+        desc: Label of the progress bar.
+
+    Returns:
+        The final position, the training seconds and the final validation (``{}`` without).
+    """
+    cfg, accelerator = run.cfg, run.accelerator
+    position = maybe_resume(cfg, run.out_dir, run.unwrapped, run.optimizer, run.scheduler)
+    log = MetricsLogger(run.out_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                        resume_step=position.step if cfg.resume else None)
+    stopper = EarlyStopping(cfg.early_stopping_patience)
+    if "early_stopping" in position.extra:
+        stopper.load_state_dict(position.extra["early_stopping"])
+    clock = _Clock(float(position.extra.get("train_seconds", 0.0)))
+    batches = batch_stream(run.order, position)
+    bar = tqdm(total=run.steps, initial=position.step, desc=desc,
+               disable=not accelerator.is_main_process)
+    run.model.train()
+    while position.step < run.steps:
+        values = _optimizer_step_of(run, step_fn, batches, position, before_step)
+        position.step += 1
+        bar.update()
+        if position.step % cfg.log_every == 0 or position.step == run.steps:
+            log.log(position.step, {**values, **_progress(run, position, clock)})
+        stop = False
+        if validate is not None and cfg.eval_every and position.step % cfg.eval_every == 0:
+            val = clock.evaluation(validate)
+            log.log(position.step, {**val, "eval/seconds": clock.last_evaluation})
+            stop = stopper.update(val["eval/loss"])
+        if (cfg.save_every and position.step % cfg.save_every == 0) or stop:
+            _save(run, position, stopper, clock)
+        if stop:
+            print(f"early stopping at step {position.step}: no validation improvement in "
+                  f"{cfg.early_stopping_patience} evaluations")
+            break
+    bar.close()
+    train_seconds = clock.training()
+    final = validate() if validate is not None else {}
+    if final:
+        log.log(position.step, final)
+    return LoopResult(position, train_seconds, final)
+
+
+class _Clock:
+    """Training seconds net of evaluation, starting from those of the resumed checkpoint."""
+
+    def __init__(self, resumed_seconds: float) -> None:
+        self.started, self.eval_seconds = time.time(), -resumed_seconds
+        self.last_evaluation = 0.0
+
+    def evaluation(self, validate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Run ``validate`` and keep its time out of the training seconds."""
+        started = time.time()
+        values = validate()
+        self.last_evaluation = time.time() - started
+        self.eval_seconds += self.last_evaluation
+        return values
+
+    def training(self) -> float:
+        return time.time() - self.started - self.eval_seconds
+
+
+def _optimizer_step_of(run: Training, step_fn: StepFn,
+                       batches: Iterator[tuple[int, int, list[int]]],
+                       position: LoopPosition,
+                       before_step: Callable[[int], dict[str, float]] | None) -> dict[str, float]:
+    """One optimizer step: its micro-batches, backward, the update; returns the step's values."""
+    cfg, accelerator = run.cfg, run.accelerator
+    extra = before_step(position.step) if before_step is not None else {}
+    sums: dict[str, float] = {}
+    weight = 0.0
+    for micro in range(cfg.gradient_accumulation_steps):
+        epoch, index, ids = next(batches)
+        last = micro == cfg.gradient_accumulation_steps - 1
+        with accelerator.no_sync(run.model) if not last else nullcontext():
+            out = step_fn(ids, position.step)
+            accelerator.backward(out.loss)
+        for key, value in out.metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+        weight += out.weight
+        position.epoch, position.batch_in_epoch = epoch, index + 1
+    if cfg.debug_gradients_path and position.step == 0 and accelerator.is_main_process:
+        save_gradients(run.unwrapped, cfg.debug_gradients_path)
+    values = {key: total / (weight or 1.0) for key, total in sums.items()}
+    grad_norm = optimizer_step(accelerator, run.model, run.optimizer, run.scheduler, cfg)
+    return {**values, **extra, "train/grad_norm": grad_norm,
+            "train/lr": run.scheduler.get_last_lr()[0]}
+
+
+def _progress(run: Training, position: LoopPosition, clock: _Clock) -> dict[str, float]:
+    """Where the run is: epochs, examples seen, training seconds."""
+    return {"train/epoch": position.epoch + position.batch_in_epoch / len(run.order),
+            "train/examples": position.step * run.cfg.gradient_accumulation_steps
+            * run.order.global_batch,
+            "train/seconds": clock.training()}
+
+
+def _save(run: Training, position: LoopPosition, stopper: EarlyStopping, clock: _Clock) -> None:
+    """A checkpoint of the run (main process), with the early-stopping state and the clock."""
+    position.extra["early_stopping"] = stopper.state_dict()
+    position.extra["train_seconds"] = clock.training()
+    if run.accelerator.is_main_process:
+        CheckpointManager(run.out_dir, keep=run.cfg.keep_checkpoints).save(
+            run.unwrapped, run.optimizer, run.scheduler, position)
+    run.accelerator.wait_for_everyone()
+
+
+def maybe_resume(cfg: TrainConfig, out_dir: Path, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopPosition:
+    """Restore the newest checkpoint when ``--resume`` is on (a fresh position otherwise)."""
+    if not cfg.resume:
+        return LoopPosition()
+    manager = CheckpointManager(out_dir)
+    latest, position = manager.resume(model, optimizer, scheduler)  # skips damaged ones
+    if latest is None:
+        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+        return LoopPosition()
+    print(f"resumed from {latest} (step {position.step})")
+    return position
+
+
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> float:
+    """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def save_gradients(model: torch.nn.Module, path: str | Path) -> None:
+    """Write the gradients of the trainable parameters (the distributed-equivalence check)."""
+    from safetensors.torch import save_file
+
+    grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters()
+             if p.grad is not None}
+    save_file(grads, str(path))

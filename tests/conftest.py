@@ -39,7 +39,8 @@ def tiny_backbone_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 @pytest.fixture
 def tiny_model_config(tiny_backbone_dirs: dict[str, Path]) -> Callable[..., object]:
-    """Factory: ``tiny_model_config("tiny-llava", use_lora=False)`` → ModelConfig on the prebuilt folder."""
+    """Factory: ``tiny_model_config("tiny-llava", use_lora=False)`` → ModelConfig on the prebuilt
+    folder."""
     from hanorec.models.config import ModelConfig
 
     def make(name: str = "tiny-llava", **overrides: object) -> ModelConfig:
@@ -69,7 +70,8 @@ def tiny_catalog(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dirs: dict[str, Path]) -> Callable[..., Path]:
+def tiny_recipe(tmp_path_factory: pytest.TempPathFactory,
+                tiny_backbone_dirs: dict[str, Path]) -> Callable[..., Path]:
     """Factory ``tiny_recipe(backbone="tiny-llava", **section_overrides) -> recipe.yaml``.
 
     The data is a small RecBole-format set written once per session with a learnable
@@ -89,30 +91,46 @@ def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dirs: di
         for step in range(int(rng.integers(7, 11))):
             item = (start + step - 1) % num_items + 1
             lines.append(f"{user}\t{item}\t4\t{1000 + step}\n")
-    (root / "s.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines))
+    (root
+     / "s.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                             + "".join(lines))
     titles = [f"Film {k}" for k in range(1, num_items + 1)]
     genres = [["Action"] if k % 2 else ["Drama", "Comedy"] for k in range(1, num_items + 1)]
-    (root / "s.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n" + "".join(
-        f"{k}\t{t}\t{1980 + k}\t{' '.join(g)}\n" for k, t, g in zip(range(1, num_items + 1), titles, genres)))
-    render_posters([str(k) for k in range(1, num_items + 1)], titles, genres, root / "posters", size=(32, 48), workers=1)
+    (root / "s.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(
+            f"{k}\t{t}\t{1980 + k}\t{' '.join(g)}\n"
+            for k, t, g in zip(range(1, num_items + 1), titles, genres)
+        )
+    )
+    render_posters([str(k) for k in range(1, num_items + 1)], titles, genres, root / "posters",
+                   size=(32, 48), workers=1)
     counter = iter(range(10_000))
 
     def make(backbone: str = "tiny-llava", **sections: dict) -> Path:
         run_dir = root / f"run{next(counter)}"
         recipe = {
             "run_dir": str(run_dir), "seed": 0,
-            "data": {"dataset_format": "recbole", "interactions_path": str(root / "s.inter"), "items_path": str(root / "s.item"),
-                     "image_root": str(root / "posters"), "output_dir": str(root / "prepared"), "item_noun": "movie",
-                     "num_candidates": 6, "hit3_candidates": 4, "num_negatives": 3, "max_history": 5},
-            "model": {"model_name_or_path": str(tiny_backbone_dirs[backbone]), "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "data": {"dataset_format": "recbole", "interactions_path": str(root / "s.inter"),
+                     "items_path": str(root / "s.item"),
+                     "image_root": str(root / "posters"), "output_dir": str(root / "prepared"),
+                     "item_noun": "movie",
+                     "num_candidates": 6, "hit3_candidates": 4, "num_negatives": 3,
+                     "max_history": 5},
+            "model": {"model_name_or_path": str(tiny_backbone_dirs[backbone]), "lora_r": 4,
+                      "lora_alpha": 8, "lora_dropout": 0.0},
             "prompt": {"image_budget": 2, "max_length": 512},
-            "sft": {"sft_protocols": ["candidates", "hit1"], "learning_rate": 5e-3, "per_device_batch_size": 2, "max_steps": 6,
+            "sft": {"sft_protocols": ["candidates", "hit1"], "learning_rate": 5e-3,
+                    "per_device_batch_size": 2, "max_steps": 6,
                     "max_train_examples": 8, "warmup_ratio": 0.0, "eval_examples": 4},
-            "dpo": {"dpo_protocols": ["candidates"], "learning_rate": 5e-3, "per_device_batch_size": 2, "max_steps": 6,
+            "dpo": {"dpo_protocols": ["candidates"], "learning_rate": 5e-3,
+                    "per_device_batch_size": 2, "max_steps": 6,
                     "max_train_pairs": 8, "warmup_ratio": 0.0, "eval_examples": 4},
         }
         for section, values in sections.items():
-            recipe[section].update(values) if isinstance(recipe.get(section), dict) else recipe.__setitem__(section, values)
+            recipe[section].update(values) if isinstance(recipe.get(section),
+                                                         dict) else recipe.__setitem__(section,
+                                                                                       values)
         run_dir.mkdir(parents=True)
         path = run_dir / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
@@ -123,14 +141,16 @@ def tiny_recipe(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dirs: di
 
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_recipe: Callable[..., Path]) -> Callable[[str], Path]:
-    """Factory ``tiny_sft(backbone) -> <run>/sft/final``: a short SFT run, trained once per session."""
+    """Factory ``tiny_sft(backbone) -> <run>/sft/final``: a short SFT run, trained once per
+    session."""
     from hanorec import sft
 
     done: dict[str, Path] = {}
 
     def make(backbone: str = "tiny-llava") -> Path:
         if backbone not in done:
-            done[backbone] = sft.main(["--config", str(tiny_recipe(backbone, sft={"max_steps": 4}))])
+            done[backbone] = sft.main(["--config",
+                                       str(tiny_recipe(backbone, sft={"max_steps": 4}))])
         return done[backbone]
 
     return make
@@ -155,9 +175,13 @@ def planted_recipe(tmp_path_factory, tiny_backbone_dirs):
         start = int(rng.integers(PLANTED_ITEMS))
         for step in range(int(rng.integers(9, 13))):
             lines.append(f"{user}\t{(start + step) % PLANTED_ITEMS + 1}\t4\t{1000 + step}\n")
-    (root / "p.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(lines))
-    (root / "p.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                                 + "".join(f"{k}\tMovie\t1990\tDrama\n" for k in range(1, PLANTED_ITEMS + 1)))
+    (root
+     / "p.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                             + "".join(lines))
+    (root / "p.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{k}\tMovie\t1990\tDrama\n" for k in range(1, PLANTED_ITEMS + 1))
+    )
     counter = iter(range(100))
 
     def make(**sections: dict) -> Path:
@@ -165,18 +189,24 @@ def planted_recipe(tmp_path_factory, tiny_backbone_dirs):
         recipe = {
             "run_dir": str(run_dir), "seed": 0,
             "data": {"dataset_format": "recbole", "interactions_path": str(root / "p.inter"),
-                     "items_path": str(root / "p.item"), "output_dir": str(root / "prepared"), "item_noun": "movie",
+                     "items_path": str(root / "p.item"), "output_dir": str(root / "prepared"),
+                     "item_noun": "movie",
                      "protocols": ["hit1", "hit3", "candidates", "full"], "num_candidates": 6,
                      "hit3_candidates": 4, "num_negatives": 3, "max_history": 5},
-            "model": {"model_name_or_path": str(tiny_backbone_dirs["tiny-llava"]), "lora_r": 4, "lora_alpha": 8,
+            "model": {"model_name_or_path": str(tiny_backbone_dirs["tiny-llava"]), "lora_r": 4,
+                      "lora_alpha": 8,
                       "lora_dropout": 0.0},
             "prompt": {"image_budget": 0, "max_length": 512, "answer": "head", "item_tokens": True,
                        "user_token": True, "title_year": False},
-            "collab": {"collab_holdout": 2, "sasrec_epochs": 60, "sasrec_eval_every": 5, "sasrec_patience": 4,
-                       "sasrec_hidden_size": 16, "sasrec_num_heads": 1, "sasrec_dropout": 0.1, "sasrec_max_len": 12},
-            "sft": {"sft_protocols": ["candidates"], "learning_rate": 1e-2, "per_device_batch_size": 8,
+            "collab": {"collab_holdout": 2, "sasrec_epochs": 60, "sasrec_eval_every": 5,
+                       "sasrec_patience": 4,
+                       "sasrec_hidden_size": 16, "sasrec_num_heads": 1, "sasrec_dropout": 0.1,
+                       "sasrec_max_len": 12},
+            "sft": {"sft_protocols": ["candidates"], "learning_rate": 1e-2,
+                    "per_device_batch_size": 8,
                     "warmup_ratio": 0.0, "eval_examples": 16},
-            "dpo": {"dpo_protocols": ["candidates"], "learning_rate": 5e-3, "per_device_batch_size": 4, "max_steps": 8,
+            "dpo": {"dpo_protocols": ["candidates"], "learning_rate": 5e-3,
+                    "per_device_batch_size": 4, "max_steps": 8,
                     "warmup_ratio": 0.0, "eval_examples": 8},
             "eval": {"bootstrap_resamples": 100},
         }

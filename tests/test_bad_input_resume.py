@@ -9,14 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hanorec.runtime import maybe_resume
+from hanorec.checkpoints import CheckpointError, CheckpointManager, LoopPosition
 from hanorec.training import (
-    CheckpointError,
-    CheckpointManager,
-    LoopPosition,
     MetricsLogger,
     TrainConfig,
     cosine_with_warmup,
+    maybe_resume,
     read_metrics,
 )
 

@@ -89,7 +89,8 @@ def test_sasrec_learns_the_successor_pattern(pattern_data, trained_sasrec):
     a working SASRec ranks the successor first for most users (we require > 0.6).
     """
     _, histories, targets, candidates, target_index = pattern_data
-    sasrec_hr1 = hit_rate(target_ranks(trained_sasrec.score(histories, candidates), target_index), 1).mean()
+    sasrec_hr1 = hit_rate(target_ranks(trained_sasrec.score(histories, candidates), target_index),
+                          1).mean()
     popular = MostPopular().fit(pattern_data[0], NUM_ITEMS)
     pop_hr1 = hit_rate(target_ranks(popular.score(histories, candidates), target_index), 1).mean()
     assert sasrec_hr1 > 0.6
@@ -103,7 +104,8 @@ def test_sasrec_full_catalogue_scores(pattern_data, trained_sasrec):
     full = trained_sasrec.score(histories[:5])
     assert full.shape == (5, NUM_ITEMS)
     np.testing.assert_allclose(trained_sasrec.score(histories[:5], candidates[:5]),
-                               np.take_along_axis(full, candidates[:5], axis=1), rtol=1e-5, atol=1e-5)
+                               np.take_along_axis(full, candidates[:5], axis=1), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_sasrec_is_deterministic_and_leaves_global_rng_alone(pattern_data):

@@ -48,7 +48,10 @@ def test_recommender_never_trains_on_validation_or_test_targets(planted_recipe):
     valid_rows = load_rows(prepared, ["candidates"], "validation")
     for row in valid_rows + test_rows:  # no target of these splits is in a training sequence's tail
         seq = sequences[str(row["user_id"])]
-        assert catalog.index[row["target"]] not in seq[len(seq) - 2:] or seq.count(catalog.index[row["target"]]) > 1
+        assert (
+            catalog.index[row["target"]] not in seq[len(seq) - 2 :]
+            or seq.count(catalog.index[row["target"]]) > 1
+        )
     train = load_rows(prepared, ["candidates"], "train")
     marked = [r for r in train if features.is_heldout(r, catalog.index)]
     assert len(marked) == 2 * PLANTED_USERS
@@ -60,8 +63,12 @@ def test_recommender_never_trains_on_validation_or_test_targets(planted_recipe):
     again = collab_features(prepared, len(catalog), cfg, log=None)
     assert (folder / "sasrec.safetensors").stat().st_mtime_ns == stamp
     assert torch.equal(again.item_embeddings, features.item_embeddings)
-    other = collab_features(prepared, len(catalog), CollabConfig(**{**cfg.__dict__, "collab_holdout": 1}), log=None)
-    assert other.meta["key"] != features.meta["key"] and other.meta["train_items"] == features.meta["train_items"] + PLANTED_USERS
+    other = collab_features(prepared, len(catalog),
+                            CollabConfig(**{**cfg.__dict__, "collab_holdout": 1}), log=None)
+    assert (
+        other.meta["key"] != features.meta["key"]
+        and other.meta["train_items"] == features.meta["train_items"] + PLANTED_USERS
+    )
 
 
 @pytest.mark.slow
@@ -71,16 +78,19 @@ def test_head_pipeline_sft_dpo_evaluate(planted_recipe):
     DPO leaves it unchanged (its adapter trains, the projectors stay as SFT left them); DPO's
     loss falls; the evaluation beats chance on every protocol."""
     recipe = planted_recipe(sft={"max_steps": 120},
-                            dpo={"loss": "sdpo", "hardness": "dynamic", "noise": "logits", "max_steps": 12},
+                            dpo={"loss": "sdpo", "hardness": "dynamic", "noise": "logits",
+                                 "max_steps": 12},
                             eval={"eval_protocols": ["candidates", "hit3", "hit1", "full"]})
     sft_final = sft.main(["--config", str(recipe)])
     dpo_final = dpo.main(["--config", str(recipe)])
     for folder in (sft_final, dpo_final):
         assert (folder / SPEC_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
-    before, after = load_file(str(sft_final / WEIGHTS_FILE)), load_file(str(dpo_final / WEIGHTS_FILE))
+    before, after = load_file(str(sft_final
+                                  / WEIGHTS_FILE)), load_file(str(dpo_final / WEIGHTS_FILE))
     assert all(torch.equal(before[k], after[k]) for k in before)
     run_dir = Path(yaml.safe_load(recipe.read_text())["run_dir"])
-    losses = [r["train/loss"] for r in read_metrics(run_dir / "dpo" / "metrics.jsonl") if "train/loss" in r]
+    losses = [r["train/loss"] for r in read_metrics(run_dir / "dpo" / "metrics.jsonl")
+              if "train/loss" in r]
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
     lineage = json.loads((dpo_final / "hanorec.json").read_text())
     assert lineage["prompt"]["answer"] == "head" and lineage["parent"]
@@ -93,7 +103,8 @@ def test_head_pipeline_sft_dpo_evaluate(planted_recipe):
     assert metrics["candidates/HR@1"]["n"] == PLANTED_USERS
 
 
-COLLAB_TINY = {"sasrec_epochs": 20, "sasrec_eval_every": 5, "sasrec_hidden_size": 16, "sasrec_max_len": 12,
+COLLAB_TINY = {"sasrec_epochs": 20, "sasrec_eval_every": 5, "sasrec_hidden_size": 16,
+               "sasrec_max_len": 12,
                "collab_holdout": 1, "collab_rows": "all"}
 
 
@@ -103,12 +114,15 @@ def test_item_tokens_train_on_every_family(tiny_recipe, backbone):
     """Qwen2-VL (M-RoPE) and Idefics3 with real posters and titles plus item and user tokens and
     the head: 12 steps on 4 rows (6 epochs), the last steps' loss below the first ones', and the
     encoder's projectors move."""
-    recipe = tiny_recipe(backbone, prompt={"answer": "head", "item_tokens": True, "user_token": True},
-                         collab=COLLAB_TINY, sft={"max_train_examples": 4, "max_steps": 12, "learning_rate": 1e-2,
+    recipe = tiny_recipe(backbone,
+                         prompt={"answer": "head", "item_tokens": True, "user_token": True},
+                         collab=COLLAB_TINY,
+                         sft={"max_train_examples": 4, "max_steps": 12, "learning_rate": 1e-2,
                                                   "sft_protocols": ["candidates"]})
     final = sft.main(["--config", str(recipe)])
     run_dir = Path(yaml.safe_load(recipe.read_text())["run_dir"])
-    losses = [r["train/loss"] for r in read_metrics(run_dir / "sft" / "metrics.jsonl") if "train/loss" in r]
+    losses = [r["train/loss"] for r in read_metrics(run_dir / "sft" / "metrics.jsonl")
+              if "train/loss" in r]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
     weights = load_file(str(final / WEIGHTS_FILE))
     assert weights["collab_proj.3.weight"].abs().sum() > 0
@@ -127,21 +141,26 @@ def test_every_preference_loss_takes_head_log_probs(head_sft, loss):
     finite loss, gradients on the LoRA adapter only, the encoder frozen."""
     from accelerate import Accelerator
 
-    from hanorec.runtime import load_policy_from_sft, make_collator
+    from hanorec.models.lineage import load_policy_from_sft
+    from hanorec.runtime import make_collator
 
     recipe, final = head_sft
     reference = "none" if loss == "simpo" else "frozen"  # SimPO is reference-free
-    run = config.parse(dpo.DPORun, ["--config", str(recipe), "--loss", loss, "--reference", reference], prog="t", description="")
+    run = config.parse(dpo.DPORun,
+                       ["--config", str(recipe), "--loss", loss, "--reference", reference],
+                       prog="t", description="")
     model, processor = load_policy_from_sft(run.model, final)
     prepared = run.data.path(run.data.output_dir)
     catalog = load_catalog(run.data, prepared)
     rows = load_rows(prepared, ["candidates"], "train", pairs=True, limit=4, seed=0)
     batch = make_collator(processor, catalog, "candidates", run.prompt).encode_choices(rows)
-    out = dpo.preference_step(model, dpo._reference_context(model), batch, None, None, torch.ones(4, 3 if loss != "sdpo" else 1).squeeze(-1),
+    out = dpo.preference_step(model, dpo._reference_context(model), batch, None, None,
+                              torch.ones(4, 3 if loss != "sdpo" else 1).squeeze(-1),
                               run, Accelerator(cpu=True), None)
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    grads = {n for n,
+             p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("lora_" in n for n in grads)
 
 
@@ -152,17 +171,21 @@ def test_recpo_and_index_answers_with_item_tokens(planted_recipe, tmp_path):
     label tokens and whose blind BPO answers (labels) map back to candidate items."""
     from hanorec import bpo, recpo
 
-    rl = {"learning_rate": 1e-3, "per_device_batch_size": 4, "num_traces": 2, "max_trace_tokens": 3, "max_steps": 2,
-          "item_batch_size": 16, "bootstrap_resamples": 50, "recpo_timing_users": 1, "title_max_tokens": 3,
+    rl = {"learning_rate": 1e-3, "per_device_batch_size": 4, "num_traces": 2, "max_trace_tokens": 3,
+          "max_steps": 2,
+          "item_batch_size": 16, "bootstrap_resamples": 50, "recpo_timing_users": 1,
+          "title_max_tokens": 3,
           "recpo_eval_users": 8}
     recipe = planted_recipe(prompt={"answer": "title"}, recpo=rl)
     final = recpo.main(["--config", str(recipe)])
     assert (final / SPEC_FILE).is_file()
     index = planted_recipe(prompt={"answer": "index", "title_year": True}, sft={"max_steps": 4},
-                           dpo={"max_train_pairs": 6}, eval={"eval_protocols": ["candidates"], "eval_max_users": 8})
+                           dpo={"max_train_pairs": 6},
+                           eval={"eval_protocols": ["candidates"], "eval_max_users": 8})
     sft.main(["--config", str(index)])
     out = evaluate.main(["--config", str(index)])
     assert json.loads((out / "summary.json").read_text())["metrics"]["candidates/HR@1"]["n"] == 8
-    blind = bpo.main(["generate", "--config", str(index), "--bpo-max-new-tokens", "1", "--bpo-out", str(tmp_path / "b")])
+    blind = bpo.main(["generate", "--config", str(index), "--bpo-max-new-tokens", "1", "--bpo-out",
+                      str(tmp_path / "b")])
     counts = json.loads((blind / "manifest.json").read_text())["counts"]
     assert counts["rows"] == 6 and counts["item"] + counts["chosen"] + counts["text"] == 6

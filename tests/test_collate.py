@@ -25,9 +25,11 @@ def _rows() -> list[dict]:
     """Two candidate rows: u1 has 7 history items (the newest text-only), u2 has 6."""
     return [
         {"user_id": "u1", "history": ["i0", "i1", "i2", "i3", "i4", "i5", "i10"], "target": "i7",
-         "candidates": ["i7", "i8", "i9"], "target_index": 0, "chosen": "i7", "rejected": ["i8", "i9"]},
+         "candidates": ["i7", "i8", "i9"], "target_index": 0, "chosen": "i7",
+         "rejected": ["i8", "i9"]},
         {"user_id": "u2", "history": ["i3", "i4", "i5", "i6", "i7", "i8"], "target": "i1",
-         "candidates": ["i2", "i1", "i11"], "target_index": 1, "chosen": "i1", "rejected": ["i2", "i11"]},
+         "candidates": ["i2", "i1", "i11"], "target_index": 1, "chosen": "i1",
+         "rejected": ["i2", "i11"]},
     ]
 
 
@@ -62,7 +64,8 @@ def test_image_tokens_match_vision_features_and_forward_runs(name, backbones, ti
     batch = _collator(processor, tiny_catalog)(_rows())
     features = image_features(model, batch)
     assert len(features) == 9
-    assert int((batch["input_ids"] == _image_token_id(model)).sum()) == sum(f.shape[0] for f in features)
+    assert int((batch["input_ids"] == _image_token_id(model)).sum()) == sum(f.shape[0]
+                                                                            for f in features)
     loss = model(**batch).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -70,7 +73,8 @@ def test_image_tokens_match_vision_features_and_forward_runs(name, backbones, ti
 
 @pytest.mark.parametrize("name", NAMES)
 def test_labels_score_only_response_and_eos(name, backbones, tiny_catalog):
-    """Labels are -100 on prompt and padding; the scored tokens decode to 'Title 7 (1997)<|im_end|>' for u1."""
+    """Labels are -100 on prompt and padding; the scored tokens decode to 'Title 7 (1997)<|im_end|>'
+    for u1."""
     _, processor = backbones[name]
     collator = _collator(processor, tiny_catalog)
     batch = collator(_rows())
@@ -82,7 +86,9 @@ def test_labels_score_only_response_and_eos(name, backbones, tiny_catalog):
         assert scored[-1].item() == tok.eos_token_id
         real = batch["attention_mask"][b].bool()
         assert torch.equal(batch["input_ids"][b][real][-len(scored):], scored)
-    assert tok.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]).startswith("Title 7 (1997)")
+    assert tok.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]).startswith("Title "
+                                                                                         "7 "
+                                                                                         "(1997)")
 
 
 def test_truncation_drops_whole_oldest_items_and_counts(backbones, tiny_catalog):
@@ -121,33 +127,41 @@ def test_truncation_never_cuts_image_tokens(name, backbones, tiny_catalog):
             break
         batch = collator.encode_prompts(rows)
         assert batch["input_ids"].shape[1] <= max_length
-        n_features = sum(f.shape[0] for f in image_features(model, batch)) if "pixel_values" in batch else 0
+        n_features = sum(f.shape[0]
+                         for f in image_features(model, batch)) if "pixel_values" in batch else 0
         assert int((batch["input_ids"] == _image_token_id(model)).sum()) == n_features
         seen_items.add(encoded.num_history_items)
     assert 1 in seen_items and len(seen_items) >= 4
 
 
 def test_too_long_minimal_prompt_raises(backbones, tiny_catalog):
-    """A prompt that needs more tokens than max_length even with one history item is a ValueError."""
+    """A prompt that needs more tokens than max_length even with one history item is a
+    ValueError."""
     _, processor = backbones["tiny-llava"]
     with pytest.raises(ValueError, match="single history item"):
         _collator(processor, tiny_catalog, max_length=20)(_rows())
 
 
 def test_left_padded_prompts_and_response_tensor(backbones, tiny_catalog):
-    """encode_preference: left-padded prompts (last column all real), responses [2, 3, R] with eos, -100 padded."""
+    """encode_preference: left-padded prompts (last column all real), responses [2, 3, R] with eos,
+    -100 padded."""
     _, processor = backbones["tiny-qwen2-vl"]
     collator = _collator(processor, tiny_catalog, padding_side="left")
     prompts, responses = collator.encode_preference(_rows())
     assert prompts["attention_mask"][:, -1].all() and not prompts["attention_mask"][:, 0].all()
-    assert "labels" not in prompts and prompts["mm_token_type_ids"].shape == prompts["input_ids"].shape
+    assert (
+        "labels" not in prompts and prompts["mm_token_type_ids"].shape == prompts["input_ids"].shape
+    )
     assert responses.shape[:2] == (2, 3)
     eos = processor.tokenizer.eos_token_id
     for b in range(2):
         for k in range(3):
             valid = responses[b, k][responses[b, k] != IGNORE_INDEX]
             assert valid[-1].item() == eos and (valid == eos).sum() == 1
-    assert processor.tokenizer.decode(responses[1, 2][responses[1, 2] != IGNORE_INDEX]) == "Title 11 (2001)<|im_end|>"
+    assert processor.tokenizer.decode(responses[1,
+                                                2][responses[1,
+                                                             2] != IGNORE_INDEX]) == ("Title 11 "
+                                                                                      "(2001)<|im_end|>")
 
 
 def test_blind_prompts_have_no_images(backbones, tiny_catalog):
@@ -187,7 +201,8 @@ def test_item_tokens_become_virtual_ids(name, backbones, tiny_catalog):
 
     _, processor = backbones[name]
     style = PromptStyle(item_tokens=True, user_token=True)
-    ids = _collator(processor, tiny_catalog, style=style).encode_prompts(_rows()[:1], padding_side="right")["input_ids"][0]
+    ids = _collator(processor, tiny_catalog,
+                    style=style).encode_prompts(_rows()[:1], padding_side="right")["input_ids"][0]
     virtual = ids[ids >= VIRTUAL_BASE].tolist()
     history = ["i0", "i1", "i2", "i3", "i4", "i5", "i10"]
     positions = [tiny_catalog.position(i) for i in history + ["i7", "i8", "i9"]]
@@ -222,8 +237,10 @@ def test_head_choices_batch(backbones, tiny_catalog):
     from hanorec.data.prompts import PromptStyle
 
     _, processor = backbones["tiny-llava"]
-    batch = _collator(processor, tiny_catalog, style=PromptStyle(answer="head")).encode_choices(_rows())
+    batch = _collator(processor, tiny_catalog,
+                      style=PromptStyle(answer="head")).encode_choices(_rows())
     pos = tiny_catalog.position
     assert batch.responses is None
-    assert batch.picks.tolist() == [[pos("i7"), pos("i8"), pos("i9")], [pos("i1"), pos("i2"), pos("i11")]]
+    assert batch.picks.tolist() == [[pos("i7"), pos("i8"), pos("i9")],
+                                    [pos("i1"), pos("i2"), pos("i11")]]
     assert batch.choices == [[pos("i7"), pos("i8"), pos("i9")], [pos("i2"), pos("i1"), pos("i11")]]

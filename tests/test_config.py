@@ -38,8 +38,11 @@ def _write(tmp_path, text):
 
 
 def test_yaml_then_flags_override(tmp_path):
-    path = _write(tmp_path, "run_dir: out\nalpha:\n  beta: 0.5\n  ks: [1, 10]\ngamma:\n  num_negatives: 3\nother_stage:\n  whatever: 1\n")
-    run = cfgmod.parse(Run, ["--config", path, "--beta", "0.2", "--flag", "true", "--note", "hi"], prog="t", description="d")
+    path = _write(tmp_path,
+                  "run_dir: out\nalpha:\n  beta: 0.5\n  ks: [1, 10]\ngamma:\n  num_negatives: "
+                  "3\nother_stage:\n  whatever: 1\n")
+    run = cfgmod.parse(Run, ["--config", path, "--beta", "0.2", "--flag", "true", "--note", "hi"],
+                       prog="t", description="d")
     assert run.run_dir == "out"
     assert run.alpha.beta == 0.2 and isinstance(run.alpha.beta, float)
     assert run.alpha.ks == [1, 10]

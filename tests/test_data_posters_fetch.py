@@ -41,7 +41,8 @@ def test_render_posters_writes_and_skips(tmp_path: Path) -> None:
     assert render_posters(ids, titles, genres, tmp_path / "a", (32, 48), workers=2) == 70
     assert render_posters(ids, titles, genres, tmp_path / "b", (32, 48), workers=1) == 70
     for k in (0, 69):
-        assert (tmp_path / "a" / f"{k}.png").read_bytes() == (tmp_path / "b" / f"{k}.png").read_bytes()
+        assert (tmp_path / "a"
+                / f"{k}.png").read_bytes() == (tmp_path / "b" / f"{k}.png").read_bytes()
     assert render_posters(ids, titles, genres, tmp_path / "a", (32, 48)) == 0
     with Image.open(tmp_path / "a" / "5.png") as image:
         image.verify()

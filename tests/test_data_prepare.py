@@ -174,7 +174,7 @@ def _real_ml100k() -> Path | None:
                            "`python -m hanorec.data fetch-ml100k` (make test does it)")
 def test_real_movielens_100k(tmp_path: Path) -> None:
     """Real ML-100K: 943 users, 1,682 items, 100,000 ratings, 943 test rows per protocol,
-    415 users tied at the split (DESIGN.md); candidate lists hold the target once and no
+    415 users tied at the split (docs/methods.md); candidate lists hold the target once and no
     item of the user's sequence. Train targets capped at 1 per user to stay fast."""
     folder = _real_ml100k()
     config = DataConfig(interactions_path=str(folder / "ml-100k.inter"),

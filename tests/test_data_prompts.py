@@ -96,8 +96,10 @@ def test_index_style_lists_labels_and_item_slots(tiny_catalog: Catalog) -> None:
     style = PromptStyle(answer="index", item_tokens=True, user_token=True, title_year=False)
     prompt = build_prompt(ROW, tiny_catalog, "candidates", image_budget=0, style=style)
     texts = _texts(prompt)
-    assert texts[1:5] == ['"Title 0"<|item|>\n', '"Title 1"<|item|>\n', '"Title 10"<|item|>\n', '"Title 3"<|item|>\n']
-    assert texts[5] == ('Candidates:\nA. "Title 5"<|item|>\nB. "Title 4"<|item|>\nC. "Title 6"<|item|>\n'
+    assert texts[1:5] == ['"Title 0"<|item|>\n', '"Title 1"<|item|>\n', '"Title 10"<|item|>\n',
+                          '"Title 3"<|item|>\n']
+    assert texts[5] == ('Candidates:\nA. "Title 5"<|item|>\nB. "Title 4"<|item|>\nC. "Title '
+                        '6"<|item|>\n'
                         "Which movie will the user watch next? Answer with its letter.")
     assert prompt.suffix == "<|user|>"  # after the generation prompt: the answer position
     assert prompt.slots == [("item", "i0"), ("item", "i1"), ("item", "i10"), ("item", "i3"),
@@ -109,12 +111,15 @@ def test_head_style_asks_without_candidates_or_query(tiny_catalog: Catalog) -> N
     pooled posters are '<|poster|>' slots instead of images; a system prompt is its own turn."""
     from hanorec.data.prompts import PromptStyle
 
-    style = PromptStyle(answer="head", image_tokens="pooled", system_prompt="Recommend.", title_words=1)
-    prompts = [build_prompt({**ROW, "query": "i7", "label": 1}, tiny_catalog, protocol, image_budget=2, style=style)
+    style = PromptStyle(answer="head", image_tokens="pooled", system_prompt="Recommend.",
+                        title_words=1)
+    prompts = [build_prompt({**ROW, "query": "i7", "label": 1}, tiny_catalog, protocol,
+                            image_budget=2, style=style)
                for protocol in ("candidates", "hit1", "hit3", "full")]
     assert all(p.messages == prompts[0].messages for p in prompts)
     head = prompts[0]
-    assert head.messages[0] == {"role": "system", "content": [{"type": "text", "text": "Recommend."}]}
+    assert head.messages[0] == {"role": "system",
+                                "content": [{"type": "text", "text": "Recommend."}]}
     user = [c["text"] for c in head.messages[1]["content"]]
     assert user[-2:] == ['<|poster|>"Title"\n', "Which movie will the user watch next?"]
     assert head.image_paths == [] and head.slots == [("poster", "i3")]  # i10 has no image

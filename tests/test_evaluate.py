@@ -1,4 +1,5 @@
-"""hanorec.evaluate end to end on a tiny SFT checkpoint, plus the scoring identities it relies on."""
+"""hanorec.evaluate end to end on a tiny SFT checkpoint, plus the scoring identities it relies
+on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import yaml
 
 from hanorec import evaluate, sft
-from hanorec.runtime import load_catalog, load_rows, load_trained, make_collator
+from hanorec.models.lineage import load_trained
+from hanorec.runtime import load_catalog, load_rows, make_collator
 from hanorec.scoring import candidate_scores, naive_candidate_scores, quick_candidate_hr1
 
 PROTOCOLS = ("hit1", "hit3", "candidates", "full")
@@ -21,9 +23,13 @@ PROTOCOLS = ("hit1", "hit3", "candidates", "full")
 @pytest.fixture(scope="module")
 def evaluated(tiny_recipe) -> dict:
     """A 4-step SFT run on the tiny data, evaluated on every protocol with generation and blind."""
-    recipe = tiny_recipe("tiny-llava", sft={"max_steps": 4}, eval={"bootstrap_resamples": 200, "eval_batch_size": 4})
+    recipe = tiny_recipe(
+        "tiny-llava", sft={"max_steps": 4}, eval={"bootstrap_resamples": 200, "eval_batch_size": 4}
+    )
     sft.main(["--config", str(recipe)])
-    out = evaluate.main(["--config", str(recipe), "--generate", "true", "--blind", "true", "--max-new-tokens", "6"])
+    out = evaluate.main(
+        ["--config", str(recipe), "--generate", "true", "--blind", "true", "--max-new-tokens", "6"]
+    )
     return {"recipe": recipe, "out": Path(out), "raw": yaml.safe_load(recipe.read_text())}
 
 
@@ -50,14 +56,29 @@ def test_every_protocol_writes_finite_per_user_summary_and_report(evaluated):
             assert all(math.isfinite(v) for r in records for k, v in r.items() if k != "user_id")
         assert summary["blind_gap"][protocol], protocol
     metrics = summary["metrics"]
-    for name in ("hit1/AUC", "hit3/HR@3", "hit3/NDCG@3", "candidates/HR@1", "candidates/NDCG@10", "candidates/MRR",
-                 "candidates/gen_valid", "candidates/gen_HR@1", "full/HR@20", "full/NDCG@5", "candidates-blind/HR@1"):
+    for name in (
+        "hit1/AUC",
+        "hit3/HR@3",
+        "hit3/NDCG@3",
+        "candidates/HR@1",
+        "candidates/NDCG@10",
+        "candidates/MRR",
+        "candidates/gen_valid",
+        "candidates/gen_HR@1",
+        "full/HR@20",
+        "full/NDCG@5",
+        "candidates-blind/HR@1",
+    ):
         value = metrics[name]
         assert all(math.isfinite(value[k]) for k in ("mean", "low", "high")), name
-        assert value["low"] <= value["mean"] + 1e-12 and value["mean"] <= value["high"] + 1e-12, name
+        assert value["low"] <= value["mean"] + 1e-12 and value["mean"] <= value["high"] + 1e-12, (
+            name
+        )
     assert (out / "report.md").read_text().startswith("# Evaluation of")
     generated = _records(out / "generated" / "candidates.jsonl")
-    assert len(generated) == summary["protocols"]["candidates"]["n_users"] and "answer" in generated[0]
+    assert (
+        len(generated) == summary["protocols"]["candidates"]["n_users"] and "answer" in generated[0]
+    )
 
 
 def test_hit1_auc_is_mann_whitney_u_on_the_saved_scores(evaluated):
@@ -89,13 +110,16 @@ def test_shared_prompt_scores_equal_one_forward_per_candidate(evaluated):
     assert shared.shape == naive.shape == (3, len(rows[0]["candidates"]))
     np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
     summary = json.loads((evaluated["out"] / "summary.json").read_text())
-    assert quick_candidate_hr1(model, collator, rows, 8) == pytest.approx(summary["metrics"]["candidates/HR@1"]["mean"])
+    assert quick_candidate_hr1(model, collator, rows, 8) == pytest.approx(
+        summary["metrics"]["candidates/HR@1"]["mean"]
+    )
 
 
 def test_full_ranking_masks_the_known_sequence():
     """Catalogue of 4 unit vectors; user state = item 0's. Item 0 (cosine 1) is in the user's
     sequence, the target item 2 has cosine 0.6, item 1 cosine 0.8 is not seen, item 3 cosine 0:
-    with the mask rank(2) = 2 (only item 1 above), HR@5 = 1, NDCG@5 = 1/log2(3); user 2 has item 1 masked
+    with the mask rank(2) = 2 (only item 1 above), HR@5 = 1, NDCG@5 = 1/log2(3); user 2 has item 1
+    masked
     too → rank 1."""
     items = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
     users = np.array([[2.0, 0.0], [1.0, 0.0]])
@@ -124,7 +148,17 @@ def test_full_masks_the_whole_rebuilt_sequence_not_only_the_history(evaluated):
 def test_compare_identical_runs_gives_p_one(evaluated, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(evaluated["out"], copy)
-    rows = evaluate.main(["compare", str(evaluated["out"]), str(copy), "--out", str(tmp_path), "--bootstrap-resamples", "100"])
+    rows = evaluate.main(
+        [
+            "compare",
+            str(evaluated["out"]),
+            str(copy),
+            "--out",
+            str(tmp_path),
+            "--bootstrap-resamples",
+            "100",
+        ]
+    )
     assert {r["protocol"] for r in rows} >= set(PROTOCOLS)
     assert all(r["diff"] == 0 and r["p_bootstrap"] == 1 and r["p_wilcoxon"] == 1 for r in rows)
     assert json.loads((tmp_path / "comparison.json").read_text())["rows"] == rows
@@ -155,7 +189,9 @@ def test_hidden_states_do_not_depend_on_batch_padding(backbone, tiny_model_confi
     from hanorec.models.loading import load_backbone
     from hanorec.scoring import generate_answers, item_states, user_states
 
-    model, processor = load_backbone(tiny_model_config(backbone, use_lora=False), for_training=False)
+    model, processor = load_backbone(
+        tiny_model_config(backbone, use_lora=False), for_training=False
+    )
     collator = PromptCollator(processor, tiny_catalog, "full", image_budget=2, max_length=1024)
     rows = [{"user_id": "a", "history": ["i1"], "target": "i2"},
             {"user_id": "b", "history": ["i3", "i4", "i10", "i5"], "target": "i6"}]
@@ -166,8 +202,12 @@ def test_hidden_states_do_not_depend_on_batch_padding(backbone, tiny_model_confi
     single = item_states(model, collator, ["i10"], batch_size=1, progress=False)
     np.testing.assert_allclose(items[1], single[0], atol=1e-4)
     assert not np.allclose(items[0], items[3])  # different items, different states
-    ranked = [{**row, "candidates": ["i7", row["target"], "i11"], "target_index": 1} for row in rows]
-    answers = generate_answers(model, collator, ranked, batch_size=2, max_new_tokens=3, progress=False)
+    ranked = [
+        {**row, "candidates": ["i7", row["target"], "i11"], "target_index": 1} for row in rows
+    ]
+    answers = generate_answers(
+        model, collator, ranked, batch_size=2, max_new_tokens=3, progress=False
+    )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
@@ -183,7 +223,8 @@ def test_default_checkpoint_prefers_dpo_and_names_the_stage(tmp_path):
 
 
 def test_bf16_scoring_tracks_fp32_and_evaluates_every_protocol(evaluated, tmp_path):
-    """``--eval-precision bf16`` autocasts the scoring forwards: candidate scores come back in the fp32 dtype
+    """``--eval-precision bf16`` autocasts the scoring forwards: candidate scores come back in the
+    fp32 dtype
     but differ from the fp32 ones (the matmuls really ran in bf16) by at most bf16
     rounding — under 0.1 nats + 2% of |s| for these sums of ~6 token log-probs (bf16 keeps 8
     bits of mantissa, ~0.4% per matmul) — and a whole evaluation still writes every protocol."""
@@ -205,8 +246,18 @@ def test_bf16_scoring_tracks_fp32_and_evaluates_every_protocol(evaluated, tmp_pa
     raw = {**evaluated["raw"], "run_dir": str(tmp_path)}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    out = evaluate.main(["--config", str(recipe), "--checkpoint", str(Path(run.run_dir) / "sft" / "final"),
-                         "--name", "bf16", "--eval-precision", "bf16"])
+    out = evaluate.main(
+        [
+            "--config",
+            str(recipe),
+            "--checkpoint",
+            str(Path(run.run_dir) / "sft" / "final"),
+            "--name",
+            "bf16",
+            "--eval-precision",
+            "bf16",
+        ]
+    )
     metrics = json.loads((Path(out) / "summary.json").read_text())["metrics"]
     assert {k.split("/")[0] for k in metrics} == set(PROTOCOLS)
     assert all(math.isfinite(v["mean"]) for v in metrics.values())

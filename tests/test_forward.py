@@ -180,7 +180,8 @@ def responses(batch: int, num: int, length: int = 5, seed: int = 2) -> torch.Ten
 
 
 def unpadded_reference(model, family: str, batch: dict, resp: torch.Tensor) -> torch.Tensor:
-    """Row by row, no padding, natural positions: Σ_t log_softmax(z)[y_t] over [prompt, response]."""
+    """Row by row, no padding, natural positions: Σ_t log_softmax(z)[y_t] over [prompt,
+    response]."""
     out = torch.zeros(resp.shape[:2])
     images = 0
     for b in range(resp.shape[0]):

@@ -1,12 +1,13 @@
 """docs/guide.md cannot drift from the code: every command it shows accepts every flag it uses.
 
 Each command of the guide's ```bash blocks that starts with ``python -m hanorec.`` or
-``accelerate launch`` (or ``python <script>.py`` with flags) is run with ``--help`` appended (after its leading positional words, so a
-subcommand CLI such as ``python -m hanorec.evaluate compare A B`` shows the subcommand's help);
-it must exit 0 and its help must list every ``--flag`` the guide passes to it. ``accelerate
-launch``'s own flags are checked against ``accelerate launch --help``. A missing module is a
-failure, never a skip. A script the guide runs without flags (``python examples/custom_loop.py``)
-must exist. All help runs share one subprocess (one torch import, not one each).
+``accelerate launch`` (or ``python <script>.py`` with flags) is run with ``--help`` appended (after
+its leading positional words, so a subcommand CLI such as ``python -m hanorec.evaluate compare A B``
+shows the subcommand's help); it must exit 0 and its help must list every ``--flag`` the guide
+passes to it. ``accelerate launch``'s own flags are checked against ``accelerate launch --help``. A
+missing module is a failure, never a skip. A script the guide runs without flags (``python
+examples/custom_loop.py``) must exist. All help runs share one subprocess (one torch import, not one
+each).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ GUIDE = ROOT / "docs" / "guide.md"
 PLACEHOLDER_RECIPES = {"configs/my-recipe.yaml"}
 ACCELERATE = ("accelerate", "launch")
 
-# Runs each argv (module or script.py, *args) as ``python [-m] X *args`` in this one process and prints
-# {"<index>": [exit code, output]} as JSON.
+# Runs each argv (module or script.py, *args) as ``python [-m] X *args`` in this one process and
+# prints {"<index>": [exit code, output]} as JSON.
 _DRIVER = r"""
 import contextlib, io, json, runpy, sys, warnings
 warnings.simplefilter("ignore")
@@ -151,14 +152,17 @@ def test_the_guide_shows_every_stage():
 
 
 def test_parse_command_reads_launcher_module_subcommand_and_flags():
-    cmd = parse_command("accelerate launch --config_file c.yaml -m hanorec.evaluate compare a b --out o --seed=1  # x")
+    cmd = parse_command("accelerate launch --config_file c.yaml -m hanorec.evaluate compare a b "
+                        "--out o --seed=1  # x")
     assert cmd == Command(
         line=cmd.line, module="hanorec.evaluate", positionals=("compare", "a", "b"),
         flags=frozenset({"--out", "--seed"}), launcher_flags=frozenset({"--config_file"}),
     )
     assert cmd.help_argv == ("hanorec.evaluate", "compare", "a", "b", "--help")
     script = parse_command("python benchmarks/quality.py --seeds 0,1")
-    assert (script.module, script.flags, script.help_argv) == ("benchmarks/quality.py", {"--seeds"}, ("benchmarks/quality.py", "--help"))
+    assert (script.module, script.flags,
+            script.help_argv) == ("benchmarks/quality.py", {"--seeds"},
+                                  ("benchmarks/quality.py", "--help"))
     assert parse_command("python -m pip install x") is None
     assert parse_command("make demo") is None
 
@@ -169,18 +173,21 @@ def test_guide_command_flags_exist(helps, argv):
     assert code == 0, f"`python -m {' '.join(argv)}` exited {code}:\n{text[-2000:]}"
     for command in (c for c in COMMANDS if c.help_argv == argv):
         missing = sorted(f for f in command.flags if not _mentions(text, f))
-        assert not missing, f"docs/guide.md uses {missing} in `{command.line}`, unknown to `{argv[0]}`"
+        assert not missing, (f"docs/guide.md uses {missing} in `{command.line}`, unknown to "
+                             f"`{argv[0]}`")
 
 
 def test_guide_accelerate_flags_and_configs_exist(helps):
     code, text = helps[ACCELERATE_HELP]
     assert code == 0, text[-2000:]
     for command in COMMANDS:
-        missing = sorted(f for f in command.launcher_flags if not _mentions(text, f.replace("-", "_").replace("__", "--", 1)))
+        missing = sorted(f for f in command.launcher_flags
+                         if not _mentions(text, f.replace("-", "_").replace("__", "--", 1)))
         assert not missing, f"`accelerate launch` does not know {missing} (in `{command.line}`)"
     guide = GUIDE.read_text(encoding="utf-8")
     shipped = {p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
-    assert shipped and shipped <= set(re.findall(r"([\w.-]+\.yaml)", guide)), "an accelerate config is undocumented"
+    assert shipped and shipped <= set(re.findall(r"([\w.-]+\.yaml)",
+                                                 guide)), "an accelerate config is undocumented"
 
 
 def test_scripts_run_by_the_guide_exist():

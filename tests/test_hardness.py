@@ -34,7 +34,8 @@ def test_image_embedding_is_the_mean_vision_feature(tiny_model_config, tiny_cata
     model, processor = load_backbone(tiny_model_config(backbone), for_training=False)
     paths = [tiny_catalog.image_path(i) for i in tiny_catalog.item_ids]
     paths = [str(p) if p else None for p in paths]
-    matrix, mask = image_embeddings(model, processor.image_processor, paths, batch_size=4, progress=False)
+    matrix, mask = image_embeddings(model, processor.image_processor, paths, batch_size=4,
+                                    progress=False)
     assert mask.tolist() == [p is not None for p in paths]
     assert matrix.shape[0] == len(paths) and torch.all(matrix[~mask] == 0)
     from PIL import Image
@@ -51,16 +52,19 @@ def test_catalogue_embeddings_fuse_and_cache(tiny_model_config, tiny_catalog, tm
     titles = tiny_catalog.titles
     paths = [str(p) if p else None for p in map(tiny_catalog.image_path, tiny_catalog.item_ids)]
     key = catalogue_key([], titles, paths)
-    fused = catalogue_embeddings(model, processor, titles, paths, cache_dir=tmp_path, cache_key=key, progress=False)
+    fused = catalogue_embeddings(model, processor, titles, paths, cache_dir=tmp_path, cache_key=key,
+                                 progress=False)
     text = title_embeddings(model, processor.tokenizer, titles)
     image, mask = image_embeddings(model, processor.image_processor, paths, progress=False)
     torch.testing.assert_close(fused, fuse_item_embeddings(text, image, mask))
     torch.testing.assert_close(fused.norm(dim=1), torch.ones(len(titles)))
-    torch.testing.assert_close(fused[10], torch.nn.functional.normalize(text[10], dim=0))  # text-only item
+    # text-only item
+    torch.testing.assert_close(fused[10], torch.nn.functional.normalize(text[10], dim=0))
     assert (tmp_path / f"item-embeddings-{key}.safetensors").is_file()
     with torch.no_grad():  # a changed model must not matter: the cache answers
         unwrap(model).get_input_embeddings().weight.add_(1.0)
-    again = catalogue_embeddings(model, processor, titles, paths, cache_dir=tmp_path, cache_key=key, progress=False)
+    again = catalogue_embeddings(model, processor, titles, paths, cache_dir=tmp_path, cache_key=key,
+                                 progress=False)
     assert torch.equal(again, fused)
     assert catalogue_key([], titles[:-1] + ["other"], paths) != key
 

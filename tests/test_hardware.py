@@ -49,11 +49,16 @@ def test_warning_only_where_bf16_is_emulated(native: bool, monkeypatch) -> None:
         warnings.simplefilter("always")
         hardware.warn_if_emulated_bf16("--mixed-precision bf16")
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert (len(messages) == 0) if native else (len(messages) == 1 and "--mixed-precision bf16" in messages[0])
+    assert (len(messages) == 0) if native else (len(messages) == 1
+                                                and "--mixed-precision bf16" in messages[0])
 
 
 def test_describe_machine_names_the_cpu_and_the_bf16_answer(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "cpuinfo").write_text(EPYC_AVX2)
     monkeypatch.setattr(hardware, "bf16_speedup", lambda device_type="cpu": 0.02)
     line = hardware.describe_machine(tmp_path / "cpuinfo")
-    assert line.startswith("AMD EPYC, ") and "bf16 0.02× fp32 speed (measured)" in line and "torch " in line
+    assert (
+        line.startswith("AMD EPYC, ")
+        and "bf16 0.02× fp32 speed (measured)" in line
+        and "torch " in line
+    )

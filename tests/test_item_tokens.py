@@ -30,17 +30,20 @@ from hanorec.item_tokens import (
 )
 
 NUM_ITEMS = 10
-SASREC = {"sasrec_hidden_size": 8, "sasrec_num_blocks": 1, "sasrec_num_heads": 1, "sasrec_max_len": 6,
+SASREC = {"sasrec_hidden_size": 8, "sasrec_num_blocks": 1, "sasrec_num_heads": 1,
+          "sasrec_max_len": 6,
           "sasrec_dropout": 0.0}
 
 
 def encoder(hidden: int, *, image: bool = False, seed: int = 0) -> ItemEncoder:
     """An encoder with random collaborative features, a random recommender, user token on."""
     torch.manual_seed(seed)
-    spec = EncoderSpec(hidden=hidden, num_items=NUM_ITEMS, collab_dim=8, text=True, image=image, user=True,
+    spec = EncoderSpec(hidden=hidden, num_items=NUM_ITEMS, collab_dim=8, text=True, image=image,
+                       user=True,
                        projector_hidden=16, sasrec=SASREC)
     recommender = SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC))
-    enc = ItemEncoder(spec).set_features(collab=torch.randn(NUM_ITEMS, 8), text=torch.randn(NUM_ITEMS, hidden),
+    enc = ItemEncoder(spec).set_features(collab=torch.randn(NUM_ITEMS, 8),
+                                         text=torch.randn(NUM_ITEMS, hidden),
                                          image=torch.randn(NUM_ITEMS, hidden) if image else None,
                                          sasrec_state=recommender.state_dict(), token_rms=0.5)
     return enc
@@ -81,7 +84,8 @@ def test_virtual_ids_and_placeholders(tiny_backbone_dirs):
         size = len(tokenizer)
         assert ensure_placeholders(tokenizer) == ids and len(tokenizer) == size
         assert len(set(ids.values())) == 3
-        assert tokenizer("A<|item|>B", add_special_tokens=False)["input_ids"].count(ids["item"]) == 1
+        assert tokenizer("A<|item|>B",
+                         add_special_tokens=False)["input_ids"].count(ids["item"]) == 1
 
 
 def test_hook_places_projections_like_inputs_embeds():
@@ -101,7 +105,8 @@ def test_hook_places_projections_like_inputs_embeds():
             if item >= 0:
                 embeds[row, position] = enc.collab_proj(enc.collab[item])
             else:
-                history = [i for (r, p), i in sorted(placed.items()) if r == row and p < position and i >= 0]
+                history = [i for (r, p),
+                           i in sorted(placed.items()) if r == row and p < position and i >= 0]
                 reference = SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC)).eval()
                 reference.load_state_dict(enc.sasrec.state_dict())
                 state = reference(_left_pad([history], SASREC["sasrec_max_len"]))[:, -1]
@@ -127,7 +132,8 @@ def test_shared_forward_with_item_tokens_matches_duplicate(family):
     def run(mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         logps = response_logps(model, batch, resp, mode=mode)
         grads = torch.autograd.grad((logps * weights).sum(), params, allow_unused=True)
-        return logps.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        return logps.detach(), [torch.zeros_like(p) if g is None else g for g,
+                                p in zip(grads, params)]
 
     reference, reference_grads = run("duplicate")
     assert sum(float(g.abs().sum()) for g in reference_grads[:4]) > 0  # collab projector is used
@@ -150,7 +156,8 @@ def test_recommender_stays_frozen_and_in_eval_mode():
 
 
 def test_rescale_matches_the_token_rms():
-    """After set_features(token_rms=r), the item projector's outputs on the real features have RMS r."""
+    """After set_features(token_rms=r), the item projector's outputs on the real features have RMS
+    r."""
     enc = encoder(16)
     with torch.no_grad():
         rms = enc.collab_proj(enc.collab).pow(2).mean().sqrt()

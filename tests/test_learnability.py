@@ -26,7 +26,8 @@ from conftest import PLANTED_USERS
 
 from hanorec import sft
 from hanorec.metrics import target_ranks
-from hanorec.runtime import load_catalog, load_rows, load_trained, make_collator
+from hanorec.models.lineage import load_trained
+from hanorec.runtime import load_catalog, load_rows, make_collator
 from hanorec.scoring import candidate_scores
 from hanorec.sft import SFTRun
 
@@ -46,7 +47,8 @@ def hr1(recipe: Path, final: Path, rows: list[dict]) -> float:
 @pytest.mark.slow
 def test_overfit_24_rows(planted_recipe):
     """24 training rows, 60 steps of 8 (20 epochs): HR@1 on those rows >= 0.9."""
-    recipe = planted_recipe(sft={"max_train_examples": 24, "max_steps": 60}, collab={"collab_rows": "all"})
+    recipe = planted_recipe(sft={"max_train_examples": 24, "max_steps": 60},
+                            collab={"collab_rows": "all"})
     final = sft.main(["--config", str(recipe)])
     prepared = Path(yaml.safe_load(recipe.read_text())["data"]["output_dir"])
     rows = load_rows(prepared, ["candidates"], "train")
@@ -62,7 +64,8 @@ def _trained_rows(recipe: Path) -> list[dict]:
     run = config.parse(SFTRun, ["--config", str(recipe)], prog="t", description="")
     prepared = run.data.path(run.data.output_dir)
     catalog = load_catalog(run.data, prepared)
-    return sft.training_rows(prepared, run, catalog, collab_features(prepared, len(catalog), run.collab, log=None))
+    return sft.training_rows(prepared, run, catalog,
+                             collab_features(prepared, len(catalog), run.collab, log=None))
 
 
 @pytest.mark.slow

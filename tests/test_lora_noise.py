@@ -1,4 +1,5 @@
-"""NoDO, LoRA mode: ``hanorec.losses.lora_noise`` on a real tiny Llama wrapped with real PEFT LoRA."""
+"""NoDO, LoRA mode: ``hanorec.losses.lora_noise`` on a real tiny Llama wrapped with real PEFT
+LoRA."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _hooks(model) -> int:
 
 
 def test_noise_changes_output_then_everything_is_restored(model, input_ids) -> None:
-    """Inside: logits change, and each forward draws fresh noise. After: clean logits, identical weights, no hooks."""
+    """Inside: logits change, and each forward draws fresh noise. After: clean logits, identical
+    weights, no hooks."""
     clean = _logits(model, input_ids)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with lora_noise(model, 0.5, generator=torch.Generator().manual_seed(0)):
@@ -104,7 +106,8 @@ def test_zero_std_is_a_no_op(model, input_ids) -> None:
 
 
 def test_hooks_removed_when_forward_raises(model, input_ids) -> None:
-    """A forward that raises inside the context (ids out of the 64-token vocabulary) leaves no hooks."""
+    """A forward that raises inside the context (ids out of the 64-token vocabulary) leaves no
+    hooks."""
     with pytest.raises(IndexError), lora_noise(model, 0.5):
         assert _hooks(model) == 2 * len(TARGETS) * 2  # (A + B) × targets × layers
         model(input_ids=input_ids + 1000)

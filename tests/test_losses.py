@@ -75,7 +75,8 @@ def test_sequence_logps_caller_aligned_slice_and_small_chunks(lm_batch, monkeypa
 
 
 def test_sequence_logps_hand_value() -> None:
-    """Uniform logits over V=4: each scored token has log(1/4); two tokens -> 2·log(1/4), mean log(1/4)."""
+    """Uniform logits over V=4: each scored token has log(1/4); two tokens -> 2·log(1/4), mean
+    log(1/4)."""
     logits = torch.zeros(1, 3, 4, dtype=DT)
     labels = torch.tensor([[-100, 1, 3]])
     assert L.sequence_logps(logits, labels).item() == pytest.approx(2 * math.log(0.25))
@@ -303,7 +304,8 @@ def test_beta_tensor_is_a_constant() -> None:
 @pytest.mark.parametrize("kind", L.LOSS_TYPES)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_extreme_logps_stay_finite(kind, sign) -> None:
-    """Log-probs of ±1e4 give finite losses and finite gradients (log σ and logsumexp are stable)."""
+    """Log-probs of ±1e4 give finite losses and finite gradients (log σ and logsumexp are
+    stable)."""
     k = 2 if kind == "sdpo" else 1
     c = torch.full((2,), sign * 1e4, requires_grad=True)
     r = torch.full((2, k), -sign * 1e4, requires_grad=True)
@@ -424,7 +426,8 @@ def test_neighbour_profiles_match_brute_force(catalogue, chunk_size) -> None:
 
 
 def test_neighbour_profiles_duplicate_item_counts_once() -> None:
-    """Items 0 and 1 are identical: 0's nearest other item is 1 with similarity 1 (itself excluded)."""
+    """Items 0 and 1 are identical: 0's nearest other item is 1 with similarity 1 (itself
+    excluded)."""
     emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=DT)
     got = L.neighbour_profiles(emb, torch.tensor([0, 2]), top_k=2, chunk_size=1)
     torch.testing.assert_close(got, torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=DT))
@@ -528,8 +531,9 @@ def test_group_advantages_by_hand() -> None:
 def test_clipped_surrogate_by_hand() -> None:
     """old log-probs 0, ratios [1.5, 0.5, 1.0], masks [1, 1, 1] and [1, 1, 0] (5 tokens).
 
-    Row A=+1: −min(ρ, clip(ρ, .8, 1.28)) = −[1.28, .5, 1]; row A=−1: −min(−ρ, −clip) = [1.5, .8, (masked)].
-    Token mean: (−2.78 + 2.3)/5 = −0.096. The clipped token (ρ=1.5, A=+1) gets no gradient.
+    Row A=+1: −min(ρ, clip(ρ, .8, 1.28)) = −[1.28, .5, 1]; row A=−1: −min(−ρ, −clip) = [1.5, .8,
+    (masked)]. Token mean: (−2.78 + 2.3)/5 = −0.096. The clipped token (ρ=1.5, A=+1) gets no
+    gradient.
     """
     ratios = torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]], dtype=DT)
     logps = ratios.log().requires_grad_()

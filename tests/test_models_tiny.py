@@ -1,4 +1,5 @@
-"""Tiny built-in backbones through the real loading path: build, save, reload, LoRA, QLoRA, DPO merge."""
+"""Tiny built-in backbones through the real loading path: build, save, reload, LoRA, QLoRA, DPO
+merge."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _batch(processor, num_images: int = 2):
     content = [{"type": "text", "text": "History:"}]
     for k in range(num_images):
         content += [{"type": "image"}, {"type": "text", "text": f' "Movie {k}"'}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+    text = processor.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True,
                                          tokenize=False) + "Title<|im_end|>"
     images = [Image.new("RGB", (32, 32), (40 * k, 90, 200)) for k in range(num_images)]
     batch = processor(text=[text], images=[images], return_tensors="pt")
@@ -46,7 +48,8 @@ def _batch(processor, num_images: int = 2):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_build_writes_safetensors_and_reloads(name, tiny_backbone_dirs, tiny_model_config):
-    """Folder has model.safetensors and no pickle (.bin); reload gives the family and frozen eval model."""
+    """Folder has model.safetensors and no pickle (.bin); reload gives the family and frozen eval
+    model."""
     folder = tiny_backbone_dirs[name]
     files = {p.name for p in folder.iterdir()}
     assert "model.safetensors" in files
@@ -78,7 +81,8 @@ def test_trust_remote_code_defaults_off():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lora_forward_backward_trains_only_adapter(name, tiny_model_config):
-    """Trainable = LoRA A/B of the language model + the projector copy; vision tower frozen, gets no grad."""
+    """Trainable = LoRA A/B of the language model + the projector copy; vision tower frozen, gets no
+    grad."""
     model, processor = load_backbone(tiny_model_config(name))
     out = model(**_batch(processor))
     out.loss.backward()
@@ -95,7 +99,8 @@ def test_lora_forward_backward_trains_only_adapter(name, tiny_model_config):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lora_targets_language_model_only(name, tiny_model_config):
-    """The regex matches linear layers under the language model and nothing in vision/projector/lm_head."""
+    """The regex matches linear layers under the language model and nothing in
+    vision/projector/lm_head."""
     model, _ = load_backbone(tiny_model_config(name), for_training=False)
     regex = lora_target_regex(model)
     matched = [n for n, _ in model.named_modules() if re.fullmatch(regex, n)]
@@ -103,7 +108,8 @@ def test_lora_targets_language_model_only(name, tiny_model_config):
     assert matched and all(n.startswith(prefix + ".") for n in matched)
     assert not any("lm_head" in n for n in matched)
     assert len(matched) == 2 * 7  # 2 layers × (q, k, v, o, gate, up, down)
-    only_q = [n for n, _ in model.named_modules() if re.fullmatch(lora_target_regex(model, "q_proj"), n)]
+    only_q = [n for n,
+              _ in model.named_modules() if re.fullmatch(lora_target_regex(model, "q_proj"), n)]
     assert len(only_q) == 2
     with pytest.raises(ValueError, match="lora_target_modules"):
         lora_target_regex(model, "patch_embedding")
@@ -111,7 +117,8 @@ def test_lora_targets_language_model_only(name, tiny_model_config):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_qlora_builds_4bit_layers_and_trains(name, tiny_model_config):
-    """load_in_4bit: language-model linears become bnb Linear4bit (NF4), vision tower stays float; LoRA gets grads on CPU."""
+    """load_in_4bit: language-model linears become bnb Linear4bit (NF4), vision tower stays float;
+    LoRA gets grads on CPU."""
     model, processor = load_backbone(tiny_model_config(name, load_in_4bit=True))
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and all(language_model_prefix(model) in n for n in four_bit)
@@ -162,12 +169,14 @@ def test_adapter_roundtrip_and_merge(tiny_model_config, tmp_path):
     dpo = merge_and_add_adapter(model, cfg).eval()
     with torch.no_grad(), dpo.disable_adapter():
         torch.testing.assert_close(dpo(**batch).logits, sft_logits, atol=1e-4, rtol=1e-4)
-    assert all("lora_" in n or "modules_to_save" in n for n, p in dpo.named_parameters() if p.requires_grad)
+    assert all("lora_" in n or "modules_to_save" in n for n,
+               p in dpo.named_parameters() if p.requires_grad)
 
 
 def test_builtin_name_builds_once(tmp_path):
     """A built-in name is materialised into the cache on first use and reused afterwards."""
-    cfg = ModelConfig(model_name_or_path="tiny-idefics3", builtin_cache_dir=str(tmp_path), use_lora=False)
+    cfg = ModelConfig(model_name_or_path="tiny-idefics3", builtin_cache_dir=str(tmp_path),
+                      use_lora=False)
     model, _ = load_backbone(cfg, for_training=False)
     folder = builtin_folder("tiny-idefics3", tmp_path)
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
@@ -191,28 +200,35 @@ def test_chat_template_renders_multimodal_content():
     """List content renders images as the marker, string content as is; the default system prompt
     is added only when the conversation has none."""
     tok = tiny_hf_tokenizer(chatml_template("<IMG>", default_system="Be brief."))
-    user = {"role": "user", "content": [{"type": "text", "text": "a "}, {"type": "image"}, {"type": "text", "text": " b"}]}
+    user = {"role": "user",
+            "content": [{"type": "text", "text": "a "}, {"type": "image"},
+                        {"type": "text", "text": " b"}]}
     text = tok.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na <IMG> b<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na <IMG> "
+                    "b<|im_end|>\n<|im_start|>assistant\n")
     system = {"role": "system", "content": "S"}
     text = tok.apply_chat_template([system, {"role": "user", "content": "hi"}], tokenize=False)
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_full_finetune_and_dtype(tiny_model_config):
-    """use_lora=False trains the language model and projector but not the vision tower; bfloat16 loads bf16 weights."""
+    """use_lora=False trains the language model and projector but not the vision tower; bfloat16
+    loads bf16 weights."""
     model, processor = load_backbone(tiny_model_config("tiny-llava", use_lora=False))
     assert not any(p.requires_grad for p in vision_tower(model).parameters())
     assert all(p.requires_grad for p in model.model.language_model.parameters())
     assert all(p.requires_grad for p in model.model.multi_modal_projector.parameters())
-    frozen_proj, _ = load_backbone(tiny_model_config("tiny-llava", use_lora=False, freeze_projector=True))
+    frozen_proj, _ = load_backbone(tiny_model_config("tiny-llava", use_lora=False,
+                                                     freeze_projector=True))
     assert not any(p.requires_grad for p in frozen_proj.model.multi_modal_projector.parameters())
-    bf16, _ = load_backbone(tiny_model_config("tiny-llava", torch_dtype="bfloat16"), for_training=False)
+    bf16, _ = load_backbone(tiny_model_config("tiny-llava", torch_dtype="bfloat16"),
+                            for_training=False)
     assert next(bf16.model.language_model.parameters()).dtype == torch.bfloat16
 
 
 def test_cli_builds_builtin(tmp_path, capsys):
-    """`python -m hanorec.models build tiny-qwen2-vl --builtin-cache-dir DIR` prints the built folder."""
+    """`python -m hanorec.models build tiny-qwen2-vl --builtin-cache-dir DIR` prints the built
+    folder."""
     from hanorec.models.__main__ import main
 
     assert main(["build", "tiny-qwen2-vl", "--builtin-cache-dir", str(tmp_path)]) == 0

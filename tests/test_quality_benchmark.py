@@ -22,7 +22,8 @@ METHODS = ["popularity", "sft", "dpo", "hanorec-nodo"]
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    spec = importlib.util.spec_from_file_location("quality_benchmark",
+                                                  ROOT / "benchmarks" / "quality.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
@@ -46,7 +47,8 @@ def smoke_run(tiny_recipe, tmp_path_factory):
     recipe = tiny_recipe("tiny-llava")
     root = tmp_path_factory.mktemp("quality")
     args = ["--smoke", "--config", str(recipe), "--seeds", "0", "--methods", ",".join(methods),
-            "--run-root", str(root / "runs"), "--out", str(root / "results"), "--bootstrap-resamples", "200"]
+            "--run-root", str(root / "runs"), "--out", str(root / "results"),
+            "--bootstrap-resamples", "200"]
     path = quality.main(args)
     return quality, methods, args, root, path
 
@@ -64,7 +66,9 @@ def test_smoke_grid_writes_one_finite_row_per_method(smoke_run):
         assert numbers, f"{label}: no metric"
         for cell in numbers:
             mean, low, high = (float(x) for x in re.findall(r"-?\d+\.\d+", cell))
-            assert all(math.isfinite(v) for v in (mean, low, high)) and low <= mean + 1e-9 <= high + 2e-9, (label, cell)
+            assert all(math.isfinite(v)
+                       for v in (mean, low, high)) and low <= mean + 1e-9 <= high + 2e-9, (label,
+                                                                                           cell)
     raw = json.loads((root / "results" / "ml100k.json").read_text(encoding="utf-8"))
     tested = {(t["method"], t["reference"]) for t in raw["tests"]}
     assert {("hanorec-nodo", "dpo"), ("hanorec-nodo", "sft"), ("dpo", "sft")} <= tested
@@ -72,7 +76,9 @@ def test_smoke_grid_writes_one_finite_row_per_method(smoke_run):
         family = [t for t in raw["tests"] if t["reference"] == reference]
         assert all(t["p_wilcoxon"] <= t["p_wilcoxon_holm"] <= 1 for t in family)
         smallest = min(family, key=lambda t: t["p_wilcoxon"])
-        assert smallest["p_wilcoxon_holm"] == pytest.approx(min(1.0, len(family) * smallest["p_wilcoxon"]))
+        assert smallest["p_wilcoxon_holm"] == pytest.approx(min(1.0,
+                                                                len(family)
+                                                                * smallest["p_wilcoxon"]))
     assert "| p (Holm) |" in text
     stages = raw["stages"]
     assert stages["seed0/sft/train"]["steps"] == 2 and stages["seed0/sft/train"]["peak_rss_mb"] > 50
@@ -96,7 +102,8 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
 
 def test_bpo_and_recpo_join_the_same_grid(smoke_run):
     """BPO and RecPO (when their modules exist) run from the seed's existing SFT checkpoint (the SFT
-    stage is skipped) and get their own rows: BPO on candidates/hit1, RecPO on the full catalogue."""
+    stage is skipped) and get their own rows: BPO on candidates/hit1, RecPO on the full
+    catalogue."""
     quality, methods, args, root, _ = smoke_run
     extra = [m for m in ("bpo", "recpo") if quality.BY_NAME[m].available()]
     if not extra:
@@ -116,7 +123,8 @@ def test_bpo_and_recpo_join_the_same_grid(smoke_run):
 
 def test_grid_rebuilds_a_prepared_folder_another_recipe_wrote(tiny_recipe, tmp_path):
     """The baselines read the prepared folder directly, so an existing folder prepared with other
-    settings must not pass for finished: the grid lists a forced ``prepare`` stage until the folder's
+    settings must not pass for finished: the grid lists a forced ``prepare`` stage until the
+    folder's
     fingerprint matches the recipe, then none."""
     from hanorec.data.__main__ import main as data_main
 
@@ -124,7 +132,8 @@ def test_grid_rebuilds_a_prepared_folder_another_recipe_wrote(tiny_recipe, tmp_p
     folder = str(tmp_path / "prepared")  # not the session's shared tiny folder
     recipe = tiny_recipe("tiny-llava", data={"output_dir": folder})
     other = tiny_recipe("tiny-llava", data={"output_dir": folder, "max_history": 7})
-    plan = quality.Plan(recipe, tmp_path / "runs", quality.BUDGETS["smoke"], quality.prepared_dir(recipe))
+    plan = quality.Plan(recipe, tmp_path / "runs", quality.BUDGETS["smoke"],
+                        quality.prepared_dir(recipe))
     assert quality.prepared_dir(other) == plan.prepared
     data_main(["prepare", "--config", str(other)])
     assert (plan.prepared / "manifest.json").is_file()
@@ -138,13 +147,15 @@ def test_grid_rebuilds_a_prepared_folder_another_recipe_wrote(tiny_recipe, tmp_p
 def test_execute_records_cost_and_isolates_a_failed_method(tmp_path, rerun):
     """Three stages: ``s0/a/train`` fails (exit 3), so ``s0/a/eval`` is left out; ``s0/b/train``
     writes its done file and is recorded with wall time, CPU time and peak RSS (> 1 MB for a
-    Python child). A rerun skips ``s0/b/train`` (its done file exists) and retries the failed one."""
+    Python child). A rerun skips ``s0/b/train`` (its done file exists) and retries the failed
+    one."""
     quality = load_driver()
     py = sys.executable
     done_b = tmp_path / "b.done"
     stages = [quality.Stage("s0/a/train", [py, "-c", "raise SystemExit(3)"], tmp_path / "a.done"),
               quality.Stage("s0/a/eval", [py, "-c", "pass"], tmp_path / "a-eval.done"),
-              quality.Stage("s0/b/train", [py, "-c", f"open({str(done_b)!r}, 'w').close()"], done_b)]
+              quality.Stage("s0/b/train", [py, "-c", f"open({str(done_b)!r}, 'w').close()"],
+                            done_b)]
     records = quality.execute(stages, tmp_path / "runs")
     if rerun:
         records = quality.execute(stages, tmp_path / "runs")
@@ -153,7 +164,10 @@ def test_execute_records_cost_and_isolates_a_failed_method(tmp_path, rerun):
     assert "s0/a/eval" not in records
     b = records["s0/b/train"]
     assert b["seconds"] > 0 and b["cpu_seconds"] > 0 and b["peak_rss_mb"] > 1
-    assert json.loads((tmp_path / "runs" / "stages.json").read_text())["s0/b/train"]["peak_rss_mb"] == b["peak_rss_mb"]
+    assert (
+        json.loads((tmp_path / "runs" / "stages.json").read_text())["s0/b/train"]["peak_rss_mb"]
+        == b["peak_rss_mb"]
+    )
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["bf16-emulated", "bf16-native"])
@@ -170,7 +184,8 @@ def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, native, tmp_
     monkeypatch.setattr(hardware, "native_bf16", lambda device_type="cpu": native)
 
     quality = load_driver()
-    runs = {"hanorec.sft": sft.SFTRun, "hanorec.dpo": dpo.DPORun, "hanorec.evaluate": evaluate.EvalRun,
+    runs = {"hanorec.sft": sft.SFTRun, "hanorec.dpo": dpo.DPORun,
+            "hanorec.evaluate": evaluate.EvalRun,
             "hanorec.recpo": recpo.RecPORun, "hanorec.bpo": bpo.BPORun}
     plan = quality.Plan(config=ROOT / "configs" / "ml100k-smollm2.yaml", run_root=tmp_path,
                         budget=quality.BUDGETS[budget], prepared=tmp_path / "prepared")
@@ -185,7 +200,9 @@ def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, native, tmp_
         parsed.add(module)
         bf16 = native and budget == "cpu"
         if module in ("hanorec.sft", "hanorec.dpo"):
-            assert getattr(run, module.split(".")[1]).mixed_precision == ("bf16" if bf16 else "no"), stage.key
+            assert getattr(run,
+                           module.split(".")[1]).mixed_precision == ("bf16" if bf16
+                                                                     else "no"), stage.key
         if module == "hanorec.evaluate":
             assert run.eval.eval_precision == ("bf16" if bf16 else "fp32"), stage.key
     assert parsed == set(runs)
@@ -194,19 +211,26 @@ def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, native, tmp_
 def test_size_overrides_reach_every_stage_command(tiny_recipe, tmp_path, capsys):
     """``--sft-steps 300 --dpo-steps 40 --train-examples 1000 --eval-users 7`` on the CPU budget
     (48/8/128/40 by default): the dry run's SFT command carries ``--max-steps 300`` and
-    ``--max-train-examples 1000``, the DPO command ``--max-steps 40`` and ``--max-train-pairs 1000``,
+    ``--max-train-examples 1000``, the DPO command ``--max-steps 40`` and ``--max-train-pairs
+    1000``,
     the evaluation ``--eval-max-users 7``; nothing runs."""
     quality = load_driver()
     recipe = tiny_recipe("tiny-llava")
-    quality.main(["--config", str(recipe), "--seeds", "0", "--methods", "sft,dpo", "--run-root", str(tmp_path / "runs"),
-                  "--out", str(tmp_path / "out"), "--sft-steps", "300", "--dpo-steps", "40", "--train-examples", "1000",
+    quality.main(["--config", str(recipe), "--seeds", "0", "--methods", "sft,dpo", "--run-root",
+                  str(tmp_path / "runs"),
+                  "--out", str(tmp_path / "out"), "--sft-steps", "300", "--dpo-steps", "40",
+                  "--train-examples", "1000",
                   "--eval-users", "7", "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
 
     def command(key: str) -> str:
         return next(line for line in lines if line.startswith("[") and f"] {key}:" in line)
 
-    assert "--max-steps 300" in command("seed0/sft/train") and "--max-train-examples 1000" in command("seed0/sft/train")
-    assert "--max-steps 40" in command("seed0/dpo/train") and "--max-train-pairs 1000" in command("seed0/dpo/train")
+    assert "--max-steps 300" in command(
+        "seed0/sft/train"
+    ) and "--max-train-examples 1000" in command("seed0/sft/train")
+    assert "--max-steps 40" in command("seed0/dpo/train") and "--max-train-pairs 1000" in command(
+        "seed0/dpo/train"
+    )
     assert "--eval-max-users 7" in command("seed0/dpo/eval")
     assert not (tmp_path / "runs" / "seed0" / "sft").exists()

@@ -49,14 +49,16 @@ def test_item_scores_are_cosine_over_tau() -> None:
 
 
 @pytest.mark.parametrize("backbone", ["tiny-llava", "tiny-qwen2-vl"])
-def test_scores_match_hand_computation_from_hidden_states(backbone, tiny_model_config, tiny_catalog) -> None:
+def test_scores_match_hand_computation_from_hidden_states(backbone, tiny_model_config,
+                                                          tiny_catalog) -> None:
     """s(v) = cos(h_T, H_V[v]) / τ with h_T and H_V[v] extracted here, one sequence at a time,
     without padding: the final-layer hidden state at the last marker token of
     prompt ⊕ trace ⊕ <answer> (user) and of item prompt ⊕ <answer> (item, image when present)."""
     from hanorec.models.loading import load_backbone
 
     model, processor = load_backbone(tiny_model_config(backbone), for_training=False)
-    collator = make_collator(processor, tiny_catalog, "full", PromptConfig(image_budget=2, max_length=512))
+    collator = make_collator(processor, tiny_catalog, "full",
+                             PromptConfig(image_budget=2, max_length=512))
     marker = marker_ids(collator.tokenizer)
     items = ["i0", "i3", "i10"]  # i10 has no image
     rows = [{"user_id": "u1", "history": ["i1", "i2"], "target": "i3"},
@@ -66,7 +68,8 @@ def test_scores_match_hand_computation_from_hidden_states(backbone, tiny_model_c
     table = ItemTable(items, marker, batch_size=2)
     table.refresh(model, collator, progress=False)
     with torch.no_grad():
-        users, _, _ = state_and_token_logps(model, sequence_batch(collator, rows, traces, reserve=4))
+        users, _, _ = state_and_token_logps(model,
+                                            sequence_batch(collator, rows, traces, reserve=4))
     got = table.scores(users, 0.02)
 
     def alone(batch) -> torch.Tensor:
@@ -74,7 +77,8 @@ def test_scores_match_hand_computation_from_hidden_states(backbone, tiny_model_c
         with torch.no_grad():
             return model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
 
-    hand_users = torch.stack([alone(sequence_batch(collator, [r], [t], reserve=4)) for r, t in zip(rows, traces)])
+    hand_users = torch.stack([alone(sequence_batch(collator, [r], [t], reserve=4)) for r,
+                              t in zip(rows, traces)])
     hand_items = torch.stack([alone(item_batch(collator, [i], marker)) for i in items])
     expected = F.cosine_similarity(hand_users[:, None], hand_items[None], dim=-1) / 0.02
     assert torch.allclose(got, expected, atol=1e-3), (got, expected)
@@ -87,18 +91,22 @@ def test_sampled_traces_end_with_marker_and_respect_budget(tiny_model_config, ti
     from hanorec.models.loading import load_backbone
 
     model, processor = load_backbone(tiny_model_config("tiny-llava"), for_training=False)
-    collator = make_collator(processor, tiny_catalog, "full", PromptConfig(image_budget=1, max_length=512))
+    collator = make_collator(processor, tiny_catalog, "full",
+                             PromptConfig(image_budget=1, max_length=512))
     marker = marker_ids(collator.tokenizer)
     rows = [{"user_id": "u1", "history": ["i1", "i2"], "target": "i3"}]
     torch.manual_seed(0)
-    traces = sample_traces(model, collator, rows, num_traces=3, max_new_tokens=5, marker=marker, temperature=1.0, top_k=20)
+    traces = sample_traces(model, collator, rows, num_traces=3, max_new_tokens=5, marker=marker,
+                           temperature=1.0, top_k=20)
     assert len(traces) == 3
     special = set(collator.tokenizer.all_special_ids)
     for trace in traces:
         assert trace[-len(marker):] == marker and len(trace) <= 5 + len(marker)
         assert not special & set(trace)
     with torch.no_grad():
-        _, logps, mask = state_and_token_logps(model, sequence_batch(collator, rows, traces, reserve=5 + len(marker)))
+        _, logps, mask = state_and_token_logps(model,
+                                               sequence_batch(collator, rows, traces,
+                                                              reserve=5 + len(marker)))
     assert mask.sum(1).tolist() == [len(t) for t in traces]
     assert (logps[mask] <= 0).all() and (logps[~mask] == 0).all()
 
@@ -110,12 +118,14 @@ def test_joint_batch_gives_the_separate_states(tiny_model_config, tiny_catalog) 
     from hanorec.r2ec import joint_batch, last_states
 
     model, processor = load_backbone(tiny_model_config("tiny-llava"), for_training=False)
-    collator = make_collator(processor, tiny_catalog, "full", PromptConfig(image_budget=2, max_length=512))
+    collator = make_collator(processor, tiny_catalog, "full",
+                             PromptConfig(image_budget=2, max_length=512))
     marker = marker_ids(collator.tokenizer)
     rows = [{"user_id": "u1", "history": ["i1", "i2", "i3"], "target": "i4"}]
     traces = [collator.tokenizer("so", add_special_tokens=False)["input_ids"] + marker, marker]
     with torch.no_grad():
-        joint = last_states(model, joint_batch(collator, rows, traces, ["i4", "i11"], marker, reserve=6))
+        joint = last_states(model,
+                            joint_batch(collator, rows, traces, ["i4", "i11"], marker, reserve=6))
         users = last_states(model, sequence_batch(collator, rows, traces, reserve=6))
         items = last_states(model, item_batch(collator, ["i4", "i11"], marker))
     assert torch.allclose(joint, torch.cat([users, items]), atol=1e-4)

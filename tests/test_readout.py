@@ -26,7 +26,8 @@ def test_similarity_by_hand():
     = (0.6/0.5, 0.8/0.5) = (1.2, 1.6); per-user item sets [U, C, H] give the same numbers."""
     users = torch.tensor([[3.0, 4.0]])
     items = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    assert torch.allclose(similarity(users, items, "dot"), torch.tensor([[3 / math.sqrt(2), 8 / math.sqrt(2)]]))
+    assert torch.allclose(similarity(users, items, "dot"),
+                          torch.tensor([[3 / math.sqrt(2), 8 / math.sqrt(2)]]))
     assert torch.allclose(similarity(users, items, "cos", 0.5), torch.tensor([[1.2, 1.6]]))
     assert torch.allclose(similarity(users, items[None], "cos", 0.5), torch.tensor([[1.2, 1.6]]))
     with pytest.raises(ValueError, match="tau must be positive"):
@@ -84,25 +85,31 @@ def test_head_logps_equal_a_hand_softmax(head_model):
 
 def test_head_noise_is_seeded_and_shifts_the_scores(head_model):
     """NoDO on head scores: same generator seed, same result; σ > 0 changes the log-probs."""
-    batch = {"input_ids": torch.randint(1, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(1, 50, (2, 6)),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     choices, picks = [[0, 1, 2], [3, 4, 5]], torch.tensor([[0, 1], [5, 3]])
     with torch.no_grad():
         clean = head_logps(head_model, batch, choices, picks)
-        a = head_logps(head_model, batch, choices, picks, noise_std=0.5, generator=torch.Generator().manual_seed(1))
-        b = head_logps(head_model, batch, choices, picks, noise_std=0.5, generator=torch.Generator().manual_seed(1))
+        a = head_logps(head_model, batch, choices, picks, noise_std=0.5,
+                       generator=torch.Generator().manual_seed(1))
+        b = head_logps(head_model, batch, choices, picks, noise_std=0.5,
+                       generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a, clean)
 
 
 def test_answer_logps_dispatch(head_model):
     """Responses go through the shared-prompt forward; head picks through the head."""
-    batch = {"input_ids": torch.randint(1, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(1, 50, (2, 6)),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     picks = torch.tensor([[0, 1], [5, 3]])
     with torch.no_grad():
-        head = answer_logps(head_model, ChoiceBatch(batch, choices=[[0, 1, 2], [3, 4, 5]], picks=picks))
+        head = answer_logps(head_model,
+                            ChoiceBatch(batch, choices=[[0, 1, 2], [3, 4, 5]], picks=picks))
         assert torch.allclose(head, head_logps(head_model, batch, [[0, 1, 2], [3, 4, 5]], picks))
         labels = torch.tensor([[[7], [9]], [[11], [12]]])
         index = answer_logps(head_model, ChoiceBatch(batch, responses=labels))
         logits = head_model(**batch).logits[:, -1].log_softmax(-1)
-        assert torch.allclose(index, torch.stack([logits[0, [7, 9]], logits[1, [11, 12]]]), atol=1e-5)
+        assert torch.allclose(index, torch.stack([logits[0, [7, 9]], logits[1, [11, 12]]]),
+                              atol=1e-5)
     with pytest.raises(ValueError, match="neither responses nor head picks"):
         answer_logps(head_model, ChoiceBatch(batch))

@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 ENTRY_POINTS = {"hanorec.sft": "SFTRun", "hanorec.dpo": "DPORun"}
 SUBCOMMAND = {"hanorec.bpo": ["generate"]}  # entry points whose flags live under a subcommand
-for optional, name in (("hanorec.evaluate", "EvalRun"), ("hanorec.recpo", "RecPORun"), ("hanorec.bpo", "BPORun")):
+# Sections several stages read, all optional (their defaults apply); a stage's own section
+# (sft, dpo, ...) decides whether a recipe is meant for it.
+SHARED_SECTIONS = {"data", "model", "prompt", "collab"}
+for optional, name in (("hanorec.evaluate", "EvalRun"), ("hanorec.recpo", "RecPORun"),
+                       ("hanorec.bpo", "BPORun")):
     if (ROOT / (optional.replace(".", "/") + ".py")).exists():
         ENTRY_POINTS[optional] = name
 
@@ -43,8 +47,9 @@ def test_recipe_parses_for_every_entry_point_that_reads_it(path):
     parsed = 0
     for module in ENTRY_POINTS:
         run_cls = _run_class(module)
-        sections = {f.name for f in dataclasses.fields(run_cls) if dataclasses.is_dataclass(typing.get_type_hints(run_cls)[f.name])}
-        if sections - {"data", "model", "prompt"} <= set(raw):
+        sections = {f.name for f in dataclasses.fields(run_cls)
+                    if dataclasses.is_dataclass(typing.get_type_hints(run_cls)[f.name])}
+        if sections - SHARED_SECTIONS <= set(raw):
             recipe.from_yaml_dict(run_cls, raw, str(path))
             parsed += 1
     assert parsed, f"{path.name} is read by no entry point"

@@ -16,9 +16,22 @@ from hanorec.r2ec import ItemTable, marker_ids
 from hanorec.runtime import build_optimizer, load_catalog, load_rows, make_collator, prepare_data
 from hanorec.training import read_metrics
 
-RL = {"learning_rate": 1e-3, "item_negatives": "catalogue", "per_device_batch_size": 4, "warmup_ratio": 0.0, "num_traces": 4, "temperature": 1.0,
-      "top_k_sampling": 50, "max_trace_tokens": 4, "item_tau": 0.02, "recpo_item_refresh_every": 1,
-      "item_batch_size": 16, "bootstrap_resamples": 200, "recpo_timing_users": 2, "title_max_tokens": 4}
+RL = {
+    "learning_rate": 1e-3,
+    "item_negatives": "catalogue",
+    "per_device_batch_size": 4,
+    "warmup_ratio": 0.0,
+    "num_traces": 4,
+    "temperature": 1.0,
+    "top_k_sampling": 50,
+    "max_trace_tokens": 4,
+    "item_tau": 0.02,
+    "recpo_item_refresh_every": 1,
+    "item_batch_size": 16,
+    "bootstrap_resamples": 200,
+    "recpo_timing_users": 2,
+    "title_max_tokens": 4,
+}
 
 
 def _setup(tiny_recipe, **overrides):
@@ -32,7 +45,13 @@ def _setup(tiny_recipe, **overrides):
     model, processor = recpo.load_policy(run)
     collator = make_collator(processor, catalog, "full", run.prompt)
     marker = marker_ids(collator.tokenizer)
-    head = recpo.Head(collator, marker, ItemTable(catalog.item_ids, marker, 16), run.recpo.item_tau, run.recpo.max_trace_tokens)
+    head = recpo.Head(
+        collator,
+        marker,
+        ItemTable(catalog.item_ids, marker, 16),
+        run.recpo.item_tau,
+        run.recpo.max_trace_tokens,
+    )
     optimizer, scheduler = build_optimizer(model, run.recpo, 100)
     return run, accelerator, model, head, optimizer, rows
 
@@ -49,10 +68,16 @@ def test_in_batch_item_logps_by_hand() -> None:
     users, items = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     c = 1 / math.sqrt(2)
     got = recpo.in_batch_item_logps(users, items, torch.tensor([0, 1]), 1.0, accelerator)
-    assert torch.allclose(got, torch.tensor([1 - math.log(math.e + math.exp(c)), c - math.log(1 + math.exp(c))]), atol=1e-5)
+    assert torch.allclose(
+        got,
+        torch.tensor([1 - math.log(math.e + math.exp(c)), c - math.log(1 + math.exp(c))]),
+        atol=1e-5,
+    )
     same = recpo.in_batch_item_logps(users, items, torch.tensor([0, 0]), 1.0, accelerator)
     assert torch.allclose(same, torch.zeros(2), atol=1e-6)
-    bank = torch.tensor([[5.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # rows 0, 1 are in the batch: not re-counted
+    bank = torch.tensor(
+        [[5.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
+    )  # rows 0, 1 are in the batch: not re-counted
     banked = recpo.in_batch_item_logps(users, items, torch.tensor([0, 1]), 1.0, accelerator, bank)
     assert math.isclose(float(banked[0]), 1 - math.log(math.e + math.exp(c) + 1), abs_tol=1e-5)
 
@@ -71,11 +96,15 @@ def test_recpo_steps_change_lora_and_item_scores_and_raise_reward(tiny_recipe) -
     run, accelerator, model, head, optimizer, rows = _setup(tiny_recipe)
     head.table.refresh(model, head.collator, progress=False)
     before_reward = recpo.mean_reward(model, head, rows, run.recpo, reasoning=False, device="cpu")
-    before_scores = head.table.scores(recpo.user_states(model, head, rows, reasoning=False, batch_size=4, device="cpu"), head.tau)
+    before_scores = head.table.scores(
+        recpo.user_states(model, head, rows, reasoning=False, batch_size=4, device="cpu"), head.tau
+    )
     before_lora = _lora(model)
     for step in range(6):
         head.table.refresh(model, head.collator, progress=False)
-        loss, stats = recpo.recpo_loss(model, head, rows[4 * (step % 2): 4 * (step % 2) + 4], run.recpo, accelerator)
+        loss, stats = recpo.recpo_loss(
+            model, head, rows[4 * (step % 2) : 4 * (step % 2) + 4], run.recpo, accelerator
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -83,10 +112,14 @@ def test_recpo_steps_change_lora_and_item_scores_and_raise_reward(tiny_recipe) -
         assert all(np.isfinite(v) for v in stats.values()), stats
     head.table.refresh(model, head.collator, progress=False)
     after_reward = recpo.mean_reward(model, head, rows, run.recpo, reasoning=False, device="cpu")
-    after_scores = head.table.scores(recpo.user_states(model, head, rows, reasoning=False, batch_size=4, device="cpu"), head.tau)
+    after_scores = head.table.scores(
+        recpo.user_states(model, head, rows, reasoning=False, batch_size=4, device="cpu"), head.tau
+    )
     after_lora = _lora(model)
     moved = [n for n in before_lora if not torch.equal(before_lora[n], after_lora[n])]
-    assert len(moved) > len(before_lora) // 2, f"only {len(moved)} of {len(before_lora)} LoRA tensors changed"
+    assert len(moved) > len(before_lora) // 2, (
+        f"only {len(moved)} of {len(before_lora)} LoRA tensors changed"
+    )
     assert (after_scores - before_scores).abs().max() > 1e-3
     print(f"mean fused reward {before_reward:.4f} -> {after_reward:.4f}")
     assert after_reward > before_reward + 0.05, (before_reward, after_reward)
@@ -100,10 +133,20 @@ def test_warmup_item_head_beats_popularity_on_full_protocol(tiny_recipe) -> None
     from datasets import load_from_disk
 
     from hanorec.baselines import MostPopular
-    from hanorec.data.known import known_sequences
+    from hanorec.data.known import known_items, known_sequences
+    from hanorec.metrics import PROTOCOL_KS, full_ranking
 
-    path = tiny_recipe("tiny-llava", recpo={**RL, "recpo_warmup_steps": 25, "max_steps": 25, "max_train_examples": 0,
-                                            "per_device_batch_size": 8, "recpo_eval_reasoning": False})
+    path = tiny_recipe(
+        "tiny-llava",
+        recpo={
+            **RL,
+            "recpo_warmup_steps": 25,
+            "max_steps": 25,
+            "max_train_examples": 0,
+            "per_device_batch_size": 8,
+            "recpo_eval_reasoning": False,
+        },
+    )
     final = recpo.main(["--config", str(path)])
     summary = json.loads((final.parent / "summary.json").read_text())
     run = recipe.parse(recpo.RecPORun, ["--config", str(path)], prog="t", description="")
@@ -111,9 +154,12 @@ def test_warmup_item_head_beats_popularity_on_full_protocol(tiny_recipe) -> None
     catalog = load_catalog(run.data, prepared)
     rows = load_rows(prepared, ["full"], "test")
     popularity = np.asarray(load_from_disk(str(prepared / "items"))["popularity"], dtype=float)
-    scores = MostPopular().fit_counts(popularity).score([[] for _ in rows], None, mask_history=False)
-    targets, masked = recpo.known_items(rows, catalog, known_sequences(prepared, "test")[0])
-    pop = recpo.full_metrics(np.asarray(scores, dtype=float), targets, masked)
+    scores = (
+        MostPopular().fit_counts(popularity).score([[] for _ in rows], None, mask_history=False)
+    )
+    targets = [catalog.position(r["target"]) for r in rows]
+    masked = known_items(rows, known_sequences(prepared, "test")[0], catalog.position)
+    pop = full_ranking(np.asarray(scores, dtype=float), targets, masked, PROTOCOL_KS["full"])
     r2ec = summary["metrics"]["NDCG@10"]["mean"]
     print(f"warm-up NDCG@10 {r2ec:.4f} vs most-popular {float(pop['NDCG@10'].mean()):.4f}")
     assert r2ec > float(pop["NDCG@10"].mean()) + 0.05, (r2ec, float(pop["NDCG@10"].mean()))
@@ -124,19 +170,47 @@ def test_recpo_end_to_end_writes_metrics_summary_and_report(tiny_recipe) -> None
     statistics (reward, advantage std, surrogate and item loss, trace length, H_V refresh time),
     summary.json the full-protocol metrics with intervals and both per-user timings, per-user
     JSONL one line per test user, report.md the table; the adapter loads back."""
-    path = tiny_recipe("tiny-llava", recpo={**RL, "recpo_warmup_steps": 2, "max_steps": 4, "max_train_examples": 16,
-                                            "num_traces": 2, "save_every": 2, "recpo_eval_users": 6})
+    path = tiny_recipe(
+        "tiny-llava",
+        recpo={
+            **RL,
+            "recpo_warmup_steps": 2,
+            "max_steps": 4,
+            "max_train_examples": 16,
+            "num_traces": 2,
+            "save_every": 2,
+            "recpo_eval_users": 6,
+        },
+    )
     final = recpo.main(["--config", str(path)])
     out = final.parent
     logged = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     rl = logged[2]
-    for key in ("train/reward_mean", "train/advantage_std", "train/surrogate_loss", "train/item_loss", "train/trace_length", "train/hv_refresh_seconds"):
+    for key in (
+        "train/reward_mean",
+        "train/advantage_std",
+        "train/surrogate_loss",
+        "train/item_loss",
+        "train/trace_length",
+        "train/hv_refresh_seconds",
+    ):
         assert key in rl and np.isfinite(rl[key]), key
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["metrics"]) >= {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
-    assert summary["metrics"]["HR@20"]["low"] <= summary["metrics"]["HR@20"]["mean"] <= summary["metrics"]["HR@20"]["high"]
-    assert all(summary["timing"][k] > 0 for k in ("head_seconds_per_user", "head_only_seconds_per_user", "title_generation_seconds_per_user"))
+    assert (
+        summary["metrics"]["HR@20"]["low"]
+        <= summary["metrics"]["HR@20"]["mean"]
+        <= summary["metrics"]["HR@20"]["high"]
+    )
+    assert all(
+        summary["timing"][k] > 0
+        for k in (
+            "head_seconds_per_user",
+            "head_only_seconds_per_user",
+            "title_generation_seconds_per_user",
+        )
+    )
     assert len((out / "per_user" / "full.jsonl").read_text().splitlines()) == 6
     assert "HR@10" in (out / "report.md").read_text()
     assert (out / "checkpoint-4").is_dir() and (final / "hanorec.json").is_file()
@@ -153,7 +227,16 @@ def test_recpo_starts_from_an_sft_checkpoint(tiny_recipe, tiny_sft) -> None:
     """recpo_init_checkpoint = an SFT final folder: the SFT adapter is merged, a fresh LoRA
     trains, and the exported adapter names the SFT folder as its parent (load_trained chain)."""
     sft_final = tiny_sft("tiny-llava")
-    path = tiny_recipe("tiny-llava", recpo={**RL, "recpo_init_checkpoint": str(sft_final), "recpo_warmup_steps": 1,
-                                            "max_steps": 1, "recpo_eval_users": 2, "recpo_eval_reasoning": False})
+    path = tiny_recipe(
+        "tiny-llava",
+        recpo={
+            **RL,
+            "recpo_init_checkpoint": str(sft_final),
+            "recpo_warmup_steps": 1,
+            "max_steps": 1,
+            "recpo_eval_users": 2,
+            "recpo_eval_reasoning": False,
+        },
+    )
     final = recpo.main(["--config", str(path)])
     assert json.loads((final / "hanorec.json").read_text())["parent"] == str(sft_final)

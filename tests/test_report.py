@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hanorec.report import load_training_log, write_report
-from hanorec.report import main as report_main
+from hanorec.report.__main__ import main as report_main
 
 
 def _write_log(run_dir):
@@ -69,7 +69,8 @@ def test_curve_panels_skip_bookkeeping_and_give_lr_its_own_axis(tmp_path):
 
 
 def test_report_without_log_or_comparison(tmp_path):
-    path = write_report(tmp_path, title="Only metrics", metrics_tables={"run": {"MRR": (0.5, 0.4, 0.6)}})
+    path = write_report(tmp_path, title="Only metrics",
+                        metrics_tables={"run": {"MRR": (0.5, 0.4, 0.6)}})
     text = path.read_text()
     assert "Training curves" not in text and "Paired comparison" not in text
     assert "| MRR | 0.5000 [0.4000, 0.6000] |" in text

@@ -17,12 +17,27 @@ def _metric(mean, low, high):
 def test_summary_reads_every_stage_and_writes_plots(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "eval" / "sft").mkdir(parents=True)
-    (run / "eval" / "sft" / "summary.json").write_text(json.dumps({"metrics": {"candidates/HR@1": _metric(0.25, 0.2, 0.3), "hit1/AUC": _metric(0.61, 0.55, 0.66)}}))
-    (run / "eval" / "sft" / "comparison.md").write_text("# a vs b\n\n| protocol | metric |\n|---|---|\n| candidates | HR@1 |\n")
+    (run / "eval" / "sft" / "summary.json").write_text(
+        json.dumps(
+            {
+                "metrics": {
+                    "candidates/HR@1": _metric(0.25, 0.2, 0.3),
+                    "hit1/AUC": _metric(0.61, 0.55, 0.66),
+                }
+            }
+        )
+    )
+    (run / "eval" / "sft"
+     / "comparison.md").write_text("# a vs b\n\n| protocol | metric |\n|---|---|\n| candidates "
+                                   "| HR@1 |\n")
     (run / "baselines" / "sasrec").mkdir(parents=True)
-    (run / "baselines" / "sasrec" / "summary.json").write_text(json.dumps({"model": "sasrec", "protocol": "candidates", "metrics": {"HR@1": _metric(0.42, 0.39, 0.45)}}))
+    (run / "baselines" / "sasrec"
+     / "summary.json").write_text(json.dumps({"model": "sasrec", "protocol": "candidates",
+                                              "metrics": {"HR@1": _metric(0.42, 0.39, 0.45)}}))
     (run / "sft").mkdir()
-    (run / "sft" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
+    (run / "sft"
+     / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 2.0 / s}) + "\n"
+                                           for s in (1, 2, 3)))
 
     tables = collect_tables(run)
     assert tables["SASRec"]["candidates/HR@1"] == (0.42, 0.39, 0.45)

@@ -1,4 +1,5 @@
-"""Loop plumbing: data order, schedule, atomic checkpoints, exact RNG/optimizer restore, metrics log."""
+"""Loop plumbing: data order, schedule, atomic checkpoints, exact RNG/optimizer restore, metrics
+log."""
 
 from __future__ import annotations
 
@@ -15,16 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from hanorec.checkpoints import CheckpointManager, LoopPosition, rng_state, set_rng_state
 from hanorec.training import (
-    CheckpointManager,
     EarlyStopping,
     EpochBatches,
-    LoopPosition,
     MetricsLogger,
     cosine_with_warmup,
     read_metrics,
-    rng_state,
-    set_rng_state,
 )
 
 
@@ -88,7 +86,8 @@ def _tiny_training_state():
 def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path):
     model, opt, sched = _tiny_training_state()
     manager = CheckpointManager(tmp_path, keep=2)
-    path = manager.save(model, opt, sched, LoopPosition(step=3, epoch=1, batch_in_epoch=2, extra={"best": 1.5}))
+    path = manager.save(model, opt, sched,
+                        LoopPosition(step=3, epoch=1, batch_in_epoch=2, extra={"best": 1.5}))
     assert path.name == "checkpoint-3" and (path / "trainable.safetensors").is_file()
     expected_next = torch.rand(3)
 
@@ -99,7 +98,8 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path
             p.add_(1.0)
     pos = CheckpointManager.load(path, fresh, fresh_opt, fresh_sched)
     assert (pos.step, pos.epoch, pos.batch_in_epoch, pos.extra) == (3, 1, 2, {"best": 1.5})
-    assert torch.equal(fresh[1].weight, model[1].weight) and torch.equal(fresh[0].bias, model[0].bias)
+    assert torch.equal(fresh[1].weight,
+                       model[1].weight) and torch.equal(fresh[0].bias, model[0].bias)
     assert not torch.equal(fresh[0].weight, model[0].weight)  # frozen: not in the checkpoint
     assert fresh_sched.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
     s_new, s_old = fresh_opt.state_dict()["state"], opt.state_dict()["state"]
@@ -131,7 +131,7 @@ def test_killed_save_never_replaces_the_last_good_checkpoint(tmp_path):
         f"""
         import sys, time, torch
         sys.path.insert(0, {os.getcwd()!r})
-        from hanorec.training import CheckpointManager, LoopPosition
+        from hanorec.checkpoints import CheckpointManager, LoopPosition
         model = torch.nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         manager = CheckpointManager({str(tmp_path)!r})

@@ -29,7 +29,8 @@ def _dataset(with_hardness: bool = True) -> Dataset:
     """4 pairs, one image each; prompts of different lengths (padding is exercised)."""
     rows = {
         "images": [[Image.new("RGB", (40, 48), (40 * k, 200 - 40 * k, 90))] for k in range(4)],
-        "prompt": [f"<image>History: {'Title 1, ' * k}Title {k}. Which movie next?" for k in range(4)],
+        "prompt": [f"<image>History: {'Title 1, ' * k}Title {k}. Which movie next?"
+                   for k in range(4)],
         "chosen": [f" Title {k + 1} (199{k})" for k in range(4)],
         "rejected": [f" Title {k + 5}" for k in range(4)],
     }
@@ -52,11 +53,14 @@ def _trainer(folder, tmp_path, dataset=None, **options) -> HaNoRecDPOTrainer:
             param.add_(0.05 * torch.randn_like(param))
     settings = {"beta": 0.5, "hardness": "dynamic", "noise_std": 0.0, **options}
     args = HaNoRecDPOConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
-        learning_rate=1e-3, report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, seed=0, **settings,
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-3, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+        disable_tqdm=True, seed=0, **settings,
     )
     processor = AutoProcessor.from_pretrained(folder)
-    return HaNoRecDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset or _dataset(), processing_class=processor)
+    return HaNoRecDPOTrainer(model=model, ref_model=ref, args=args,
+                             train_dataset=dataset or _dataset(), processing_class=processor)
 
 
 @pytest.fixture
@@ -69,7 +73,8 @@ def _full_batch(trainer: HaNoRecDPOTrainer) -> dict:
 
 
 def _as_hanorec(batch: dict) -> tuple[dict, torch.Tensor]:
-    """TRL's ``[chosen rows; rejected rows]`` batch → hanorec's prompt batch and ``[B, 2, R]`` responses."""
+    """TRL's ``[chosen rows; rejected rows]`` batch → hanorec's prompt batch and ``[B, 2, R]``
+    responses."""
     size = batch["hardness"].shape[0]
     ids, completion = batch["input_ids"], batch["completion_mask"].bool()
     prompt_mask = batch["attention_mask"].bool() & ~completion
@@ -87,8 +92,10 @@ def _as_hanorec(batch: dict) -> tuple[dict, torch.Tensor]:
     return prompts, torch.stack([padded[:size], padded[size:]], dim=1)
 
 
-def _hanorec_loss(trainer: HaNoRecDPOTrainer, batch: dict, loss: str, hardness: str, **extra) -> float:
-    run = DPORun(dpo=DPOConfig(loss=loss, beta=trainer.beta, hardness=hardness, noise="none", reference="frozen", forward_mode="duplicate", **extra))
+def _hanorec_loss(trainer: HaNoRecDPOTrainer, batch: dict, loss: str, hardness: str,
+                  **extra) -> float:
+    run = DPORun(dpo=DPOConfig(loss=loss, beta=trainer.beta, hardness=hardness, noise="none",
+                               reference="frozen", forward_mode="duplicate", **extra))
     prompts, responses = _as_hanorec(batch)
     reference = trainer.ref_model
 
@@ -99,7 +106,8 @@ def _hanorec_loss(trainer: HaNoRecDPOTrainer, batch: dict, loss: str, hardness: 
         def __exit__(self, *exc):
             return False
 
-    out = preference_step(trainer.model, _Reference, prompts, responses, None, batch["hardness"], run, trainer.accelerator, None)
+    out = preference_step(trainer.model, _Reference, prompts, responses, None, batch["hardness"],
+                          run, trainer.accelerator, None)
     return float(out.loss.detach())
 
 
@@ -182,7 +190,8 @@ def test_unsupported_trl_version_is_an_import_error(monkeypatch):
     import trl
 
     monkeypatch.setattr(trl, "__version__", "1.15.0")
-    with pytest.raises(ImportError, match=r'supports TRL >=1\.16\.0,<1\.17.*pip install "hanorec\[trl\]"'):
+    with pytest.raises(ImportError,
+                       match=r'supports TRL >=1\.16\.0,<1\.17.*pip install "hanorec\[trl\]"'):
         hanorec_trl._require_trl()
 
 
@@ -195,8 +204,10 @@ def test_text_only_pairs_with_precomputed_reference(llava, tmp_path):
 
     tokenizer = AutoProcessor.from_pretrained(llava).tokenizer
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=tokenizer.pad_token_id))
     pairs = Dataset.from_dict({
         "prompt": [f"History: Title {k}. Next?" for k in range(4)],
         "chosen": [f" Title {k + 1}" for k in range(4)],
@@ -204,10 +215,13 @@ def test_text_only_pairs_with_precomputed_reference(llava, tmp_path):
         "hardness": HARDNESS,
     })
     args = HaNoRecDPOConfig(
-        output_dir=str(tmp_path / "text"), per_device_train_batch_size=4, max_steps=2, logging_steps=1, learning_rate=1e-2,
-        report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, precompute_ref_log_probs=True, noise_std=0.0,
+        output_dir=str(tmp_path / "text"), per_device_train_batch_size=4, max_steps=2,
+        logging_steps=1, learning_rate=1e-2,
+        report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+        precompute_ref_log_probs=True, noise_std=0.0,
     )
-    trainer = HaNoRecDPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer = HaNoRecDPOTrainer(model=model, args=args, train_dataset=pairs,
+                                processing_class=tokenizer)
     trainer.train()
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-5

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m hanorec.baselines --prepared-dir data/prepared --protocol candidates --out runs/baselines
+    python -m hanorec.baselines --prepared-dir data/prepared --protocol candidates \\
+        --out runs/baselines
 
 Reads the prepared ``datasets`` of ``docs/architecture.md`` (``items/`` and
 ``<protocol>/{train,validation,test}``) and writes, per model, ``OUT/<model>/per_user.jsonl``
@@ -50,11 +51,10 @@ from hanorec.data.known import (  # noqa: F401  (re-exported for callers of the 
     test_inputs,
     training_sequences,
 )
-from hanorec.metrics import history_mask, ranking_metrics, roc_auc, target_ranks
-from hanorec.report import write_report
+from hanorec.metrics import PROTOCOL_KS, history_mask, ranking_metrics, roc_auc, target_ranks
+from hanorec.report import try_write_report
 from hanorec.stats import bootstrap_auc, compare_runs, summarize
 
-PROTOCOL_KS = {"candidates": (1, 5, 10), "hit3": (1, 3), "full": (5, 10, 20)}
 SELECTION_METRIC = {"candidates": "NDCG@10", "hit3": "NDCG@3", "full": "NDCG@10", "hit1": "AUC"}
 
 
@@ -69,7 +69,8 @@ def score_split(model: MostPopular | SASRec, split: SplitArrays, protocol: str) 
     return model.score(split.model_inputs, split.candidates)
 
 
-def per_user_metrics(scores: np.ndarray, split: SplitArrays, protocol: str) -> dict[str, np.ndarray]:
+def per_user_metrics(scores: np.ndarray, split: SplitArrays,
+                     protocol: str) -> dict[str, np.ndarray]:
     """Per-user metric arrays for one protocol (hit1: the score and label per user)."""
     if protocol == "hit1":
         return {"score": scores, "label": split.labels.astype(np.float64)}
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.models:
         start = time.perf_counter()
         if name == "popularity":
-            model: MostPopular | SASRec = (MostPopular().fit_counts(popularity) if popularity is not None
+            model: MostPopular | SASRec = (MostPopular().fit_counts(popularity)
+                                           if popularity is not None
                                            else MostPopular().fit(sequences, len(item_ids)))
         else:
             model = SASRec(config).fit(sequences, len(item_ids),
@@ -163,22 +165,25 @@ def _compare_and_report(out: Path, protocol: str, results: dict[str, Any],
             row.update(run_a="sasrec", run_b="popularity")
         (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     tables = {name: summary["metrics"] for name, summary in results.items()}
-    try:
-        path = write_report(out, title=f"Baselines on the {protocol} protocol",
+    path = try_write_report(out, title=f"Baselines on the {protocol} protocol",
                             metrics_tables=tables, compare_runs=rows)
+    if path is not None:  # without matplotlib the JSON outputs are still written
         print(f"report: {path}")
-    except ImportError as error:  # matplotlib missing: the JSON outputs are still written
-        print(f"report skipped: {error}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m hanorec.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prepared-dir", required=True, help="Output dir of `python -m hanorec.data prepare`.")
-    parser.add_argument("--protocol", default="candidates", choices=["candidates", "hit3", "full", "hit1"])
-    parser.add_argument("--out", required=True, help="Directory for per-user metrics, summaries, report.")
-    parser.add_argument("--models", nargs="+", default=["popularity", "sasrec"], choices=["popularity", "sasrec"])
-    parser.add_argument("--n-resamples", type=int, default=1000, help="Bootstrap resamples over users.")
+    parser.add_argument("--prepared-dir", required=True,
+                        help="Output dir of `python -m hanorec.data prepare`.")
+    parser.add_argument("--protocol", default="candidates",
+                        choices=["candidates", "hit3", "full", "hit1"])
+    parser.add_argument("--out", required=True,
+                        help="Directory for per-user metrics, summaries, report.")
+    parser.add_argument("--models", nargs="+", default=["popularity", "sasrec"],
+                        choices=["popularity", "sasrec"])
+    parser.add_argument("--n-resamples", type=int, default=1000,
+                        help="Bootstrap resamples over users.")
     parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
     group = parser.add_argument_group("sasrec")
     for f in fields(SASRecConfig):

@@ -44,19 +44,30 @@ __all__ = ["SASRec", "SASRecConfig", "SASRecModel"]
 class SASRecConfig:
     """Hyper-parameters of the SASRec baseline (defaults follow Kang & McAuley, 2018, §IV-A)."""
 
-    sasrec_hidden_size: int = field(default=64, metadata={"help": "Embedding/hidden size d (paper: 50)."})
-    sasrec_num_blocks: int = field(default=2, metadata={"help": "Self-attention blocks L (paper: 2)."})
+    sasrec_hidden_size: int = field(default=64, metadata={
+        "help": "Embedding/hidden size d (paper: 50)."})
+    sasrec_num_blocks: int = field(default=2, metadata={
+        "help": "Self-attention blocks L (paper: 2)."})
     sasrec_num_heads: int = field(default=1, metadata={"help": "Attention heads (paper: 1)."})
-    sasrec_dropout: float = field(default=0.2, metadata={"help": "Dropout rate (paper: 0.2 on ML-1M, 0.5 on sparse data)."})
-    sasrec_max_len: int = field(default=50, metadata={"help": "Maximum sequence length n (paper: 200 on ML-1M, 50 otherwise)."})
+    sasrec_dropout: float = field(default=0.2, metadata={
+        "help": "Dropout rate (paper: 0.2 on ML-1M, 0.5 on sparse data)."})
+    sasrec_max_len: int = field(default=50, metadata={
+        "help": "Maximum sequence length n (paper: 200 on ML-1M, 50 otherwise)."})
     sasrec_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (paper: 0.001)."})
     sasrec_weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (L2)."})
-    sasrec_batch_size: int = field(default=128, metadata={"help": "Users per training batch (paper: 128)."})
-    sasrec_epochs: int = field(default=200, metadata={"help": "Maximum training epochs over all users."})
-    sasrec_eval_every: int = field(default=10, metadata={"help": "Epochs between validation checks (model selection)."})
-    sasrec_patience: int = field(default=5, metadata={"help": "Validation checks without improvement before stopping."})
-    sasrec_seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling, dropout and negatives."})
-    sasrec_num_threads: int = field(default=2, metadata={"help": "torch CPU threads while training/scoring (2 cores here; use 1 when other jobs share the CPU: oversubscribed threads were 6x slower)."})
+    sasrec_batch_size: int = field(default=128, metadata={
+        "help": "Users per training batch (paper: 128)."})
+    sasrec_epochs: int = field(default=200, metadata={
+        "help": "Maximum training epochs over all users."})
+    sasrec_eval_every: int = field(default=10, metadata={
+        "help": "Epochs between validation checks (model selection)."})
+    sasrec_patience: int = field(default=5, metadata={
+        "help": "Validation checks without improvement before stopping."})
+    sasrec_seed: int = field(default=0, metadata={
+        "help": "Seed for initialisation, shuffling, dropout and negatives."})
+    sasrec_num_threads: int = field(default=2, metadata={
+        "help": "torch CPU threads while training/scoring (2 cores here; use 1 when other jobs "
+                "share the CPU: oversubscribed threads were 6x slower)."})
 
 
 class _Block(nn.Module):
@@ -65,7 +76,8 @@ class _Block(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
         if hidden % heads:
-            raise ValueError(f"sasrec_hidden_size {hidden} is not divisible by sasrec_num_heads {heads}")
+            raise ValueError(f"sasrec_hidden_size {hidden} is not divisible by sasrec_num_heads "
+                             f"{heads}")
         self.heads = heads
         self.dropout = dropout
         self.attn_norm = nn.LayerNorm(hidden, eps=1e-8)
@@ -215,8 +227,10 @@ class SASRec:
             pos_logits = (hidden * self.model.item_emb(positives)).sum(-1)
             neg_logits = (hidden * self.model.item_emb(negatives)).sum(-1)
             real = positives != 0
-            loss = (F.binary_cross_entropy_with_logits(pos_logits[real], torch.ones_like(pos_logits[real]))
-                    + F.binary_cross_entropy_with_logits(neg_logits[real], torch.zeros_like(neg_logits[real])))
+            loss = (F.binary_cross_entropy_with_logits(pos_logits[real],
+                                                       torch.ones_like(pos_logits[real]))
+                    + F.binary_cross_entropy_with_logits(neg_logits[real],
+                                                         torch.zeros_like(neg_logits[real])))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -279,7 +293,8 @@ class SASRec:
         for epoch in range(1, cfg.sasrec_epochs + 1):
             loss = self._epoch(sequences, optimizer, generator)
             record = {"epoch": epoch, "train/loss": loss, "seconds": time.perf_counter() - start}
-            if validate is not None and (epoch % cfg.sasrec_eval_every == 0 or epoch == cfg.sasrec_epochs):
+            if validate is not None and (epoch % cfg.sasrec_eval_every == 0
+                                         or epoch == cfg.sasrec_epochs):
                 score = float(validate(self))
                 record["eval/score"] = score
                 if score > best_score:

@@ -38,9 +38,8 @@ def _posters(config: DataConfig, out_dir: str | None = None, workers: int = 2) -
 
 
 def _show(config: DataConfig, args: argparse.Namespace) -> None:
-    import datasets
-
     from hanorec.data.catalog import Catalog
+    from hanorec.data.prepared import read_protocol
     from hanorec.data.prompts import build_prompt, plain_text, response_text
 
     output = config.path(config.output_dir)
@@ -48,7 +47,7 @@ def _show(config: DataConfig, args: argparse.Namespace) -> None:
     if not folder.is_dir():
         raise ValueError(f"{folder}: protocol {args.protocol!r} is not prepared here; run "
                          "`python -m hanorec.data prepare` with it in data.protocols")
-    rows = datasets.load_from_disk(str(folder))[args.split]
+    rows = read_protocol(output, args.protocol, splits=(args.split,))[args.split]
     if not 0 <= args.index < len(rows):
         raise ValueError(f"--index {args.index}: the {args.split} split of {args.protocol} has "
                          f"{len(rows)} rows (0 to {len(rows) - 1})")

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
-
-from hanorec.data.errors import DataFileError, read_json
 from hanorec.data.images import (
     PLACEHOLDER_FILE,
     PLACEHOLDER_IMAGE,
     PREPARED_PREFIX,
     safe_image_path,
 )
+from hanorec.data.prepared import read_items, read_manifest
 
 
 class Catalog:
@@ -31,7 +29,8 @@ class Catalog:
             are relative to.
     """
 
-    def __init__(self, item_ids: list[str], titles: list[str], images: list[str | None] | None = None,
+    def __init__(self, item_ids: list[str], titles: list[str],
+                 images: list[str | None] | None = None,
                  image_root: str | Path | None = None, placeholder: str | Path | None = None,
                  item_noun: str = "item", genres: list[list[str]] | None = None,
                  prepared_dir: str | Path | None = None) -> None:
@@ -45,18 +44,12 @@ class Catalog:
         self.index = {item_id: i for i, item_id in enumerate(self.item_ids)}
 
     @classmethod
-    def from_prepared(cls, prepared_dir: str | Path, image_root: str | Path | None = None) -> Catalog:
+    def from_prepared(cls, prepared_dir: str | Path,
+                      image_root: str | Path | None = None) -> Catalog:
         """Load ``items/`` (image root and noun from ``manifest.json`` unless overridden)."""
         prepared = Path(prepared_dir)
-        if not (prepared / "items").is_dir():
-            raise DataFileError(prepared, None, "not a prepared data folder (no items/); run "
-                                "`python -m hanorec.data prepare` or `hanorec.data.mmsafe convert`")
-        items = datasets.load_from_disk(str(prepared / "items"))
-        manifest_path = prepared / "manifest.json"
-        manifest = read_json(manifest_path) if manifest_path.is_file() else {}
-        if not isinstance(manifest, dict):
-            raise DataFileError(manifest_path, None, "expected a JSON object; prepare again")
-        columns = items.to_dict()
+        columns = read_items(prepared).to_dict()
+        manifest = read_manifest(prepared)
         return cls(columns["item_id"], columns["title"], columns["image"],
                    image_root if image_root is not None else manifest.get("image_root"),
                    prepared / PLACEHOLDER_FILE, manifest.get("item_noun", "item"),

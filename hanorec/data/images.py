@@ -58,7 +58,8 @@ def safe_image_path(root: str | Path, relative: str) -> Path:
         UnsafeImagePathError: Absolute path, a ``..`` component, or a symlink pointing out.
     """
     text = str(relative).replace("\\", "/")
-    if not text or text.startswith("/") or os.path.isabs(text) or (len(text) > 1 and text[1] == ":"):
+    if not text or text.startswith("/") or os.path.isabs(text) or (len(text) > 1
+                                                                   and text[1] == ":"):
         raise UnsafeImagePathError(f"image path {relative!r} must be relative to {root}")
     if ".." in text.split("/"):
         raise UnsafeImagePathError(f"image path {relative!r} must not contain '..'")

@@ -16,12 +16,14 @@ Item ids become 0-based catalogue indices (row ``i`` of ``items/``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hanorec.data.prepared import read_items, read_protocol
 
 #: Protocols whose rows can rebuild the sequences (every protocol shares the split's targets).
 REBUILD_PROTOCOLS = ("full", "candidates", "hit3", "hit1")
@@ -114,7 +116,8 @@ def training_sequences(train_rows: Sequence[dict[str, Any]], valid: SplitArrays,
     return sequences, fallbacks
 
 
-def test_inputs(sequences: list[list[int]], valid: SplitArrays, test: SplitArrays) -> list[list[int]]:
+def test_inputs(sequences: list[list[int]], valid: SplitArrays,
+                test: SplitArrays) -> list[list[int]]:
     """Training sequence + validation target per test user (the row history if it disagrees)."""
     position = {user: u for u, user in enumerate(valid.user_ids)}
     inputs = []
@@ -127,15 +130,10 @@ def test_inputs(sequences: list[list[int]], valid: SplitArrays, test: SplitArray
 
 def load_prepared(prepared_dir: Path, protocol: str) -> tuple[list[str], np.ndarray | None, dict]:
     """Item ids, the popularity column (or None) and the protocol's splits as row lists."""
-    from datasets import load_from_disk
-
-    items = load_from_disk(str(prepared_dir / "items"))
+    items = read_items(prepared_dir)
     item_ids = [str(i) for i in items["item_id"]]
     popularity = np.asarray(items["popularity"]) if "popularity" in items.column_names else None
-    splits = load_from_disk(str(prepared_dir / protocol))
-    for name in ("validation", "test"):
-        if name not in splits:
-            raise ValueError(f"{prepared_dir / protocol}: missing split {name!r}")
+    splits = read_protocol(prepared_dir, protocol, splits=("validation", "test"))
     names = [name for name in ("train", "validation", "test") if name in splits]
     return item_ids, popularity, {name: splits[name].to_list() for name in names}
 
@@ -145,10 +143,12 @@ def prepared_protocol(prepared_dir: Path) -> str:
     for protocol in REBUILD_PROTOCOLS:
         if (Path(prepared_dir) / protocol).is_dir():
             return protocol
-    raise ValueError(f"{prepared_dir}: no prepared protocol folder ({', '.join(REBUILD_PROTOCOLS)})")
+    raise ValueError(f"{prepared_dir}: no prepared protocol folder "
+                     f"({', '.join(REBUILD_PROTOCOLS)})")
 
 
-def known_sequences(prepared: Path, split: str, protocol: str | None = None) -> tuple[dict[str, list[int]], int]:
+def known_sequences(prepared: Path, split: str,
+                    protocol: str | None = None) -> tuple[dict[str, list[int]], int]:
     """Each user's item indices before the ``split`` target, rebuilt from the train rows.
 
     validation → the training sequence; test → training sequence + validation target.
@@ -166,3 +166,17 @@ def known_sequences(prepared: Path, split: str, protocol: str | None = None) -> 
         return dict(zip(valid.user_ids, sequences)), fallbacks
     test = split_arrays(rows[split], index, protocol, f"{where}/{split}")
     return dict(zip(test.user_ids, test_inputs(sequences, valid, test))), fallbacks
+
+
+def known_items(rows: Sequence[Mapping[str, Any]], sequences: Mapping[str, list[int]],
+                position: Callable[[str], int]) -> list[list[int]]:
+    """The items a full-catalogue ranking masks for each row: the user's known sequence (from
+    :func:`known_sequences`), or the row's own ``history`` when it could not be rebuilt.
+
+    Args:
+        rows: Prepared rows (``user_id``, ``history``).
+        sequences: ``{user_id: item indices}`` of :func:`known_sequences`.
+        position: Item id → catalogue index (``Catalog.position``).
+    """
+    return [sequences.get(str(row["user_id"])) or [position(i) for i in row["history"]]
+            for row in rows]

@@ -73,13 +73,15 @@ def _load_raw(path: Path) -> list[dict[str, Any]]:
         except (pyarrow.ArrowException, OSError, ValueError) as err:
             raise DataFileError(path, None, f"not a readable Parquet file ({err})") from None
     if path.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r} (use .json, .jsonl or .parquet)")
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r} (use .json, .jsonl or "
+                         ".parquet)")
     text = read_text(path, "utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataFileError(path, err.lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
+            raise DataFileError(path, err.lineno,
+                                f"invalid JSON: {err.msg} (column {err.colno})") from None
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -117,7 +119,7 @@ def _check_image(full: Path, path: Path, number: int, max_pixels: int) -> None:
 
 def validate_row(row: Mapping[str, Any], path: Path, number: int, image_root: Path, *,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Check one row (see the module docstring); raise :class:`MMSafeRowError` on the first fault."""
+    """Check one row (module docstring); raise :class:`MMSafeRowError` on the first fault."""
     for name in REQUIRED_FIELDS:
         if name not in row:
             raise MMSafeRowError(path, number, "missing field", name)
@@ -128,10 +130,12 @@ def validate_row(row: Mapping[str, Any], path: Path, number: int, image_root: Pa
     rejected = row["rejected"]
     if not isinstance(rejected, (str, list)) or not rejected_list(rejected) or not all(
             isinstance(r, str) and r.strip() for r in rejected_list(rejected)):
-        raise MMSafeRowError(path, number, "must be non-empty text or a non-empty list of texts", "rejected")
+        raise MMSafeRowError(path, number, "must be non-empty text or a non-empty list of texts",
+                             "rejected")
     images = row["image"]
     if images is not None and not isinstance(images, (str, list)):
-        raise MMSafeRowError(path, number, f"expected a path or a list of paths, got {images!r}", "image")
+        raise MMSafeRowError(path, number, f"expected a path or a list of paths, got {images!r}",
+                             "image")
     for relative in image_list(images):
         if not isinstance(relative, str) or not relative.strip():
             raise MMSafeRowError(path, number, f"expected a path, got {relative!r:.60}", "image")
@@ -177,7 +181,7 @@ def read_mmsafe(path: str | Path, image_root: str | Path, *,
 
 
 def write_mmsafe(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write rows in the MMSafe-PO format (by extension: ``.json`` list, ``.jsonl``, ``.parquet``)."""
+    """Write rows in the MMSafe-PO format (by extension: ``.json``, ``.jsonl``, ``.parquet``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -187,11 +191,13 @@ def write_mmsafe(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         except (TypeError, pyarrow.ArrowInvalid) as err:  # e.g. `image` mixing paths and lists
             raise ValueError(f"{path}: Parquet needs one type per column: {err}") from err
     elif path.suffix == ".jsonl":
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                       encoding="utf-8")
     elif path.suffix == ".json":
         tmp.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1), encoding="utf-8")
     else:
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r} (use .json, .jsonl or .parquet)")
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r} (use .json, .jsonl or "
+                         ".parquet)")
     tmp.replace(path)
     return path
 
@@ -241,12 +247,18 @@ def convert_mmsafe(path: str | Path, image_root: str | Path, out_dir: str | Path
     if tmp.exists():
         shutil.rmtree(tmp)
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[: len(rows) - held]),
-                                   "validation": datasets.Dataset.from_list(rows[len(rows) - held:])})
+                                   "validation": datasets.Dataset.from_list(rows[len(rows)
+                                                                                 - held:])})
     splits.save_to_disk(str(tmp / "pairs" / GENERAL))
     empty = {name: [] for name in ITEM_FEATURES}
-    datasets.Dataset.from_dict(empty, features=ITEM_FEATURES).save_to_disk(str(tmp / "items"), num_shards=1)  # 0 shards do not load back
-    manifest = {"format": "mmsafe-po", "source": str(Path(path).resolve()), "image_root": str(Path(image_root).resolve()),
-                "item_noun": "item", "rows": len(rows), "train": len(rows) - held, "validation": held}
+    # 0 shards do not load back
+    datasets.Dataset.from_dict(empty,
+                               features=ITEM_FEATURES).save_to_disk(str(tmp / "items"),
+                                                                    num_shards=1)
+    manifest = {"format": "mmsafe-po", "source": str(Path(path).resolve()),
+                "image_root": str(Path(image_root).resolve()),
+                "item_noun": "item", "rows": len(rows), "train": len(rows) - held,
+                "validation": held}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -259,16 +271,20 @@ def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog="python -m hanorec.data.mmsafe", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="MMSafe-PO file -> preference-data folder (pairs/general)")
+    convert = sub.add_parser("convert",
+                             help="MMSafe-PO file -> preference-data folder (pairs/general)")
     convert.add_argument("--input", required=True, help="MMSafe-PO .json / .jsonl / .parquet file")
-    convert.add_argument("--image-root", required=True, help="Folder the rows' image paths are relative to")
-    convert.add_argument("--out", required=True, help="Output folder (pass it to hanorec.dpo --preference-data)")
+    convert.add_argument("--image-root", required=True,
+                         help="Folder the rows' image paths are relative to")
+    convert.add_argument("--out", required=True,
+                         help="Output folder (pass it to hanorec.dpo --preference-data)")
     convert.add_argument("--validation-fraction", type=float, default=0.1)
     convert.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                          help="Largest image (width x height) a row may use (default: %(default)s)")
     convert.add_argument("--debug", action="store_true", help="Show the traceback of an error")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = convert_mmsafe(args.input, args.image_root, args.out, validation_fraction=args.validation_fraction,
+    out = convert_mmsafe(args.input, args.image_root, args.out,
+                         validation_fraction=args.validation_fraction,
                          max_pixels=args.max_image_pixels)
     print(f"converted {args.input} -> {out}")
     return out

@@ -64,7 +64,10 @@ def _motif(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator,
     width, height = size
     if kind == "circles":
         for _ in range(6):
-            x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(max(2, width // 22), max(3, width // 3))
+            x, y, r = rng.integers(0,
+                                   width), rng.integers(0,
+                                                        height), rng.integers(max(2, width // 22),
+                                                                              max(3, width // 3))
             draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=4)
     elif kind == "stripes":
         step = int(rng.integers(14, 30))

@@ -32,10 +32,10 @@ out its answer and which extra tokens the prompt carries.
 - ``item_tokens``: a ``<|item|>`` placeholder after each history title, candidate title and
   ``hit1`` query (LLaRA's hybrid item representation); ``user_token``: ``<|user|>`` as the
   prompt's last token, after the chat template's generation prompt (:attr:`Prompt.suffix`),
-  where the answer is read; ``image_tokens: pooled``: a ``<|poster|>`` placeholder per history image instead of
-  the image (one token, the item's pooled vision features). The collator turns the
-  placeholders into virtual token ids (:mod:`hanorec.item_tokens`); :attr:`Prompt.slots` lists
-  them in text order.
+  where the answer is read; ``image_tokens: pooled``: a ``<|poster|>`` placeholder per history image
+  instead of the image (one token, the item's pooled vision features). The collator turns the
+  placeholders into virtual token ids (:mod:`hanorec.item_tokens`); :attr:`Prompt.slots` lists them
+  in text order.
 - ``title_year: false`` drops a trailing ``(1995)`` from titles (six digit tokens in many
   tokenizers); ``title_words: N`` keeps the first N words; ``titles: false`` shows no titles at
   all (an item is its item token: the ablation of what titles add); ``system_prompt`` replaces
@@ -52,8 +52,13 @@ from typing import Any
 
 from hanorec.data.catalog import Catalog
 from hanorec.data.images import safe_image_path
-from hanorec.item_tokens import PLACEHOLDERS
 
+#: Placeholder text of each item-token kind, registered as special tokens of the tokenizer
+#: (:func:`hanorec.item_tokens.ensure_placeholders`). A ``mention`` (a candidate, a query, an item
+#: prompt) shares the ``item`` placeholder; only ``item`` tokens (the history) feed the user
+#: token's recommender state.
+PLACEHOLDERS: dict[str, str] = {"item": "<|item|>", "mention": "<|item|>", "poster": "<|poster|>",
+                                "user": "<|user|>"}
 ANSWER_MODES = ("title", "index", "head")
 IMAGE_TOKEN_MODES = ("full", "pooled")
 #: Index labels, one token each in common tokenizers (checked by the collator).
@@ -99,14 +104,17 @@ class PromptStyle:
 
     def __post_init__(self) -> None:
         if not self.titles and (self.answer == "title" or not self.item_tokens):
-            raise ValueError("prompt.titles: false needs item_tokens (an item is then only its token) and an "
+            raise ValueError("prompt.titles: false needs item_tokens (an item is then only its "
+                             "token) and an "
                              "index or head answer (a title answer needs titles)")
         if self.answer not in ANSWER_MODES:
             raise ValueError(f"prompt.answer must be one of {ANSWER_MODES}, got {self.answer!r}")
         if self.image_tokens not in IMAGE_TOKEN_MODES:
-            raise ValueError(f"prompt.image_tokens must be one of {IMAGE_TOKEN_MODES}, got {self.image_tokens!r}")
+            raise ValueError(f"prompt.image_tokens must be one of {IMAGE_TOKEN_MODES}, got "
+                             f"{self.image_tokens!r}")
         if self.user_token and not self.item_tokens:
-            raise ValueError("prompt.user_token needs prompt.item_tokens: the user token is the recommender's "
+            raise ValueError("prompt.user_token needs prompt.item_tokens: the user token is the "
+                             "recommender's "
                              "state over the history's item tokens")
         if self.title_words < 0:
             raise ValueError(f"prompt.title_words must be >= 0, got {self.title_words}")
@@ -162,7 +170,8 @@ class _Writer:
             self.content.append({"type": "image"})
             self.images.append(path)
 
-    def item(self, item_id: str, prefix: str = "", suffix: str = "\n", kind: str = "mention") -> None:
+    def item(self, item_id: str, prefix: str = "", suffix: str = "\n",
+             kind: str = "mention") -> None:
         """``prefix"Title"<|item|>suffix`` (the item token only when the style has them, the
         title only when it shows titles); ``kind`` is ``item`` for history items, ``mention``
         for candidates and queries."""
@@ -191,12 +200,14 @@ def _question(writer: _Writer, row: Mapping[str, Any], protocol: str) -> None:
     writer.text("Candidates:\n")
     candidates = list(row["candidates"])
     if style.answer == "index" and len(candidates) > len(LABELS):
-        raise ValueError(f"answer: index labels at most {len(LABELS)} candidates, the row has {len(candidates)}")
+        raise ValueError(f"answer: index labels at most {len(LABELS)} candidates, the row has "
+                         f"{len(candidates)}")
     for number, item in enumerate(candidates):
         writer.item(item, prefix=f"{LABELS[number]}. " if style.answer == "index" else "")
     what = "letter" if style.answer == "index" else "title"
     if protocol == "hit3":
-        writer.text(f"Which 3 of these {noun}s is the user most likely to {verb} next? Answer with their "
+        writer.text(f"Which 3 of these {noun}s is the user most likely to {verb} next? Answer "
+                    "with their "
                     f"{what}s, most likely first, one per line.")
     else:
         writer.text(f"Which {noun} will the user {verb} next? Answer with its {what}.")
@@ -241,7 +252,9 @@ def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, ima
     writer.close()
     messages = [{"role": "user", "content": writer.content}]
     if style.system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": style.system_prompt}]})
+        messages.insert(0,
+                        {"role": "system",
+                         "content": [{"type": "text", "text": style.system_prompt}]})
     suffix = ""
     if style.user_token:  # last, after the generation prompt: the answer position
         suffix = PLACEHOLDERS["user"]
@@ -250,7 +263,7 @@ def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, ima
 
 
 def conversation_turns(text: str) -> list[tuple[str, str]]:
-    """Split ``USER: … ASSISTANT: …`` text into ``(role, text)`` turns (roles ``user``/``assistant``).
+    """Split ``USER: … ASSISTANT: …`` text into ``(role, text)`` turns (``user``/``assistant``).
 
     Text before the first marker belongs to the first user turn; consecutive turns of one role
     are joined with a newline; a trailing empty ``ASSISTANT:`` (the generation slot) is dropped.
@@ -269,17 +282,19 @@ def conversation_turns(text: str) -> list[tuple[str, str]]:
     if turns and turns[-1] == ("assistant", ""):
         turns.pop()
     if not turns or turns[-1][0] != "user":
-        raise ValueError(f"conversation must end with a user turn (or an empty ASSISTANT:): {text[:80]!r}")
+        raise ValueError("conversation must end with a user turn (or an empty ASSISTANT:): "
+                         f"{text[:80]!r}")
     return turns
 
 
 def _general_prompt(row: Mapping[str, Any], catalog: Catalog, *, with_images: bool) -> Prompt:
-    """Chat messages of a ``general`` row (``prompt`` with ``<image>``, ``images`` relative paths)."""
+    """Chat messages of a ``general`` row (``prompt`` with ``<image>``, relative ``images``)."""
     relative = list(row.get("images") or [])
     turns = conversation_turns(row["prompt"])
     placeholders = sum(body.count(IMAGE_PLACEHOLDER) for _, body in turns)
     if placeholders > len(relative):
-        raise ValueError(f"row {row.get('user_id')!r}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(relative)} images")
+        raise ValueError(f"row {row.get('user_id')!r}: {placeholders} {IMAGE_PLACEHOLDER} "
+                         f"placeholders but {len(relative)} images")
     if relative and catalog.image_root is None:
         raise ValueError(f"row {row.get('user_id')!r} has images but the catalog has no image_root")
     paths = [safe_image_path(catalog.image_root, rel) for rel in relative]

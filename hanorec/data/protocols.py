@@ -1,4 +1,4 @@
-"""The four task protocols built on the split targets (DESIGN.md "Evaluation protocols").
+"""The four task protocols built on the split targets (``docs/methods.md``, "Evaluation protocols").
 
 - ``full``: ``user_id``, ``history``, ``target`` (full-catalogue ranking).
 - ``candidates`` / ``hit3``: plus ``candidates`` (the target and ``M - 1`` negatives,

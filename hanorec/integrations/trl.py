@@ -61,12 +61,14 @@ def _require_trl() -> None:
         import trl
     except ImportError as err:
         raise ImportError(
-            f"hanorec.integrations.trl needs TRL {SUPPORTED_TRL}, which is not installed: {_INSTALL}"
+            f"hanorec.integrations.trl needs TRL {SUPPORTED_TRL}, which is not installed: "
+            f"{_INSTALL}"
         ) from err
     if Version(trl.__version__) not in SpecifierSet(SUPPORTED_TRL):
         raise ImportError(
             f"hanorec.integrations.trl supports TRL {SUPPORTED_TRL} (its DPOTrainer internals "
-            f"change between releases); found trl {trl.__version__}. Install a supported one: {_INSTALL}"
+            f"change between releases); found trl {trl.__version__}. Install a supported one: "
+            f"{_INSTALL}"
         )
 
 
@@ -74,10 +76,18 @@ _require_trl()
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from hanorec.losses import hanorec_betas, preference_loss, responsiveness, sequence_logps  # noqa: E402
+from hanorec.losses import (  # noqa: E402
+    HARDNESS_MODES,
+    LOSSES,
+    hars_betas,
+    preference_loss,
+    preference_metrics,
+    sequence_logps,
+)
 
-HARDNESS_MODES = ("none", "static", "dynamic")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+#: The registry's pairwise losses that take a reference (TRL's batch has one rejected response
+#: per prompt, and its own reference forward): sigmoid, ipo, hinge.
+LOSS_TYPES = tuple(n for n, s in LOSSES.items() if s.pairwise and not s.reference_free)
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 
 
@@ -87,23 +97,29 @@ class HaNoRecDPOConfig(DPOConfig):
 
     hardness: str = field(
         default="dynamic",
-        metadata={"help": "HaRS (HaNoRec Sec. 4.1): none → β0; static → β0·λ_i (eq. 6); dynamic → β0·η·λ_i with the live responsiveness η (eqs. 8, 11)."},
+        metadata={"help": "HaRS (HaNoRec Sec. 4.1): none → β0; static → β0·λ_i (eq. 6); dynamic "
+                          "→ β0·η·λ_i with the live responsiveness η (eqs. 8, 11)."},
     )
     hardness_column: str = field(
         default="hardness",
-        metadata={"help": "Dataset column holding each pair's precomputed static hardness λ_i (HaNoRec eq. 6); 1.0 where absent."},
+        metadata={"help": "Dataset column holding each pair's precomputed static hardness λ_i "
+                          "(HaNoRec eq. 6); 1.0 where absent."},
     )
     noise_std: float = field(
         default=0.1,
-        metadata={"help": "σ of the NoDO Gaussian noise on the policy's completion logits in training (HaNoRec eq. 9; 0.1 in the paper, 0.05 on sparse catalogues); 0 disables it."},
+        metadata={"help": "σ of the NoDO Gaussian noise on the policy's completion logits in "
+                          "training (HaNoRec eq. 9; 0.1 in the paper, 0.05 on sparse "
+                          "catalogues); 0 disables it."},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.hardness not in HARDNESS_MODES:
-            raise ValueError(f"HaNoRecDPOConfig.hardness must be one of {HARDNESS_MODES}, got {self.hardness!r}")
+            raise ValueError(f"HaNoRecDPOConfig.hardness must be one of {HARDNESS_MODES}, got "
+                             f"{self.hardness!r}")
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
-            raise ValueError(f"HaNoRecDPOConfig.noise_std must be finite and >= 0, got {self.noise_std}")
+            raise ValueError("HaNoRecDPOConfig.noise_std must be finite and >= 0, got "
+                             f"{self.noise_std}")
 
 
 class HardnessCollator:
@@ -114,7 +130,8 @@ class HardnessCollator:
     float32 tensor; examples without it get λ = 1.
     """
 
-    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], column: str = "hardness") -> None:
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                 column: str = "hardness") -> None:
         self.collator = collator
         self.column = column
 
@@ -122,8 +139,10 @@ class HardnessCollator:
         values = [1.0 if ex.get(self.column) is None else float(ex[self.column]) for ex in examples]
         bad = [v for v in values if not (math.isfinite(v) and v > 0)]
         if bad:
-            raise ValueError(f"dataset column {self.column!r}: hardness λ must be finite and > 0, got {bad[:5]}")
-        batch = self.collator([{k: v for k, v in ex.items() if k != self.column} for ex in examples])
+            raise ValueError(f"dataset column {self.column!r}: hardness λ must be finite and > "
+                             f"0, got {bad[:5]}")
+        batch = self.collator([{k: v for k, v in ex.items() if k != self.column}
+                               for ex in examples])
         batch[self.column] = torch.tensor(values, dtype=torch.float32)
         return batch
 
@@ -150,7 +169,8 @@ class HaNoRecDPOTrainer(DPOTrainer):
         if self.label_smoothing and self.loss_types != ["sigmoid"]:
             problems.append("label_smoothing (cDPO) applies to loss_type='sigmoid' only")
         if self.f_divergence_type != "reverse_kl":
-            problems.append(f"f_divergence_type must be 'reverse_kl', got {self.f_divergence_type!r}")
+            problems.append("f_divergence_type must be 'reverse_kl', got "
+                            f"{self.f_divergence_type!r}")
         if self.ld_alpha is not None or self.use_weighting or self.aux_loss_enabled:
             problems.append("ld_alpha, use_weighting and the MoE auxiliary loss are not supported")
         if self.hardness not in HARDNESS_MODES:
@@ -169,71 +189,67 @@ class HaNoRecDPOTrainer(DPOTrainer):
         return getattr(self.args, "hardness_column", "hardness")
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """TRL's reference log-probs (never perturbed), with the hardness entry kept from the model."""
+        """TRL's reference log-probs (never perturbed); the hardness entry kept from the model."""
         return super().compute_ref_log_probs(model, _without(inputs, self.hardness_column))
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
-        """HaNoRec loss of one batch (``[chosen rows; rejected rows]``, TRL's layout); see the module docstring."""
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
+        """HaNoRec loss of one batch (TRL's ``[chosen rows; rejected rows]``); see the module."""
         mode = "train" if self.model.training else "eval"
-        average = self.loss_types[0] == "ipo"
-        policy, outputs = self._policy_logps(model, inputs, noise_std=self.noise_std if mode == "train" else 0.0, average=average)
+        average = LOSSES[self.loss_types[0]].length_averaged
+        policy, outputs = self._policy_logps(model, inputs,
+                                             noise_std=self.noise_std if mode == "train" else 0.0,
+                                             average=average)
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(inputs, average=average)
         lam = inputs.get(self.hardness_column)
         lam = torch.ones_like(chosen) if lam is None else lam.to(chosen.device, chosen.dtype)
         beta, eta = self._betas(chosen - ref_chosen - (rejected - ref_rejected), lam)
-        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=self.loss_types[0], label_smoothing=self.label_smoothing)
+        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
+                              loss_type=self.loss_types[0], label_smoothing=self.label_smoothing)
         self._log_metrics(mode, out, chosen, rejected, beta, eta, lam)
         return (out.loss, outputs) if return_outputs else out.loss
 
-    def _policy_logps(self, model: Any, inputs: dict[str, Any], *, noise_std: float, average: bool) -> tuple[Tensor, Any]:
-        """``[2B]`` completion log-probs from the policy's logits, NoDO noise at completion positions."""
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != self.hardness_column}
+    def _policy_logps(self, model: Any, inputs: dict[str, Any], *, noise_std: float,
+                      average: bool) -> tuple[Tensor, Any]:
+        """``[2B]`` completion log-probs from the policy's logits, NoDO noise on completions."""
+        model_kwargs = {k: v for k,
+                        v in inputs.items() if k not in _NON_MODEL_KEYS
+                        and k != self.hardness_column}
         outputs = model(**model_kwargs, use_cache=False)
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
-        logits = outputs.logits[:, -labels.shape[1] - 1 : -1]  # prompt-learning PEFT prepends tokens
+        # prompt-learning PEFT prepends tokens
+        logits = outputs.logits[:, -labels.shape[1] - 1 : -1]
         return sequence_logps(logits, labels, average=average, noise_std=noise_std), outputs
 
     def _reference_logps(self, inputs: dict[str, Any], *, average: bool) -> tuple[Tensor, Tensor]:
-        """``[B]`` chosen and rejected reference log-probs (precomputed, or TRL's reference forward)."""
+        """``[B]`` chosen and rejected reference log-probs (precomputed, or a reference forward)."""
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model,
+                                                                  inputs)
         if average:
             lengths = inputs["completion_mask"][:, 1:].sum(1).clamp(min=1).to(ref_chosen.dtype)
-            ref_chosen, ref_rejected = ref_chosen / lengths.chunk(2)[0], ref_rejected / lengths.chunk(2)[1]
+            ref_chosen, ref_rejected = (
+                ref_chosen / lengths.chunk(2)[0],
+                ref_rejected / lengths.chunk(2)[1],
+            )
         return ref_chosen.detach(), ref_rejected.detach()
 
     def _betas(self, h: Tensor, lam: Tensor) -> tuple[Tensor, float]:
         """Per-sample β (HaNoRec eq. 11) and η (eq. 8 over the global batch; 1 unless dynamic)."""
-        if self.hardness == "none":
-            return torch.full_like(h, self.beta), 1.0
-        if self.hardness == "static":
-            return hanorec_betas(lam, 1.0, self.beta), 1.0
-        eta = responsiveness(self.accelerator.gather(h.detach().contiguous()), self.beta)
-        return hanorec_betas(lam, eta, self.beta), float(eta)
+        beta, eta = hars_betas(self.hardness, self.beta, lam, h, gather=self.accelerator.gather)
+        return beta, float(eta)
 
-    def _log_metrics(self, mode: str, out: Any, chosen: Tensor, rejected: Tensor, beta: Tensor, eta: float, lam: Tensor) -> None:
-        """Append TRL's reward metrics and HaNoRec's ``hars/*``, ``nodo/std`` to ``self._metrics``."""
-        gather = self.accelerator.gather
-        betas = gather(beta.detach().contiguous())
-        values = {
-            "rewards/chosen": gather(out.chosen_rewards).mean(),
-            "rewards/rejected": gather(out.rejected_rewards).mean(),
-            "rewards/accuracies": gather(out.accuracies).mean(),
-            "rewards/margins": gather(out.margins).mean(),
-            "logps/chosen": gather(chosen.detach()).mean(),
-            "logps/rejected": gather(rejected.detach()).mean(),
-            "hars/beta_mean": betas.mean(),
-            "hars/beta_min": betas.min(),
-            "hars/beta_max": betas.max(),
-            "hars/eta": eta,
-            "hars/lambda_mean": gather(lam.detach().contiguous()).mean(),
-            "nodo/std": self.noise_std if mode == "train" else 0.0,
-        }
+    def _log_metrics(self, mode: str, out: Any, chosen: Tensor, rejected: Tensor, beta: Tensor,
+                     eta: float, lam: Tensor) -> None:
+        """Append TRL's reward metrics, HaNoRec's ``hars/*`` and ``nodo/std`` to ``_metrics``."""
+        noise_std = self.noise_std if mode == "train" else 0.0
+        values = preference_metrics(out, chosen, rejected, beta, eta, lam, noise_std,
+                                    gather=self.accelerator.gather)
         for key, value in values.items():
-            self._metrics[mode][key].append(float(value))
+            self._metrics[mode][key].append(value)
 
 
 def _without(inputs: dict[str, Any], key: str) -> dict[str, Any]:

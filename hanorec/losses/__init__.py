@@ -8,11 +8,13 @@ concept per submodule, all re-exported here (``from hanorec.losses import prefer
   a dense log-softmax, with the NoDO logit noise (HaNoRec, arXiv 2511.18740).
 * :mod:`~hanorec.losses.preference` — :func:`preference_loss` → :class:`PreferenceLossOutput`:
   DPO / cDPO (``sigmoid``), IPO, SLiC (``hinge``), SimPO and S-DPO (softmax DPO over K
-  negatives), with scalar or per-sample β; ``LOSS_TYPES`` and ``PAIRWISE_LOSS_TYPES`` list the
-  accepted ``loss_type`` values.
+  negatives), with scalar or per-sample β; the loss registry ``LOSSES`` (one
+  :class:`LossSpec` per ``loss_type``; ``LOSS_TYPES`` and ``PAIRWISE_LOSS_TYPES`` list them) and
+  :func:`preference_metrics`, the logged values of a step.
 * :mod:`~hanorec.losses.hars` — HaRS (hardness-aware reward scaling, HaNoRec eqs. 5, 6, 8, 11):
   :func:`fuse_item_embeddings`, :func:`neighbour_profiles`, :func:`pair_deltas`,
-  :func:`hardness_lambdas`, :func:`responsiveness`, :func:`hanorec_betas`.
+  :func:`hardness_lambdas`, :func:`responsiveness`, :func:`hanorec_betas`, and per batch
+  :func:`reward_margins` and :func:`hars_betas` (β for a mode in ``HARDNESS_MODES``).
 * :mod:`~hanorec.losses.nodo` — NoDO in LoRA mode: :func:`lora_noise` (duck-typed PEFT LoRA
   layers, forward hooks).
 * :mod:`~hanorec.losses.recpo` — RecPO (R²ec, arXiv 2505.16994): :func:`recpo_rewards`,
@@ -24,37 +26,53 @@ Bad input raises :class:`ValueError` naming the function and the offending argum
 from __future__ import annotations
 
 from hanorec.losses.hars import (
+    HARDNESS_MODES,
     fuse_item_embeddings,
     hanorec_betas,
     hardness_lambdas,
+    hars_betas,
     neighbour_profiles,
     pair_deltas,
     responsiveness,
+    reward_margins,
 )
-from hanorec.losses.logps import sequence_logps
+from hanorec.losses.logps import IGNORE_INDEX, sequence_logps
 from hanorec.losses.nodo import lora_noise
 from hanorec.losses.preference import (
     LOSS_TYPES,
+    LOSSES,
     PAIRWISE_LOSS_TYPES,
+    LossSpec,
     PreferenceLossOutput,
+    loss_help,
     preference_loss,
+    preference_metrics,
 )
-from hanorec.losses.recpo import clipped_surrogate, group_advantages, recpo_rewards
+from hanorec.losses.recpo import ADVANTAGES, clipped_surrogate, group_advantages, recpo_rewards
 
 __all__ = [
+    "ADVANTAGES",
+    "HARDNESS_MODES",
+    "IGNORE_INDEX",
+    "LOSSES",
     "LOSS_TYPES",
     "PAIRWISE_LOSS_TYPES",
+    "LossSpec",
     "PreferenceLossOutput",
     "clipped_surrogate",
     "fuse_item_embeddings",
     "group_advantages",
     "hanorec_betas",
     "hardness_lambdas",
+    "hars_betas",
     "lora_noise",
+    "loss_help",
     "neighbour_profiles",
     "pair_deltas",
     "preference_loss",
+    "preference_metrics",
     "recpo_rewards",
     "responsiveness",
+    "reward_margins",
     "sequence_logps",
 ]

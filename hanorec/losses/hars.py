@@ -4,12 +4,15 @@ Pipeline: :func:`fuse_item_embeddings` (unit-norm text+image item embeddings) �
 :func:`neighbour_profiles` (top-K cosine similarities) → :func:`pair_deltas` (eq. 5) →
 :func:`hardness_lambdas` (eq. 6, static); per batch :func:`responsiveness` (eq. 8, dynamic) and
 :func:`hanorec_betas` (eq. 11) give the per-sample β passed to
-:func:`hanorec.losses.preference_loss`.
+:func:`hanorec.losses.preference_loss`. :func:`hars_betas` is the one place that turns a
+hardness mode (``none``, ``static``, ``dynamic``) into β: ``hanorec.dpo``, the TRL trainer and
+``examples/custom_loop.py`` all call it. The formulas are in ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,70 @@ def hanorec_betas(
     _check(ok, "hanorec_betas", f"beta0 and floor must be > 0, got beta0={beta0}, floor={floor}")
     eta_t = torch.as_tensor(eta, dtype=lambdas.dtype, device=lambdas.device).detach()
     return (beta0 * eta_t * lambdas.detach()).clamp(min=floor)
+
+
+#: The HaRS modes: β_i = β0 (``none``), β0·λ_i (``static``), β0·η·λ_i (``dynamic``).
+HARDNESS_MODES: tuple[str, ...] = ("none", "static", "dynamic")
+
+
+def reward_margins(
+    chosen: Tensor,
+    rejected: Tensor,
+    ref_chosen: Tensor | None = None,
+    ref_rejected: Tensor | None = None,
+) -> Tensor:
+    """Implicit reward margins ``h_i = r(y_w) − r(y_l)``, ``r(y) = log π(y) − log π_ref(y)``.
+
+    With K negatives (``rejected`` ``[B, K]``) the rejected term is the mean over them; without
+    a reference (``None``) ``log π_ref ≡ 0``. Detached: η takes no gradient.
+
+    Args:
+        chosen: ``[B]`` policy log-probs of the chosen responses.
+        rejected: ``[B]`` or ``[B, K]`` policy log-probs of the rejected responses.
+        ref_chosen: Reference log-probs like ``chosen``, or None.
+        ref_rejected: Reference log-probs like ``rejected``, or None.
+
+    Returns:
+        ``[B]`` margins.
+    """
+    ref_c = 0.0 if ref_chosen is None else ref_chosen
+    ref_r = 0.0 if ref_rejected is None else ref_rejected
+    rejected_margin = (rejected - ref_r).mean(-1) if rejected.dim() == 2 else rejected - ref_r
+    return ((chosen - ref_c) - rejected_margin).detach()
+
+
+def hars_betas(
+    mode: str,
+    beta0: float,
+    lambdas: Tensor,
+    margins: Tensor | None = None,
+    *,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sample β of one batch for a HaRS mode, and the η used (HaNoRec eqs. 8, 11).
+
+    * ``none``: ``β_i = β0``;
+    * ``static``: ``β_i = max(1e-6, β0·λ_i)``;
+    * ``dynamic``: ``β_i = max(1e-6, β0·η·λ_i)``, ``η`` = :func:`responsiveness` of the
+      margins of the *global* batch (``gather`` collects them across processes).
+
+    Args:
+        mode: One of :data:`HARDNESS_MODES`.
+        beta0: β0 > 0.
+        lambdas: ``[B]`` static hardness λ (ones when unknown), dtype and device of the loss.
+        margins: ``[B]`` margins ``h`` (:func:`reward_margins`); needed by ``dynamic`` only.
+        gather: ``accelerator.gather`` in a distributed run; None: this process's batch.
+
+    Returns:
+        ``(β [B], η)``; η is 1 unless ``dynamic``.
+    """
+    _check(mode in HARDNESS_MODES, "hars_betas", f"mode must be in {HARDNESS_MODES}, got {mode!r}")
+    one = torch.tensor(1.0)
+    if mode == "none":
+        return torch.full_like(lambdas, beta0), one
+    if mode == "static":
+        return hanorec_betas(lambdas, one, beta0), one
+    _check(margins is not None, "hars_betas", "mode 'dynamic' needs the margins h")
+    global_margins = margins.detach().contiguous()
+    eta = responsiveness(gather(global_margins) if gather else global_margins, beta0)
+    return hanorec_betas(lambdas, eta, beta0), eta

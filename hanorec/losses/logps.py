@@ -14,6 +14,10 @@ from torch import Tensor
 
 from hanorec.losses._checks import _check, _shape
 
+#: Label of a position that is not scored (prompt tokens, padding): every collator, the
+#: shared-prompt forward and :func:`sequence_logps` use this one value.
+IGNORE_INDEX = -100
+
 # Elements per chunk in the vocabulary reductions (~64 MB of float32 temporaries).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -61,7 +65,7 @@ def sequence_logps(
     logits: Tensor,
     labels: Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     average: bool = False,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,

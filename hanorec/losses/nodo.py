@@ -1,4 +1,4 @@
-"""NoDO, LoRA mode (HaNoRec, arXiv 2511.18740): :func:`lora_noise` perturbs active LoRA A/B matrices.
+"""NoDO, LoRA mode (HaNoRec, arXiv 2511.18740): :func:`lora_noise` perturbs LoRA A/B matrices.
 
 LoRA layers are found by duck typing, so this module imports torch only (no peft).
 """

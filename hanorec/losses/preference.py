@@ -1,12 +1,21 @@
 """DPO-family preference losses: DPO / cDPO, IPO, SLiC, SimPO and S-DPO, scalar or per-sample β.
 
 :func:`preference_loss` returns a :class:`PreferenceLossOutput` (loss, per-sample losses, detached
-rewards, margins, accuracies). ``LOSS_TYPES`` lists the accepted ``loss_type`` values and
-``PAIRWISE_LOSS_TYPES`` those that take exactly one rejected response per sample.
+rewards, margins, accuracies); :func:`preference_metrics` turns one into the logged
+``rewards/*``, ``logps/*``, ``hars/*`` and ``nodo/std`` values (the same keys in ``hanorec.dpo``
+and the TRL trainer).
+
+**The loss registry.** :data:`LOSSES` maps each ``loss_type`` to a :class:`LossSpec`: its
+per-sample formula and what it expects (pairwise or K negatives at once, length-averaged
+log-probabilities, reference-free, which options apply). A new loss is one entry there: the
+argument checks, the DPO stage (``--loss`` choices and help, length averaging, pairwise
+expansion) and the TRL trainer read the registry. ``LOSS_TYPES`` lists the names and
+``PAIRWISE_LOSS_TYPES`` those that take one rejected response per sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +24,86 @@ from torch import Tensor
 
 from hanorec.losses._checks import _check, _shape
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "sdpo")
-PAIRWISE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+#: ``(chosen_r [B, 1], rejected_r [B, K], β [B, 1], ε, γ) -> [B]`` per-sample losses.
+LossFormula = Callable[[Tensor, Tensor, Tensor, float, float], Tensor]
+
+
+def _pair(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """``h = r_w − r_l`` and β as ``[B]`` (pairwise losses have K = 1)."""
+    return (chosen_r - rejected_r)[:, 0], beta[:, 0]
+
+
+def _sigmoid(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float,
+             gamma: float) -> Tensor:
+    """DPO ``−log σ(βh)``; cDPO with ε: ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``."""
+    h, beta = _pair(chosen_r, rejected_r, beta)
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def _ipo(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma: float) -> Tensor:
+    """IPO ``(h − 1/(2β))²``."""
+    h, beta = _pair(chosen_r, rejected_r, beta)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def _hinge(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma: float) -> Tensor:
+    """SLiC ``relu(1 − βh)``."""
+    h, beta = _pair(chosen_r, rejected_r, beta)
+    return torch.relu(1 - beta * h)
+
+
+def _simpo(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma: float) -> Tensor:
+    """SimPO ``−log σ(β·(avg_w − avg_l) − γ)`` (reference-free: ``r`` is the log-prob)."""
+    h, beta = _pair(chosen_r, rejected_r, beta)
+    return -F.logsigmoid(beta * h - gamma)
+
+
+def _sdpo(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma: float) -> Tensor:
+    """S-DPO ``−log σ(−log Σ_k exp(β·(r_k − r_w)))`` over the K negatives."""
+    return -F.logsigmoid(-torch.logsumexp(beta * (rejected_r - chosen_r), dim=-1))
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One preference loss of the registry.
+
+    Attributes:
+        name: The ``loss_type`` value.
+        formula: Per-sample losses from implicit rewards (:data:`LossFormula`).
+        help: One line for ``--help``: what it is and where it comes from.
+        pairwise: One rejected response per sample; with K negatives a caller makes every
+            ``(chosen, rejected_k)`` its own pair. False: the formula takes all K at once.
+        length_averaged: Defined on length-averaged log-probabilities (callers average).
+        reference_free: Takes no reference log-probabilities.
+        options: The keyword options it reads (``label_smoothing``, ``simpo_gamma``).
+    """
+
+    name: str
+    formula: LossFormula
+    help: str
+    pairwise: bool = True
+    length_averaged: bool = False
+    reference_free: bool = False
+    options: tuple[str, ...] = ()
+
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
+    LossSpec("sigmoid", _sigmoid, "DPO (Rafailov et al. 2023; with label_smoothing: cDPO)",
+             options=("label_smoothing",)),
+    LossSpec("ipo", _ipo, "IPO (Azar et al. 2023)", length_averaged=True),
+    LossSpec("hinge", _hinge, "SLiC (Zhao et al. 2023)"),
+    LossSpec("simpo", _simpo, "SimPO (Meng et al. 2024; reference-free)", length_averaged=True,
+             reference_free=True, options=("simpo_gamma",)),
+    LossSpec("sdpo", _sdpo, "softmax DPO over K negatives (S-DPO, Chen et al. 2024)",
+             pairwise=False),
+)}
+LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
+PAIRWISE_LOSS_TYPES: tuple[str, ...] = tuple(n for n, spec in LOSSES.items() if spec.pairwise)
+
+
+def loss_help() -> str:
+    """``name = what it is`` for every registered loss, for a ``--loss`` help text."""
+    return ", ".join(f"{name} = {spec.help}" for name, spec in LOSSES.items())
 
 
 @dataclass(frozen=True)
@@ -48,12 +135,12 @@ def _check_logps(name: str, value: object, shape: tuple[int, ...]) -> None:
 
 def _check_options(loss_type: str, label_smoothing: float, simpo_gamma: float) -> None:
     where = "preference_loss"
-    _check(loss_type in LOSS_TYPES, where, f"loss_type must be in {LOSS_TYPES}, got {loss_type!r}")
+    _check(loss_type in LOSSES, where, f"loss_type must be in {LOSS_TYPES}, got {loss_type!r}")
     _check(0 <= label_smoothing < 0.5, where, f"label_smoothing={label_smoothing} not in [0, 0.5)")
-    only = "label_smoothing applies to loss_type='sigmoid' only"
-    _check(not label_smoothing or loss_type == "sigmoid", where, only)
-    only = "simpo_gamma applies to loss_type='simpo' only"
-    _check(not simpo_gamma or loss_type == "simpo", where, only)
+    for option, value in (("label_smoothing", label_smoothing), ("simpo_gamma", simpo_gamma)):
+        takers = " or ".join(repr(n) for n, spec in LOSSES.items() if option in spec.options)
+        only = f"{option} applies to loss_type={takers} only"
+        _check(not value or option in LOSSES[loss_type].options, where, only)
 
 
 def _check_inputs(
@@ -71,11 +158,12 @@ def _check_inputs(
     _check_logps("rejected_logps", rejected, shape)
     num_rejected = shape[1] if len(shape) == 2 else 1
     pairwise = f"loss_type={loss_type!r} is pairwise: use 'sdpo' for K={num_rejected} negatives"
-    _check(num_rejected == 1 or loss_type not in PAIRWISE_LOSS_TYPES, where, pairwise)
+    _check(num_rejected == 1 or not LOSSES[loss_type].pairwise, where, pairwise)
     both = "ref_chosen_logps and ref_rejected_logps must both be given or both be None"
     _check((ref_chosen is None) == (ref_rejected is None), where, both)
     if ref_chosen is not None:
-        _check(loss_type != "simpo", where, "loss_type='simpo' is reference-free: no ref_*_logps")
+        free = f"loss_type={loss_type!r} is reference-free: no ref_*_logps"
+        _check(not LOSSES[loss_type].reference_free, where, free)
         _check_logps("ref_chosen_logps", ref_chosen, (batch,))
         _check_logps("ref_rejected_logps", ref_rejected, shape)
     return shape
@@ -148,9 +236,8 @@ def preference_loss(
         chosen_r = chosen_r - ref_chosen_logps
         rejected_r = rejected_r - ref_rejected_logps.reshape(batch, -1)
     beta_col = _beta_column(beta, batch, chosen_logps)
-    losses = _loss_values(
-        chosen_r[:, None], rejected_r, beta_col, loss_type, label_smoothing, simpo_gamma
-    )
+    formula = LOSSES[loss_type].formula
+    losses = formula(chosen_r[:, None], rejected_r, beta_col, label_smoothing, simpo_gamma)
     chosen_rewards = (beta_col[:, 0] * chosen_r).detach()
     rejected_rewards = (beta_col * rejected_r).detach()
     return PreferenceLossOutput(
@@ -163,17 +250,53 @@ def preference_loss(
     )
 
 
-def _loss_values(
-    chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, loss_type: str, eps: float, gamma: float
-) -> Tensor:
-    """Per-sample losses from ``[B, 1]`` chosen and ``[B, K]`` rejected implicit rewards."""
-    if loss_type == "sdpo":
-        return -F.logsigmoid(-torch.logsumexp(beta * (rejected_r - chosen_r), dim=-1))
-    h, beta = (chosen_r - rejected_r)[:, 0], beta[:, 0]
-    if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-    if loss_type == "hinge":
-        return torch.relu(1 - beta * h)
-    return -F.logsigmoid(beta * h - gamma)  # simpo
+def preference_metrics(
+    out: PreferenceLossOutput,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    beta: Tensor,
+    eta: Tensor | float,
+    lambdas: Tensor,
+    noise_std: float,
+    *,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """The logged values of one preference step (keys as TRL names the reward ones).
+
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (means
+    of :class:`PreferenceLossOutput`), ``logps/chosen``, ``logps/rejected`` (mean policy
+    log-probabilities), ``hars/beta_mean``/``_min``/``_max`` (the per-sample β),
+    ``hars/eta`` (η, 1 unless dynamic), ``hars/lambda_mean`` (mean static hardness λ) and
+    ``nodo/std`` (σ of the noise, 0 when off).
+
+    Args:
+        out: The loss output.
+        chosen_logps: Policy log-probs of the chosen responses.
+        rejected_logps: Policy log-probs of the rejected responses (any shape).
+        beta: Per-sample β.
+        eta: The responsiveness η used.
+        lambdas: Static hardness λ of the batch.
+        noise_std: σ of the NoDO noise of this forward (0 when off).
+        gather: Collects a tensor across processes before the mean (``accelerator.gather``);
+            None: this process's values.
+    """
+    collect = gather or (lambda tensor: tensor)
+
+    def values(tensor: Tensor) -> Tensor:
+        return collect(tensor.detach().contiguous())
+
+    betas = values(beta)
+    return {
+        "rewards/chosen": float(values(out.chosen_rewards).mean()),
+        "rewards/rejected": float(values(out.rejected_rewards).mean()),
+        "rewards/margins": float(values(out.margins).mean()),
+        "rewards/accuracies": float(values(out.accuracies).mean()),
+        "logps/chosen": float(values(chosen_logps).mean()),
+        "logps/rejected": float(values(rejected_logps).mean()),
+        "hars/beta_mean": float(betas.mean()),
+        "hars/beta_min": float(betas.min()),
+        "hars/beta_max": float(betas.max()),
+        "hars/eta": float(eta),
+        "hars/lambda_mean": float(values(lambdas).float().mean()),
+        "nodo/std": float(noise_std),
+    }

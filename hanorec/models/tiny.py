@@ -72,7 +72,8 @@ def _tiny_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
     )
-    text = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **TEXT_DIMS, **_text_ids(tok))
+    text = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **TEXT_DIMS,
+                       **_text_ids(tok))
     config = LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -108,12 +109,16 @@ def _tiny_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     pixels = QWEN_IMAGE_SIZE * QWEN_IMAGE_SIZE
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=pixels, max_pixels=pixels, size={"shortest_edge": pixels, "longest_edge": pixels},
-        patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2, image_mean=_MEAN, image_std=_STD,
+        min_pixels=pixels, max_pixels=pixels,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2, image_mean=_MEAN,
+        image_std=_STD,
     )
     video_processor = Qwen2VLVideoProcessor(
-        min_pixels=pixels, max_pixels=pixels, size={"shortest_edge": pixels, "longest_edge": pixels},
-        patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2, image_mean=_MEAN, image_std=_STD,
+        min_pixels=pixels, max_pixels=pixels,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2, image_mean=_MEAN,
+        image_std=_STD,
     )
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
                                  video_processor=video_processor, chat_template=tok.chat_template)

@@ -66,7 +66,8 @@ def _corpus() -> list[str]:
     lines += [" ".join(str(n) for n in range(start, start + 100)) for start in range(0, 2100, 100)]
     lines += [f"({year})" for year in range(1900, 2030)]
     lines += [" ".join(pair) for pair in itertools.product(_WORDS[:40], _PUNCT[:8])]
-    lines += [f'User watched "{a.capitalize()} {b}" {p}' for a, b, p in zip(_WORDS, _WORDS[1:], _PUNCT * 40)]
+    lines += [f'User watched "{a.capitalize()} {b}" {p}' for a, b,
+              p in zip(_WORDS, _WORDS[1:], _PUNCT * 40)]
     return lines
 
 
@@ -93,7 +94,7 @@ def train_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
 
 
 def tiny_hf_tokenizer(chat_template: str, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Wrap :func:`train_tiny_tokenizer` as a Hugging Face tokenizer with pad/eos/bos and a template.
+    """Wrap :func:`train_tiny_tokenizer` as an HF tokenizer with pad/eos/bos and a chat template.
 
     Args:
         chat_template: The Jinja chat template (see :func:`chatml_template`).
@@ -109,7 +110,8 @@ def tiny_hf_tokenizer(chat_template: str, vocab_size: int = 1024) -> PreTrainedT
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=None,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)],
+        additional_special_tokens=[t for t in SPECIAL_TOKENS
+                                   if t not in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)],
         model_max_length=8192,
         clean_up_tokenization_spaces=False,
     )

@@ -50,7 +50,8 @@ def _first_bad_line(data: bytes, delimiter: str, expected: int, quoting: bool,
                       else csv.QUOTE_NONE)
     for number, fields in enumerate(rows, start=1):
         if number > header_lines and len(fields) != expected:
-            return number, f"expected {expected} fields, got {len(fields)}: {short_repr(fields, 120)}"
+            return number, (f"expected {expected} fields, got {len(fields)}: "
+                            f"{short_repr(fields, 120)}")
     return 0, "unparseable content"
 
 

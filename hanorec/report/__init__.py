@@ -12,9 +12,11 @@
 
 matplotlib (``pip install hanorec[report]``) is imported lazily with the Agg backend.
 
-Command line: ``python -m hanorec.report RUN_DIR [RUN_DIR ...]`` reads each run's
-``summary.json`` (``{"metrics": {name: {"mean", "low", "high"}}}``) and writes the report into
-the first run directory (or ``--out``).
+:func:`try_write_report` is the same, but prints a note instead of failing when matplotlib
+is missing (the stages use it: their JSON outputs never depend on the optional extra).
+
+This package is a library; its command line, ``python -m hanorec.report RUN_DIR ...``, lives
+in :mod:`hanorec.report.__main__`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hanorec.cli import ArgumentParser
+__all__ = ["load_training_log", "plot_metric_bars", "plot_training_curves", "pyplot",
+           "try_write_report", "write_report"]
 
-__all__ = ["load_training_log", "write_report"]
-
-PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")  # known groups first, the rest alphabetical
+# known groups first, the rest alphabetical
+PANEL_ORDER = ("train", "learning rate", "eval", "rewards", "hars")
 #: Bookkeeping fields of a metrics.jsonl record (counters and clocks, not curves of the run).
-NOT_CURVES = frozenset({"step", "time", "epoch", "train/examples", "train/seconds", "eval/seconds"})
-OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}  # scales unlike the loss's
+NOT_CURVES = frozenset({"step", "time", "epoch", "train/epoch", "train/examples", "train/seconds",
+                        "eval/seconds"})
+# scales unlike the loss's
+OWN_PANEL = {"train/lr": "learning rate", "train/grad_norm": "gradient norm"}
 MetricTable = Mapping[str, Mapping[str, Any]]  # run -> metric -> {mean, low, high} or (m, l, h)
 
 
@@ -106,7 +110,9 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> list[str]
         return None
     plt = pyplot()
     fig, axes = plt.subplots(len(groups), 1, figsize=(7, 2.6 * len(groups)), squeeze=False)
-    order = sorted(groups, key=lambda g: (PANEL_ORDER.index(g) if g in PANEL_ORDER else len(PANEL_ORDER), g))
+    order = sorted(groups,
+                   key=lambda g: (PANEL_ORDER.index(g) if g in PANEL_ORDER else len(PANEL_ORDER),
+                                  g))
     for axis, group in zip(axes[:, 0], order):
         keys = groups[group]
         for key, (steps, values) in sorted(keys.items()):
@@ -129,7 +135,8 @@ def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
     width = 0.8 / max(len(runs), 1)
     many = len(runs) > 4  # legend beside the axes, one distinct colour per run (tab20 beyond 10)
     colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
-    fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * max(1, len(runs)) ** 0.5) + (3.5 if many else 0), 3.6))
+    fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * max(1, len(runs)) ** 0.5)
+                                      + (3.5 if many else 0), 3.6))
     for r, run in enumerate(runs):
         xs, means, errors = [], [], [[], []]
         for m, metric in enumerate(metrics):
@@ -140,7 +147,8 @@ def plot_metric_bars(tables: dict[str, dict[str, tuple[float, float, float]]],
             means.append(mean)
             errors[0].append(max(mean - low, 0.0))
             errors[1].append(max(high - mean, 0.0))
-        axis.bar(xs, means, width=width, yerr=errors, capsize=3, label=run, color=colors[r % len(colors)])
+        axis.bar(xs, means, width=width, yerr=errors, capsize=3, label=run,
+                 color=colors[r % len(colors)])
     axis.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right")
     axis.set_ylabel("mean (95% interval)")
     axis.grid(axis="y", alpha=0.3)
@@ -223,38 +231,29 @@ def write_report(
     if log_path.exists():
         groups = plot_training_curves(load_training_log(log_path), plots / "training_curves.png")
         if groups:
-            lines += ["## Training curves", "", f"Panels: {', '.join(groups)} (from `metrics.jsonl`).",
+            lines += ["## Training curves", "",
+                      f"Panels: {', '.join(groups)} (from `metrics.jsonl`).",
                       "", "![training curves](plots/training_curves.png)", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
 
 
-def _load_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        raise ValueError(f"{path}: no summary.json in the run directory")
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(summary.get("metrics"), dict):
-        raise ValueError(f"{path}: field 'metrics' must map metric names to {{mean, low, high}}")
-    return summary["metrics"]
+def try_write_report(run_dir: str | Path, **kwargs: Any) -> Path | None:
+    """:func:`write_report`, or None with a one-line note when matplotlib is not installed.
 
+    Args:
+        run_dir: The run directory.
+        **kwargs: The keyword arguments of :func:`write_report`.
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m hanorec.report",
-                                     description="Write report.md + plots for run directories.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="Run directories with summary.json.")
-    parser.add_argument("--out", type=Path, default=None, help="Report directory (default: first run).")
-    parser.add_argument("--title", default="hanorec report")
-    args = parser.parse_args(argv)
-    tables = {run.name or str(run): _load_summary(run) for run in args.run_dirs}
-    print(write_report(args.out or args.run_dirs[0], title=args.title, metrics_tables=tables))
+    Returns:
+        Path of ``report.md``, or None when the plots (the optional ``report`` extra) are missing.
+    """
+    try:
+        return write_report(run_dir, **kwargs)
+    except ImportError as err:  # matplotlib is the optional `report` extra
+        print(f"report skipped: {err}")
+        return None
 
 
 _pyplot = pyplot  # the former private name (benchmarks imported it)
-
-
-if __name__ == "__main__":
-    from hanorec.cli import run as run_cli
-
-    run_cli(main)  # user errors: one `error:` line, exit 2

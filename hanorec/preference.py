@@ -1,0 +1,195 @@
+"""Preference pairs on the model side: the ``dpo:`` section, the pair data and the reference.
+
+Shared by the preference stage (``hanorec.dpo``) and BPO's blind answers (``hanorec.bpo``,
+which reads the same pairs with the same section):
+
+* :class:`DPOConfig` — the ``dpo:`` recipe section (the loss choices and their help come from
+  the loss registry, :data:`hanorec.losses.LOSSES`; the HaRS modes from
+  :data:`hanorec.losses.HARDNESS_MODES`);
+* :func:`load_preference_data` — the folder holding ``pairs/<protocol>`` and its catalogue;
+  :func:`hard_negative_data` — the pairs prepared again with HaRS's nearest items as negatives;
+  :func:`training_pairs` — the train and validation pairs, blind negatives mixed in;
+* :func:`encode_pairs`, :func:`responses_per_row` — rows to a :class:`~hanorec.collate.ChoiceBatch`;
+* :func:`reference_context`, :func:`precompute_reference` — the reference: the policy with its
+  adapter disabled (HaNoRec, arXiv 2511.18740, Sec. 5), live or computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from hanorec.collate import ChoiceBatch, PromptCollator
+from hanorec.data.blind import mix_blind_negatives
+from hanorec.data.catalog import Catalog
+from hanorec.data.prepare import prepare
+from hanorec.forward import MODES
+from hanorec.losses import HARDNESS_MODES, LOSS_TYPES, loss_help
+from hanorec.readout import answer_logps
+from hanorec.runtime import load_catalog, load_rows, prepare_data
+from hanorec.training import TrainConfig
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """The ``dpo:`` section: optimisation (see TrainConfig) plus the preference method."""
+
+    dpo_protocols: list[str] = field(default_factory=lambda: ["candidates"], metadata={
+        "help": "Protocols whose preference pairs train the policy (pairs/<protocol> of the "
+                "data stage)."})
+    sft_checkpoint: str | None = field(default=None, metadata={
+        "help": "SFT adapter folder to start from (default <run_dir>/sft/final). It is merged "
+                "into the base and a fresh adapter is trained on top (HaNoRec Sec. 5)."})
+    loss: Literal[LOSS_TYPES] = field(default="sigmoid", metadata={  # type: ignore[valid-type]
+        "help": loss_help() + "."})
+    beta: float = field(default=0.1, metadata={
+        "help": "β0, the DPO temperature; HaRS scales it per sample (HaNoRec eq. 11)."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "ε of cDPO / robust DPO: the assumed probability that a preference label is "
+                "flipped."})
+    simpo_gamma: float = field(default=0.5, metadata={
+        "help": "SimPO target reward margin γ (Meng et al. 2024, eq. 6)."})
+    hardness: Literal[HARDNESS_MODES] = field(default="none", metadata={  # type: ignore[valid-type]
+        "help": "HaRS (HaNoRec Sec. 4.1): none → β0; static → β0·λ_i (eq. 6); dynamic → "
+                "β0·η·λ_i with the live responsiveness η (eq. 8, 11)."})
+    top_k: int = field(default=10, metadata={
+        "help": "K of the top-K cosine neighbourhood s(v) in HaRS's pair distance Δ (HaNoRec "
+                "eq. 5)."})
+    noise: Literal["none", "logits", "lora"] = field(default="none", metadata={
+        "help": "NoDO (HaNoRec Sec. 4.2): Gaussian noise on the policy's logits at response "
+                "positions (the paper's wording) or on every active LoRA A/B matrix (the "
+                "authors' code); training policy forward only."})
+    noise_std: float = field(default=0.1, metadata={
+        "help": "σ of the NoDO noise (HaNoRec: 0.1; 0.05 on sparse catalogues)."})
+    reference: Literal["frozen", "precomputed", "none"] = field(default="frozen", metadata={
+        "help": "frozen: a live reference forward with the DPO adapter disabled; precomputed: "
+                "one pass before training stores reference log-probs; none: reference-free."})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "Weight of an NLL term on the chosen response added to the loss (RPO, Pang et "
+                "al. 2024)."})
+    forward_mode: Literal[MODES] = field(default="auto", metadata={  # type: ignore[valid-type]
+        "help": "Shared-prompt forward: kv (KV-cache expansion), packed (block mask, for "
+                "gradient checkpointing), duplicate (the prompt once per response, as TRL "
+                "does), auto."})
+    max_train_pairs: int = field(default=0, metadata={
+        "help": "Use a seeded subset of this many training pairs (0: all)."})
+    blind_negatives: str | None = field(default=None, metadata={
+        "help": "BPO (MMSafe-PO, arXiv 2503.14189): blind answers written by `python -m "
+                "hanorec.bpo generate`; a row's blind item replaces its last sampled negative."})
+    blind_ratio: float = field(default=1.0, metadata={
+        "help": "Fraction of the training rows with a usable blind negative that get it "
+                "(seeded)."})
+    preference_data: str | None = field(default=None, metadata={
+        "help": "Folder with pairs/<protocol> (+ items/, manifest.json) to train on instead of "
+                "the prepared data, e.g. MMSafe-PO converted by `python -m hanorec.data.mmsafe "
+                "convert` (protocol general)."})
+
+
+# --------------------------------------------------------------------------- the pairs
+
+
+def load_preference_data(run: Any, accelerator: Accelerator) -> tuple[Path, Catalog]:
+    """The folder holding ``pairs/<protocol>`` and its catalogue.
+
+    ``run.dpo.preference_data`` when set (e.g. converted MMSafe-PO data), else the prepared
+    recommendation data of ``run.data`` (prepared on the main process first).
+
+    Raises:
+        ValueError: A ``preference_data`` folder without ``items/``.
+    """
+    if run.dpo.preference_data:
+        folder = Path(run.dpo.preference_data)
+        if not (folder / "items").is_dir():
+            raise ValueError(f"--preference-data {folder}: no items/ folder (convert the data "
+                             "with `python -m hanorec.data.mmsafe convert`)")
+        return folder, Catalog.from_prepared(folder)
+    prepared = prepare_data(run.data, accelerator)
+    return prepared, load_catalog(run.data, prepared)
+
+
+def hard_negative_data(run: Any, accelerator: Accelerator, out_dir: Path,
+                       embeddings: torch.Tensor) -> Path:
+    """The pairs prepared again (``<out_dir>/prepared-hard``) with the nearest items by the
+    HaRS item embeddings as the rejected ones (``negative_sampling: hard``)."""
+    hard_cfg = replace(run.data, output_dir=str(out_dir / "prepared-hard"))
+    if accelerator.is_main_process:
+        prepare(hard_cfg, item_embeddings=embeddings.numpy())
+    accelerator.wait_for_everyone()
+    return hard_cfg.path(hard_cfg.output_dir)
+
+
+def training_pairs(run: Any, prepared: Path) -> tuple[list[dict], list[dict], dict | None]:
+    """Train and validation pairs of ``dpo.dpo_protocols`` (seeded subsets), and the counts of
+    the blind negatives mixed into the train pairs (None without ``dpo.blind_negatives``).
+
+    Validation pairs stay as prepared.
+    """
+    cfg = run.dpo
+    train = load_rows(prepared, cfg.dpo_protocols, "train", pairs=True, limit=cfg.max_train_pairs,
+                      seed=run.seed)
+    val = load_rows(prepared, cfg.dpo_protocols, "validation", pairs=True,
+                    limit=cfg.eval_examples, seed=run.seed)
+    if not cfg.blind_negatives:
+        return train, val, None
+    train, counts = mix_blind_negatives(train, cfg.blind_negatives, ratio=cfg.blind_ratio,
+                                        seed=run.seed)
+    return train, val, counts
+
+
+def responses_per_row(rows: list[dict]) -> int:
+    """``K + 1``: the chosen and the K rejected responses every row must have.
+
+    Raises:
+        ValueError: Rows with different K.
+    """
+    counts = {len(r["rejected"]) for r in rows}
+    if len(counts) != 1:
+        raise ValueError(f"pairs must all have the same number of rejected responses, got "
+                         f"{sorted(counts)}")
+    return counts.pop() + 1
+
+
+def encode_pairs(collators: dict[str, PromptCollator], rows: list[dict]) -> ChoiceBatch:
+    """The rows' prompts and chosen/rejected answers; rows carry their protocol."""
+    return collators[rows[0]["protocol"]].encode_choices(rows)
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def reference_context(model: nn.Module) -> Callable[[], AbstractContextManager[nn.Module]]:
+    """A context manager factory yielding the reference: the policy with its adapter disabled."""
+
+    @contextmanager
+    def ctx() -> Iterator[nn.Module]:
+        with model.disable_adapter():
+            yield model
+
+    return ctx
+
+
+@torch.no_grad()
+def precompute_reference(model: nn.Module, collators: dict[str, PromptCollator], rows: list[dict],
+                         batch_size: int, accelerator: Accelerator, mode: str) -> torch.Tensor:
+    """Reference log-probs ``[N, K+1]`` of every pair (adapter disabled), computed once.
+
+    Each process scores every ``num_processes``-th row; the sum over processes is the table.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    local = torch.zeros(len(rows), responses_per_row(rows))
+    starts = range(0, len(mine), batch_size)
+    for start in tqdm(starts, desc="reference log-probs", disable=not accelerator.is_main_process):
+        ids = mine[start : start + batch_size]
+        batch = encode_pairs(collators, [rows[i] for i in ids]).to(accelerator.device)
+        with unwrapped.disable_adapter():
+            local[ids] = answer_logps(unwrapped, batch, mode=mode).float().cpu()
+    return accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
