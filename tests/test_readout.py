@@ -10,13 +10,14 @@ from test_forward import build
 from test_item_tokens import encoder
 
 from hanorec.collate import ChoiceBatch
-from hanorec.item_tokens import attach_item_encoder
+from hanorec.item_tokens import USER_ID, attach_item_encoder, virtual_id
 from hanorec.readout import (
     answer_logps,
     choice_columns,
     final_states,
     head_logps,
     last_positions,
+    shared_prefix_length,
     similarity,
 )
 
@@ -113,3 +114,49 @@ def test_answer_logps_dispatch(head_model):
                               atol=1e-5)
     with pytest.raises(ValueError, match="neither responses nor head picks"):
         answer_logps(head_model, ChoiceBatch(batch))
+
+
+def _prefixed_batch() -> dict:
+    """Three right-padded rows: the same 6 text tokens, then each row's own text, item tokens
+    and a user token (as a ``head`` prompt: shared instruction, then the history)."""
+    torch.manual_seed(3)
+    prefix = torch.randint(1, 50, (6,)).tolist()
+    items = [virtual_id("item", i) for i in (1, 4, 2, 7, 9, 3)]
+    own = [[11, items[0], 12, items[1], USER_ID, 13, 14],
+           [15, items[2], USER_ID, 16, 0, 0, 0],
+           [items[3], 17, items[4], 18, items[5], USER_ID, 0]]
+    ids = torch.tensor([prefix + row for row in own])
+    mask = torch.tensor([[1] * 13, [1] * 10 + [0] * 3, [1] * 12 + [0]])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_shared_prefix_states_equal_the_plain_forward(head_model):
+    """Encoding the 6 shared tokens once (KV repeated to 3 rows, positions continued at 6)
+    gives the plain forward's final states — the user token still reads every history item
+    token of its row, all of them after the prefix."""
+    batch = _prefixed_batch()
+    assert shared_prefix_length(head_model, batch) == 6
+    with torch.no_grad():
+        plain = final_states(head_model, batch)
+        shared = final_states(head_model, batch, share_prefix=True)
+    assert torch.allclose(shared, plain, atol=1e-5)
+    assert not torch.allclose(plain[0], plain[1], atol=1e-3)  # rows differ: a real comparison
+
+
+def test_shared_prefix_stops_before_placeholders_and_images(head_model):
+    """The prefix never includes an item token (its row's user token reads it), leaves a token
+    to every row, and is not used with left padding, image inputs or a single row."""
+    batch = _prefixed_batch()
+    ids = batch["input_ids"].clone()
+    ids[:, 4] = virtual_id("item", 5)  # same item token in every row, inside the prefix
+    assert shared_prefix_length(head_model, {**batch, "input_ids": ids}) == 4
+    same = {"input_ids": ids[:1].repeat(2, 1), "attention_mask": torch.ones(2, 13)}
+    assert shared_prefix_length(head_model, same, minimum=1) == 4
+    short = {"input_ids": batch["input_ids"][:, :8].clone(), "attention_mask": torch.ones(3, 8)}
+    short["input_ids"][:, 6:] = 5
+    assert shared_prefix_length(head_model, short) == 7
+    left = {**batch, "attention_mask": batch["attention_mask"].flip(-1)}
+    assert shared_prefix_length(head_model, left) == 0
+    assert shared_prefix_length(head_model, {**batch, "pixel_values": torch.zeros(1)}) == 0
+    one = {k: v[:1] for k, v in batch.items()}
+    assert shared_prefix_length(head_model, one) == 0
