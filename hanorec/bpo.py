@@ -53,12 +53,13 @@ from hanorec.collate import PromptCollator
 from hanorec.data.blind import count_statuses, row_key, write_blind_dataset
 from hanorec.data.catalog import Catalog
 from hanorec.data.config import DataConfig
+from hanorec.data.prompt_config import PromptConfig
 from hanorec.data.prompts import ANSWERS, GENERAL, LABELS, response_text
 from hanorec.metrics import match_answer, normalize_title
 from hanorec.models.config import ModelConfig
 from hanorec.models.lineage import load_trained
 from hanorec.preference import DPOConfig, load_preference_data
-from hanorec.runtime import PromptConfig, load_rows, make_collator
+from hanorec.runtime import load_rows, make_collator
 from hanorec.scoring import candidate_scores, yes_no_scores
 
 __all__ = ["BPOConfig", "BPORun", "blind_answers", "blind_picks", "blind_records",

@@ -61,6 +61,7 @@ from torch import nn
 from hanorec import config as recipe
 from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.config import DataConfig
+from hanorec.data.prompt_config import PromptConfig
 from hanorec.hardness import pair_lambdas, sft_item_embeddings
 from hanorec.losses import (
     IGNORE_INDEX,
@@ -85,7 +86,6 @@ from hanorec.preference import (
 )
 from hanorec.readout import answer_logps
 from hanorec.runtime import (
-    PromptConfig,
     make_collator,
     prepare_training,
     ranking_check,

@@ -63,6 +63,7 @@ from hanorec.cli import ArgumentParser
 from hanorec.collate import PromptCollator
 from hanorec.data.config import PROTOCOLS, DataConfig
 from hanorec.data.known import known_items, known_sequences
+from hanorec.data.prompt_config import PromptConfig
 from hanorec.forward import MODES
 from hanorec.metrics import (
     PROTOCOL_KS,
@@ -76,7 +77,7 @@ from hanorec.metrics import (
 from hanorec.models.config import ModelConfig
 from hanorec.models.lineage import load_trained
 from hanorec.report import try_write_report
-from hanorec.runtime import PromptConfig, load_catalog, load_rows, make_collator, write_json
+from hanorec.runtime import load_catalog, load_rows, make_collator, write_json
 from hanorec.scoring import (
     candidate_scores,
     candidate_titles,

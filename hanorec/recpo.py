@@ -63,6 +63,7 @@ from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.data.known import known_items, known_sequences
+from hanorec.data.prompt_config import PromptConfig
 from hanorec.item_features import attach_for_recipe
 from hanorec.losses import ADVANTAGES, clipped_surrogate, group_advantages, recpo_rewards
 from hanorec.metrics import PROTOCOL_KS, full_ranking, history_mask, match_answer
@@ -81,7 +82,6 @@ from hanorec.r2ec import (
 )
 from hanorec.report import try_write_report
 from hanorec.runtime import (
-    PromptConfig,
     load_catalog,
     load_rows,
     make_collator,

@@ -47,6 +47,7 @@ from hanorec import config as recipe
 from hanorec.collab import CollabConfig
 from hanorec.collate import PromptCollator
 from hanorec.data.config import DataConfig
+from hanorec.data.prompt_config import PromptConfig
 from hanorec.item_features import attach_for_recipe
 from hanorec.losses import IGNORE_INDEX, sequence_logps
 from hanorec.metrics import target_ranks
@@ -55,7 +56,6 @@ from hanorec.models.lineage import export_model
 from hanorec.models.loading import load_backbone
 from hanorec.readout import head_logps, row_choices
 from hanorec.runtime import (
-    PromptConfig,
     load_catalog,
     load_rows,
     make_collator,

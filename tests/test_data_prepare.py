@@ -155,6 +155,17 @@ def test_cli_and_flag_parser(source: Path, capsys) -> None:
     assert "<|user|>" in shown and "Answer Yes or No." in shown
     assert main(["show", "--config", str(recipe), "--num-candidates", "6", "--split",
                  "validation", "--index", "11"]) == 0  # --split: the dataset split for show
+    assert "(19" in capsys.readouterr().out  # default prompt: titles keep their year
+    index_recipe = source / "index.yaml"
+    index_recipe.write_text(recipe.read_text() + "prompt:\n  answer: index\n"
+                            "  title_year: false\n  image_budget: 0\n")
+    assert main(["show", "--config", str(index_recipe), "--num-candidates", "6"]) == 0
+    shown = capsys.readouterr().out  # the recipe's prompt: section, not the defaults
+    assert "A. " in shown and "(19" not in shown.split("<|assistant|>")[0]
+    assert re.search(r"<\|assistant\|>\n[A-F]\n", shown)
+    assert main(["show", "--config", str(index_recipe), "--num-candidates", "6",
+                 "--answer", "title"]) == 0
+    assert re.search(r"<\|assistant\|>\nMovie \d+\n", capsys.readouterr().out)
     assert main(["prepare", "--config", str(recipe), "--split", "temporal", "--output-dir",
                  str(source / "temporal")]) == 0  # --split: DataConfig.split for prepare
     manifest = json.loads((source / "temporal" / "manifest.json").read_text())

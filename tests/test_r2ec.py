@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hanorec.data.prompt_config import PromptConfig
 from hanorec.r2ec import (
     ItemTable,
     MarkerStop,
@@ -17,7 +18,7 @@ from hanorec.r2ec import (
     sequence_batch,
     state_and_token_logps,
 )
-from hanorec.runtime import PromptConfig, make_collator
+from hanorec.runtime import make_collator
 
 MARKER = [7, 8]
 

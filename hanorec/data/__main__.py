@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from hanorec.cli import ArgumentParser, run
-from hanorec.data.cli_args import help_text, parse_data_cli
+from hanorec.data.cli_args import ShowRun, help_text, parse_data_cli, parse_show_cli
 from hanorec.data.config import PROTOCOLS, DataConfig, default_cache_dir
 
 __all__ = ["main", "parse_data_cli"]
@@ -37,11 +37,13 @@ def _posters(config: DataConfig, out_dir: str | None = None, workers: int = 2) -
     print(f"rendered {count} posters into {target} ({len(catalogue) - count} already there)")
 
 
-def _show(config: DataConfig, args: argparse.Namespace) -> None:
+def _show(run: ShowRun, args: argparse.Namespace) -> None:
+    """Print one prepared row as the recipe's stages render it (its ``prompt:`` section)."""
     from hanorec.data.catalog import Catalog
     from hanorec.data.prepared import read_protocol
-    from hanorec.data.prompts import build_prompt, plain_text, response_text
+    from hanorec.data.prompts import LABELS, build_prompt, plain_text, response_text
 
+    config, style = run.data, run.prompt.style()
     output = config.path(config.output_dir)
     folder = output / args.protocol
     if not folder.is_dir():
@@ -53,7 +55,8 @@ def _show(config: DataConfig, args: argparse.Namespace) -> None:
                          f"{len(rows)} rows (0 to {len(rows) - 1})")
     row = rows[args.index]
     catalog = Catalog.from_prepared(output)
-    prompt = build_prompt(row, catalog, args.protocol, image_budget=args.image_budget)
+    prompt = build_prompt(row, catalog, args.protocol, image_budget=run.prompt.image_budget,
+                          with_images=run.prompt.with_images, style=style)
     if args.model_dir:
         from transformers import AutoProcessor
 
@@ -63,7 +66,12 @@ def _show(config: DataConfig, args: argparse.Namespace) -> None:
     else:
         text = plain_text(prompt.messages)
     answer = "Yes" if row.get("label") == 1 else "No" if "label" in row else row["target"]
-    print(text + response_text(answer, catalog))
+    if answer in ("Yes", "No") or style.answer == "title":
+        print(text + style.display_title(response_text(answer, catalog)))
+    elif style.answer == "index":
+        print(text + LABELS[list(row["candidates"]).index(answer)])
+    else:
+        print(text + f"[answer: head read-out, target {catalog.title(answer)!r}]")
     print(f"\n[{len(prompt.image_paths)} images: {[str(p) for p in prompt.image_paths]}]")
 
 
@@ -87,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         show.add_argument("--protocol", default="candidates", choices=PROTOCOLS, help="protocol")
         show.add_argument("--split", default="test", choices=["train", "validation", "test"],
                           help="train, validation or test")
-        show.add_argument("--image-budget", type=int, default=5, help="images in the prompt")
         show.add_argument("--model-dir", default=None, help="saved processor directory")
         show_args, rest = show.parse_known_args(rest)
         vars(args).update(vars(show_args))
@@ -102,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_posters:
             _posters(config, str(target / "posters"), args.workers)
         return 0
+    if args.command == "show":
+        _show(parse_show_cli(rest), args)
+        return 0
     config = parse_data_cli(rest)
     if args.command == "prepare":
         from hanorec.data.prepare import prepare
@@ -115,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {protocol:<10} " + "  ".join(f"{s}={splits[s]}" for s in SPLITS))
     elif args.command == "render-posters":
         _posters(config, workers=args.workers)
-    else:
-        _show(config, args)
     return 0
 
 

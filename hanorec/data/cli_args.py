@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from hanorec import config as recipe
 from hanorec.data.config import DataConfig
+from hanorec.data.prompt_config import PromptConfig
 
 
 @dataclass
@@ -14,6 +15,20 @@ class DataRun:
     """What ``python -m hanorec.data`` reads from a recipe: its ``data:`` section."""
 
     data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class ShowRun:
+    """What ``python -m hanorec.data show`` reads: the data and the ``prompt:`` section, so a
+    row is rendered as the recipe's stages render it (read-out, item tokens, titles)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+def parse_show_cli(argv: list[str]) -> ShowRun:
+    """Like :func:`parse_data_cli`, with the ``prompt:`` section's flags as well."""
+    return recipe.parse(ShowRun, argv, prog="python -m hanorec.data show", description="")
 
 
 def parse_data_cli(argv: list[str]) -> DataConfig:
