@@ -189,6 +189,13 @@ def score_candidates(
     return torch.cat(scores, dim=1)
 
 
+def shares_prompt(model: nn.Module) -> bool:
+    """Whether ``model``'s family is one whose shared paths are tested equal to the duplicated
+    batch (:data:`hanorec.models.families.SHARED_FAMILIES`: LLaVA, Qwen2-VL, Qwen2.5-VL,
+    Idefics3, SmolVLM), so that a caller may take them without a capability check."""
+    return _family(model) in SHARED_FAMILIES
+
+
 def resolve_mode(
     model: nn.Module,
     mode: Mode = "auto",
