@@ -52,6 +52,8 @@ lint: setup
 
 bench: setup data
 	$(PY) benchmarks/preference_step.py
+	$(PY) benchmarks/preference_step.py --threads 2
+	$(PY) benchmarks/vs_trl.py --threads 2
 	$(PY) benchmarks/candidate_scoring.py
 	$(PY) benchmarks/data_prepare.py
 

@@ -1,4 +1,4 @@
-"""Preference-step cost: shared prompt (KV cache branched to K+1 responses) vs duplicated batch.
+"""Preference-step cost: shared prompt (encoded once, K+1 responses) vs the duplicated batch.
 
 One step = policy forward of the chosen and K rejected responses (``hanorec.forward``), the
 reference log-probs (``frozen``: an extra no-grad forward with the LoRA adapter disabled;
@@ -9,7 +9,7 @@ image, ~390 tokens) and the responses are 12-token titles, as in DESIGN.md.
 
 Measurement (CPU, honest on a shared machine): for each (K, reference) three fresh
 subprocesses run with ``--threads`` torch threads. Time: one process builds the model once and
-alternates the two modes step by step (kv, duplicate, kv, …; one warm-up each), so that load
+alternates the two modes step by step (shared, duplicate, …; one warm-up each), so that load
 changes hit both alike; the minimum of ``--steps`` steps per mode is reported (timeit's
 convention: on a shared CPU the fastest run is the least disturbed; medians go to stderr).
 Memory: one process per mode runs a warm-up and one step of that mode alone; peak memory is
@@ -17,10 +17,32 @@ the growth of the process's peak resident set size (``getrusage`` ``ru_maxrss``)
 value after the model and inputs were built (a precomputed reference pass falls inside the
 window; it needs less than a training step), i.e. the extra memory the step needs
 (activations, autograd graph, logits; allocator caching included, alike for both modes).
-All configurations run in one invocation, so the ratios are side by side::
+All configurations run in one invocation, so the ratios are side by side. The shared path is
+``--shared-mode auto`` (what ``hanorec.dpo`` runs: ``packed`` for a model in training mode);
+``kv`` and ``packed`` can be forced.
+
+Why the shared step was below its ideal at 2 threads (issue 20; K = 1, precomputed: 1.35×
+against 1.94×), and what changed. Until then ``auto`` trained on the ``kv`` path: the prompt
+pass, then the responses on the repeated KV cache — two passes through every layer. Counted
+with ``torch.profiler`` on this benchmark's model (K = 1, forward + backward), ``kv`` issues
+8,860 aten operators, the duplicated batch 5,261 and ``packed`` (one pass over
+``P + (K+1)(R−1)`` tokens with a block mask) 5,224: ``kv`` does half the duplicated batch's
+arithmetic in 1.7× its operators, most of them on the 44 response tokens of the second pass.
+An operator's fixed cost (dispatch, autograd bookkeeping, the OpenMP fork/join of each parallel
+region) does not shrink with threads, so the arithmetic ``kv`` saves shrinks relative to it
+at 2 threads — and any other process on the machine makes every fork/join wait for a
+descheduled thread, which hurts the path with the most operators most (on this 2-core machine
+with another training job running, one 2-thread ``kv`` step took 0.47–0.66 s against 0.33–0.38 s
+for ``packed`` and 0.70–0.85 s for the duplicated batch; at 1 thread ``kv`` 0.231 s, ``packed``
+0.218 s, duplicated 0.445 s). The reference pass of ``--reference frozen`` is no-grad (no
+backward), so the frozen rows suffered less. ``auto`` now takes ``packed`` in training mode
+(policy and reference alike) and keeps ``kv`` for eval-mode scoring (many candidates on one
+cache: ``benchmarks/candidate_scoring.py``); ``packed`` is as fast or faster than ``kv`` at one
+thread for K = 1, 3, 7 here, and needs less memory (no repeated cache kept for the backward).
 
     python benchmarks/preference_step.py               # K = 1, 3, 7; all reference modes
-    python benchmarks/preference_step.py --ks 1 3 --references frozen --steps 3
+    python benchmarks/preference_step.py --threads 2   # what a user runs with all the cores
+    python benchmarks/preference_step.py --ks 1 --references precomputed --shared-mode kv
 """
 
 from __future__ import annotations
@@ -35,7 +57,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-MODES = ("kv", "duplicate")
+MODES = ("shared", "duplicate")
+SHARED_MODES = ("auto", "kv", "packed")
 REFERENCES = ("frozen", "precomputed", "none")
 IMAGE_TOKEN = 999
 
@@ -53,6 +76,7 @@ class Setting:
     steps: int = 7
     threads: int = 1
     full_params: bool = False
+    shared: str = "auto"
 
 
 def build_model(full_params: bool):
@@ -139,6 +163,7 @@ def make_step(model, prompt, responses, setting: Setting, mode: str):
 
     no_adapter = getattr(model, "disable_adapter", contextlib.nullcontext)
     k = setting.num_rejected
+    mode = setting.shared if mode == "shared" else mode
 
     def reference_logps():
         with torch.no_grad(), no_adapter():
@@ -164,9 +189,10 @@ def make_step(model, prompt, responses, setting: Setting, mode: str):
 
 
 def run_setting(setting: Setting) -> dict[str, float]:
-    """One worker. ``mode`` ``kv``/``duplicate``: peak RSS growth (MB) over a warm-up and one
+    """One worker. ``mode`` ``shared``/``duplicate``: peak RSS growth (MB) over a warm-up and one
     step of that mode alone. ``mode`` ``both``: median step times of the two modes, run in
-    alternation (kv, duplicate, kv, …) so that load changes on the machine hit both alike."""
+    alternation (shared, duplicate, shared, …) so that load changes on the machine hit both
+    alike."""
     import torch
 
     torch.set_num_threads(setting.threads)
@@ -230,6 +256,7 @@ def table(args: argparse.Namespace) -> list[str]:
                     threads=args.threads,
                     full_params=args.full_params,
                     batch_size=args.batch_size,
+                    shared=args.shared_mode,
                 )
                 result[mode] = info = run_in_subprocess(setting)
                 print(
@@ -238,20 +265,21 @@ def table(args: argparse.Namespace) -> list[str]:
                     flush=True,
                 )
             ideal = ideal_speedup(
-                k, info["prompt_tokens"], Setting(k, reference, "kv").response_tokens
+                k, info["prompt_tokens"], Setting(k, reference, "shared").response_tokens
             )
-            dup_s, kv_s = result["both"]["duplicate_s"], result["both"]["kv_s"]
+            dup_s, shared_s = result["both"]["duplicate_s"], result["both"]["shared_s"]
             lines.append(
-                f"| {k} | {reference} | {dup_s:.3f} | {kv_s:.3f} | {dup_s / kv_s:.2f}× | "
+                f"| {k} | {reference} | {dup_s:.3f} | {shared_s:.3f} | {dup_s / shared_s:.2f}× | "
                 f"{ideal:.2f}× | "
-                f"{result['duplicate']['peak_mb']:.0f} | {result['kv']['peak_mb']:.0f} | "
-                f"{result['kv']['peak_mb'] / result['duplicate']['peak_mb']:.2f} |"
+                f"{result['duplicate']['peak_mb']:.0f} | {result['shared']['peak_mb']:.0f} | "
+                f"{result['shared']['peak_mb'] / result['duplicate']['peak_mb']:.2f} |"
             )
     lines.append("")
     lines.append(
         f"prompt ≈ {info.get('prompt_tokens')} tokens (5 images × 64 + text), responses 12 tokens, "
         f"B = {args.batch_size}, trainable params {info.get('trainable')}, "
-        f"{'full' if args.full_params else 'LoRA r=8'}, torch threads {args.threads}"
+        f"{'full' if args.full_params else 'LoRA r=8'}, torch threads {args.threads}, "
+        f"shared path {args.shared_mode}"
     )
     return lines
 
@@ -275,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="prompts per step")
     parser.add_argument(
         "--full-params", action="store_true", help="train all parameters instead of LoRA"
+    )
+    parser.add_argument(
+        "--shared-mode", default="auto", choices=SHARED_MODES,
+        help="shared path: auto (what training runs: packed), kv or packed",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -8,10 +8,13 @@ rejected responses branch from it, in one of three ways:
 * ``kv`` — the prompt runs with ``use_cache=True``; its KV cache is repeated along the batch
   dimension to B·(K+1) rows (differentiably) and the responses run on top of it, with no
   image input. The logits at each prompt's last token score the first response token.
-* ``packed`` — for gradient checkpointing (which disables the cache in training): one
-  sequence per prompt, ``[prompt, resp_0, …, resp_K]``, with a block attention mask (each
-  response sees the prompt and, causally, itself) and positions that restart after the
-  prompt for every response.
+  ``auto``'s choice in eval mode (scoring many candidates).
+* ``packed`` — one sequence per prompt, ``[prompt, resp_0, …, resp_K]``, with a block
+  attention mask (each response sees the prompt and, causally, itself) and positions that
+  restart after the prompt for every response. ``auto``'s choice in training mode
+  (one pass: as few operators as the duplicated batch, so the speed-up holds with several
+  threads, see :func:`resolve_mode`) and the only shared path under gradient checkpointing
+  (which disables the cache).
 * ``duplicate`` — the reference: each prompt and its images repeated K+1 times (how TRL
   concatenates chosen and rejected), one forward. Also the fallback for backbones the
   shared paths do not support.
@@ -121,8 +124,9 @@ def response_logps(
             (``image_grid_thw``, ``mm_token_type_ids``, ``pixel_attention_mask``, …).
         responses: ``[B, K+1, R]`` response token ids, chosen at ``k = 0``, right-padded with
             ``-100``.
-        mode: ``kv``, ``packed``, ``duplicate`` or ``auto`` (``kv``; ``packed`` under gradient
-            checkpointing; ``duplicate`` with a one-time warning where sharing is unsupported).
+        mode: ``kv``, ``packed``, ``duplicate`` or ``auto`` (``packed`` in training mode,
+            ``kv`` in eval mode; ``duplicate`` with a one-time warning where
+            sharing is unsupported; see :func:`resolve_mode`).
         average: length-average instead of sum.
         noise_std: σ of NoDO logit noise at response positions (training policy forward only).
         generator: ``torch.Generator`` for the noise; draws are in ``(b, k, t)`` order, so
@@ -189,6 +193,13 @@ def score_candidates(
     return torch.cat(scores, dim=1)
 
 
+def shares_prompt(model: nn.Module) -> bool:
+    """Whether ``model``'s family is one whose shared paths are tested equal to the duplicated
+    batch (:data:`hanorec.models.families.SHARED_FAMILIES`: LLaVA, Qwen2-VL, Qwen2.5-VL,
+    Idefics3, SmolVLM), so that a caller may take them without a capability check."""
+    return _family(model) in SHARED_FAMILIES
+
+
 def resolve_mode(
     model: nn.Module,
     mode: Mode = "auto",
@@ -198,12 +209,23 @@ def resolve_mode(
 ) -> str:
     """The concrete path (``kv``, ``packed`` or ``duplicate``) ``mode`` runs on for ``model``.
 
-    ``auto`` picks ``kv``, or ``packed`` when gradient checkpointing is active in training
-    (it disables the KV cache). It falls back to ``duplicate`` with a one-line warning (once
-    per process and backbone) for backbones whose prompt attention is not causal, for
-    ``packed`` under an attention kernel without arbitrary masks, and for unknown backbones
-    whose shared path fails a one-time capability check (run on the first prompt of
-    ``prompt_batch`` with ``responses``, no gradient, eval mode, compared with ``duplicate``).
+    ``auto`` picks ``packed`` for a model in training mode (the policy forward of a training
+    step, and its no-grad reference forward alike, so that equal weights give bit-equal
+    log-probs and the first step's rewards are exactly 0) and ``kv`` in eval mode (scoring,
+    evaluation: many candidates on one cache). Why: ``kv`` runs the model twice (prompt, then
+    the responses on the repeated cache), so a forward + backward issues ~1.7× the operators of
+    the duplicated batch (8,860 against 5,261 aten calls on the benchmark's tiny LLaVA, K = 1),
+    most of them on the few response tokens; ``packed`` is one pass of ``P + (K+1)(R−1)`` tokens
+    with the duplicated batch's operator count. Per-operator costs (dispatch, autograd, the
+    thread pool's fork/join) do not shrink with more threads, so ``kv``'s speed-up fell from
+    1.8× at one thread to 1.35× at two (``benchmarks/preference_step.py``), while ``packed``
+    keeps the token-count speed-up. Under gradient checkpointing ``packed`` is the only shared
+    path (it disables the KV cache). When ``packed`` cannot run (an attention kernel without
+    arbitrary masks) a training forward takes ``kv``. ``auto`` falls back to ``duplicate`` with
+    a one-line warning (once per process and backbone) for backbones whose prompt attention is
+    not causal and for unknown backbones whose shared path fails a one-time capability check
+    (run on the first prompt of ``prompt_batch`` with ``responses``, no gradient, eval mode,
+    compared with ``duplicate``).
 
     Raises:
         ValueError: for an unknown mode, ``kv`` under gradient checkpointing, or an explicit
@@ -221,10 +243,12 @@ def resolve_mode(
         raise ValueError(f"forward.py: {_family(model)} cannot run mode={mode!r}: {reason}")
     if mode != "auto":
         return mode
-    wanted = "packed" if checkpointing else "kv"
-    reason = _unsupported_reason(model, wanted, prompt_batch, responses)
-    if reason is None:
-        return wanted
+    wanted = _auto_order(model, checkpointing)
+    for candidate in wanted:
+        reason = _unsupported_reason(model, candidate, prompt_batch, responses)
+        if reason is None:
+            return candidate
+    wanted = wanted[0]
     family = _family(model)
     if (family, wanted) not in _WARNED:
         _WARNED.add((family, wanted))
@@ -235,6 +259,15 @@ def resolve_mode(
             stacklevel=3,
         )
     return "duplicate"
+
+
+def _auto_order(model: nn.Module, checkpointing: bool) -> tuple[str, ...]:
+    """The shared paths ``auto`` tries, best first (see :func:`resolve_mode`)."""
+    if checkpointing:
+        return ("packed",)
+    if model.training:
+        return ("packed", "kv")
+    return ("kv",)
 
 
 # --------------------------------------------------------------------------------------------

@@ -335,10 +335,19 @@ def test_score_twenty_candidates(models):
 
 
 def test_auto_mode_follows_gradient_checkpointing():
-    """auto: kv normally; packed under gradient checkpointing in training (where kv is refused),
-    and packed training gradients still match the duplicated batch."""
+    """auto: kv in eval mode; packed in training mode (one pass, the duplicated batch's operator
+    count), kv there when the attention kernel takes no block mask; packed under gradient
+    checkpointing in training (where kv is refused), and packed training gradients still
+    match the duplicated batch."""
     model = build("llava")
     assert resolve_mode(model, "auto") == "kv"
+    model.train()
+    assert resolve_mode(model, "auto") == "packed"
+    text = model.config.get_text_config()
+    kernel, text._attn_implementation = text._attn_implementation, "flash_attention_2"
+    assert resolve_mode(model, "auto") == "kv"
+    text._attn_implementation = kernel
+    model.eval()
     enable = (
         getattr(model, "activation_checkpointing_enable", None)
         or model.gradient_checkpointing_enable

@@ -5,6 +5,8 @@ real ``LlavaProcessor`` (``<image>`` expanded to 16 tokens) and the trainer trai
 The comparison with ``hanorec.dpo.preference_step`` uses one TRL-collated batch, rewritten into
 hanorec's layout (prompt once, ``[B, 2, R]`` responses) — same tokens, same policy, same
 reference (a perturbed copy, so that the margins ``h`` are not all 0), same β0 and λ.
+The shared-prompt forward inside the trainer is compared with TRL's own ``DPOTrainer`` (its
+fused-head forward over the duplicated batch) on tiny LLaVA and Qwen2-VL.
 """
 
 from __future__ import annotations
@@ -16,20 +18,29 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import DPOTrainer
 
 import hanorec.integrations.trl as hanorec_trl
 from hanorec.dpo import DPOConfig, DPORun, preference_step
-from hanorec.integrations.trl import HaNoRecDPOConfig, HaNoRecDPOTrainer, HardnessCollator
+from hanorec.forward import resolve_mode
+from hanorec.integrations.trl import (
+    HaNoRecDPOConfig,
+    HaNoRecDPOTrainer,
+    HardnessCollator,
+    shared_prompt_batch,
+)
+from hanorec.models.families import vision_tower
 
 HARDNESS = [0.6, 1.0, 1.5, 0.9]
+MARKERS = {"tiny-llava": "<image>", "tiny-qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 
 
-def _dataset(with_hardness: bool = True) -> Dataset:
+def _dataset(with_hardness: bool = True, marker: str = "<image>") -> Dataset:
     """4 pairs, one image each; prompts of different lengths (padding is exercised)."""
     rows = {
         "images": [[Image.new("RGB", (40, 48), (40 * k, 200 - 40 * k, 90))] for k in range(4)],
-        "prompt": [f"<image>History: {'Title 1, ' * k}Title {k}. Which movie next?"
+        "prompt": [f"{marker}History: {'Title 1, ' * k}Title {k}. Which movie next?"
                    for k in range(4)],
         "chosen": [f" Title {k + 1} (199{k})" for k in range(4)],
         "rejected": [f" Title {k + 5}" for k in range(4)],
@@ -39,14 +50,16 @@ def _dataset(with_hardness: bool = True) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def _trainer(folder, tmp_path, dataset=None, **options) -> HaNoRecDPOTrainer:
-    """Policy = the tiny LLaVA; reference = a seeded perturbed copy (policy ≠ reference).
+def _trainer(folder, tmp_path, dataset=None, trainer_cls=HaNoRecDPOTrainer,
+             **options) -> HaNoRecDPOTrainer:
+    """Policy = the tiny VLM in ``folder``; reference = a seeded perturbed copy (policy ≠
+    reference). ``trainer_cls=DPOTrainer`` builds TRL's own trainer on the same weights.
 
     ``bf16=False``: TRL's ``DPOConfig`` defaults to bf16, and on CPU the trainer then runs its
     forwards under bf16 autocast, which moves log-probs by ~1e-3.
     """
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for param in ref.parameters():
@@ -59,8 +72,8 @@ def _trainer(folder, tmp_path, dataset=None, **options) -> HaNoRecDPOTrainer:
         disable_tqdm=True, seed=0, **settings,
     )
     processor = AutoProcessor.from_pretrained(folder)
-    return HaNoRecDPOTrainer(model=model, ref_model=ref, args=args,
-                             train_dataset=dataset or _dataset(), processing_class=processor)
+    return trainer_cls(model=model, ref_model=ref, args=args,
+                       train_dataset=dataset or _dataset(), processing_class=processor)
 
 
 @pytest.fixture
@@ -220,9 +233,80 @@ def test_text_only_pairs_with_precomputed_reference(llava, tmp_path):
         report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
         precompute_ref_log_probs=True, noise_std=0.0,
     )
-    trainer = HaNoRecDPOTrainer(model=model, args=args, train_dataset=pairs,
-                                processing_class=tokenizer)
+    with pytest.warns(RuntimeWarning, match="does not share the prompt for 'llama'"):
+        trainer = HaNoRecDPOTrainer(model=model, args=args, train_dataset=pairs,
+                                    processing_class=tokenizer)
+    assert trainer.share_prompt is False
     trainer.train()
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-5
     assert logs[1]["loss"] < logs[0]["loss"] and logs[0]["hars/beta_max"] > logs[0]["hars/beta_min"]
+
+
+def _vision_rows(*models) -> list[int]:
+    """Record the leading size (images, or Qwen2-VL patches) of every vision-tower input."""
+    seen: list[int] = []
+
+    def hook(_module, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        seen.append(int(pixels.shape[0]))
+
+    for model in models:
+        vision_tower(model).register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_forward_equals_trls_own_forward(tiny_backbone_dirs, tmp_path, name,
+                                                checkpointing):
+    """One TRL-collated batch through TRL's own ``DPOTrainer`` (fused LM head over the
+    duplicated batch) and through HaNoRecDPOTrainer with the shared prompt (KV cache; packed
+    sequences under gradient checkpointing in train mode) and without it (``share_prompt=
+    False``). HaRS off, no noise: HaNoRec's loss is TRL's sigmoid DPO loss. The reference
+    log-probs of every response, the mean policy log-probs and the loss agree within 1e-5; the
+    vision tower sees each prompt's images once on the shared path and twice on TRL's."""
+    folder, data = tiny_backbone_dirs[name], _dataset(with_hardness=False, marker=MARKERS[name])
+    options = {"hardness": "none", "gradient_checkpointing": checkpointing}
+    theirs = _trainer(folder, tmp_path, data, trainer_cls=DPOTrainer, **options)
+    shared = _trainer(folder, tmp_path, data, **options)
+    unshared = _trainer(folder, tmp_path, data, share_prompt=False, **options)
+    assert shared.share_prompt and not unshared.share_prompt
+    batch = theirs.data_collator([dict(row) for row in data])
+    losses, refs, rows = [], [], []
+    seen = {}
+    for trainer in (theirs, shared, unshared):
+        seen[trainer] = _vision_rows(trainer.model, trainer.ref_model)
+        trainer.model.train(checkpointing)
+        if checkpointing:
+            trainer.model.gradient_checkpointing_enable()
+    assert resolve_mode(shared.model) == ("packed" if checkpointing else "kv")
+    for trainer in (theirs, shared, unshared):
+        refs.append(torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, batch)))
+        seen[trainer].clear()
+        losses.append(float(trainer.compute_loss(trainer.model, batch).detach()))
+        rows.append(sum(seen[trainer]))
+    assert abs(losses[0] - math.log(2)) > 1e-3
+    for loss, ref in zip(losses[1:], refs[1:]):
+        assert abs(loss - losses[0]) < 1e-5
+        torch.testing.assert_close(ref, refs[0], rtol=0, atol=1e-5)
+    mode = "train" if checkpointing else "eval"
+    for key in ("logps/chosen", "logps/rejected"):
+        assert shared._metrics[mode][key] == pytest.approx(theirs._metrics[mode][key], abs=1e-5)
+    assert rows[1] * 2 == rows[0] == rows[2] > 0  # policy + reference: images once vs twice
+
+
+def test_shared_prompt_batch_reads_trls_layout_back(llava, tmp_path):
+    """TRL's batch → one prompt batch and ``[B, 2, R]`` responses, as the test's own loop
+    (``_as_hanorec``) reads it; a batch whose halves hold different prompts (a custom collator)
+    is refused (None: the trainer keeps TRL's duplicated forward)."""
+    trainer = _trainer(llava, tmp_path)
+    batch = _full_batch(trainer)
+    prompt, responses = shared_prompt_batch(batch, skip=("hardness",))
+    expected_prompt, expected_responses = _as_hanorec(batch)
+    assert torch.equal(responses, expected_responses)
+    for key, value in expected_prompt.items():
+        assert torch.equal(prompt[key], value), key
+    assert set(prompt) == {"input_ids", "attention_mask", "pixel_values"}
+    mixed = dict(batch, input_ids=batch["input_ids"].roll(1, dims=0))
+    assert shared_prompt_batch(mixed, skip=("hardness",)) is None

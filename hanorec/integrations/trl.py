@@ -25,6 +25,16 @@ What the subclass changes, and nothing else:
   ``h_i = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]``, the live
   responsiveness ``η`` (eq. 8, over the global batch) and ``β_i = max(1e-6, β0·η·λ_i)``
   (eq. 11) feed :func:`hanorec.losses.preference_loss`: ``−mean_i log σ(β_i·h_i)`` (eq. 12).
+* **Forward** — for the families :mod:`hanorec.forward` shares the prompt for (LLaVA,
+  Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM), each prompt and its images run **once** and the
+  chosen and rejected responses branch from it (:func:`hanorec.forward.response_logps`: KV
+  cache, or packed sequences under gradient checkpointing), for the policy and for the
+  reference. TRL's collated batch ``[prompt+chosen rows; prompt+rejected rows]`` is read back
+  into one prompt batch and ``[B, 2, R]`` responses (:func:`shared_prompt_batch`); a response's
+  ``log π(y | x) = Σ_t log π(y_t | x, y_<t)`` is the same number as on TRL's duplicated batch
+  (tested to 1e-5 against TRL's own forward). Other backbones, batches whose two halves do not
+  share their prompts (a custom collator) and ``return_outputs=True`` keep TRL's duplicated
+  forward (a one-line warning says which backbone); ``share_prompt=False`` turns sharing off.
 * **Data** — the ``hardness`` column survives TRL's column removal (it is added to the
   signature columns) and its collator (a wrapper collates it into ``inputs["hardness"]``).
 * **Logs** — ``rewards/*`` and ``logps/*`` as TRL names them, plus ``hars/beta_mean``,
@@ -35,12 +45,15 @@ Supported TRL options: ``loss_type`` one of ``sigmoid`` (DPO; with ``label_smoot
 cDPO, ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``), ``ipo`` (on length-averaged log-probs, as TRL
 does) or ``hinge``; ``f_divergence_type="reverse_kl"``; no ``ld_alpha``, ``use_weighting`` or
 MoE auxiliary loss. Anything else raises ``ValueError`` at construction. The policy forward
-materialises its logits (``[2B, T, V]``), unlike TRL's fused LM head: NoDO perturbs logits.
+materialises its logits (responses only on the shared path, ``[2B, T, V]`` on TRL's), unlike
+TRL's fused LM head: NoDO perturbs logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,10 +87,15 @@ def _require_trl() -> None:
 
 _require_trl()
 
+from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
 
+from hanorec.forward import PER_TOKEN_KEYS, response_logps, shares_prompt  # noqa: E402
 from hanorec.losses import (  # noqa: E402
     HARDNESS_MODES,
+    IGNORE_INDEX,
     LOSSES,
     hars_betas,
     preference_loss,
@@ -110,6 +128,12 @@ class HaNoRecDPOConfig(DPOConfig):
         metadata={"help": "σ of the NoDO Gaussian noise on the policy's completion logits in "
                           "training (HaNoRec eq. 9; 0.1 in the paper, 0.05 on sparse "
                           "catalogues); 0 disables it."},
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "Run each prompt and its images once and branch the chosen and "
+                          "rejected responses from it (hanorec.forward), for the backbones "
+                          "it supports; false keeps TRL's duplicated batch."},
     )
 
     def __post_init__(self) -> None:
@@ -151,15 +175,27 @@ class HaNoRecDPOTrainer(DPOTrainer):
     """TRL ``DPOTrainer`` with the HaNoRec loss (HaRS β per sample, NoDO logit noise).
 
     Takes the arguments of ``trl.DPOTrainer``; ``args`` should be a :class:`HaNoRecDPOConfig`
-    (a plain ``DPOConfig`` means ``hardness="dynamic"``, ``noise_std=0.1``).
+    (a plain ``DPOConfig`` means ``hardness="dynamic"``, ``noise_std=0.1``,
+    ``share_prompt=True``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hardness = getattr(self.args, "hardness", "dynamic")
         self.noise_std = float(getattr(self.args, "noise_std", 0.1))
+        self.share_prompt = self._sharing(bool(getattr(self.args, "share_prompt", True)))
         self._check_supported()
         self.data_collator = HardnessCollator(self.data_collator, self.hardness_column)
+
+    def _sharing(self, wanted: bool) -> bool:
+        """Whether the shared-prompt forward runs; a one-line warning when it cannot."""
+        if wanted and not shares_prompt(self.model):
+            family = getattr(self.model.config, "model_type", type(self.model).__name__)
+            warnings.warn(f"HaNoRecDPOTrainer: hanorec.forward does not share the prompt for "
+                          f"{family!r}; using TRL's duplicated forward (slower, same loss)",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        return wanted
 
     def _check_supported(self) -> None:
         """Refuse TRL options this loss does not implement (rather than ignore them)."""
@@ -188,18 +224,41 @@ class HaNoRecDPOTrainer(DPOTrainer):
         """The hardness column (readable before ``__init__`` finishes, for column removal)."""
         return getattr(self.args, "hardness_column", "hardness")
 
+    def _shared(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], Tensor] | None:
+        """The batch as one prompt batch and ``[B, 2, R]`` responses, or None (TRL's path)."""
+        if not getattr(self, "share_prompt", False):
+            return None
+        return shared_prompt_batch(inputs, skip=(*_NON_MODEL_KEYS, self.hardness_column))
+
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """TRL's reference log-probs (never perturbed); the hardness entry kept from the model."""
-        return super().compute_ref_log_probs(model, _without(inputs, self.hardness_column))
+        """``[B]`` chosen and rejected reference log-probs (sums), never perturbed: the shared
+        forward when it applies, else TRL's own; the hardness entry is kept from the model."""
+        shared = self._shared(inputs)
+        if shared is None:
+            return super().compute_ref_log_probs(model, _without(inputs, self.hardness_column))
+        adapter: Any = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            adapter = use_adapter(unwrapped, adapter_name=name)
+        with (torch.no_grad(), adapter, self.accelerator.autocast(),
+              disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)):
+            logps = response_logps(model, *shared)
+        return logps[:, 0], logps[:, 1]
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
         """HaNoRec loss of one batch (TRL's ``[chosen rows; rejected rows]``); see the module."""
         mode = "train" if self.model.training else "eval"
         average = LOSSES[self.loss_types[0]].length_averaged
-        policy, outputs = self._policy_logps(model, inputs,
-                                             noise_std=self.noise_std if mode == "train" else 0.0,
-                                             average=average)
+        noise_std = self.noise_std if mode == "train" else 0.0
+        shared = None if return_outputs else self._shared(inputs)
+        if shared is None:
+            policy, outputs = self._policy_logps(model, inputs, noise_std=noise_std,
+                                                 average=average)
+        else:
+            policy, outputs = response_logps(model, *shared, average=average,
+                                             noise_std=noise_std).t().reshape(-1), None
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = self._reference_logps(inputs, average=average)
         lam = inputs.get(self.hardness_column)
@@ -212,7 +271,8 @@ class HaNoRecDPOTrainer(DPOTrainer):
 
     def _policy_logps(self, model: Any, inputs: dict[str, Any], *, noise_std: float,
                       average: bool) -> tuple[Tensor, Any]:
-        """``[2B]`` completion log-probs from the policy's logits, NoDO noise on completions."""
+        """TRL's path: ``[2B]`` completion log-probs from the policy's logits over the
+        duplicated batch, NoDO noise on completions."""
         model_kwargs = {k: v for k,
                         v in inputs.items() if k not in _NON_MODEL_KEYS
                         and k != self.hardness_column}
@@ -250,6 +310,66 @@ class HaNoRecDPOTrainer(DPOTrainer):
                                     gather=self.accelerator.gather)
         for key, value in values.items():
             self._metrics[mode][key].append(value)
+
+
+def shared_prompt_batch(inputs: Mapping[str, Any], *,
+                        skip: tuple[str, ...] = ()) -> tuple[dict[str, Any], Tensor] | None:
+    """TRL's preference batch as :func:`hanorec.forward.response_logps` takes it.
+
+    TRL collates ``2B`` rows, ``[prompt_b, chosen_b]`` for ``b < B`` then ``[prompt_b,
+    rejected_b]``, with ``completion_mask`` marking the responses and every image input repeated
+    for the second half. The prompt tokens (``attention_mask ∧ ¬completion_mask``) of the first
+    ``B`` rows become a right-padded prompt batch, the first half of every other tensor its image
+    inputs, and the completion tokens of all rows ``[B, 2, R]`` responses (``-100`` padding).
+
+    Args:
+        inputs: TRL's collated batch (``input_ids``, ``attention_mask``, ``completion_mask``,
+            image inputs, ...).
+        skip: Keys that are not model inputs (``completion_mask``, precomputed references, λ).
+
+    Returns:
+        ``(prompt_batch, responses)``, or None when the two halves do not repeat the same
+        prompts and images (then only the duplicated forward is right).
+    """
+    completion = inputs["completion_mask"].bool()
+    rows = completion.shape[0] // 2
+    if rows == 0 or completion.shape[0] != 2 * rows:
+        return None
+    prompt_mask = inputs["attention_mask"].bool() & ~completion
+    front = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)
+    width = int(prompt_mask.sum(1).max())
+    keep = prompt_mask.gather(1, front)[:, :width]
+    prompt: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if key in skip or key == "completion_mask":
+            continue
+        if key in PER_TOKEN_KEYS:
+            value = value.gather(1, front)[:, :width] * keep.to(value.dtype)
+        half = _first_half(value)
+        if half is None:
+            return None
+        prompt[key] = half
+    return prompt, _responses(inputs["input_ids"], completion, rows)
+
+
+def _first_half(value: Any) -> Any:
+    """The first half of a tensor whose second half (along dim 0) repeats it, else None;
+    anything that is not a batched tensor as it is."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return value
+    if value.shape[0] % 2:
+        return None
+    first, second = value.chunk(2)
+    return first if torch.equal(first, second) else None
+
+
+def _responses(ids: Tensor, completion: Tensor, rows: int) -> Tensor:
+    """``[B, 2, R]`` completion tokens (chosen, rejected), right-padded with ``-100``."""
+    front = torch.argsort((~completion).to(torch.int8), dim=1, stable=True)
+    width = max(int(completion.sum(1).max()), 1)
+    tokens = ids.gather(1, front)[:, :width]
+    tokens = tokens.masked_fill(~completion.gather(1, front)[:, :width], IGNORE_INDEX)
+    return torch.stack([tokens[:rows], tokens[rows:]], dim=1)
 
 
 def _without(inputs: dict[str, Any], key: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -65,24 +66,30 @@ def _text_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def _tiny_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
-    """LLaVA-1.5 layout: CLIP vision tower, 2-layer GELU projector, Llama language model."""
+def _tiny_llava(image_size: int = IMAGE_SIZE, vision_hidden: int = 32,
+                text_dims: dict[str, int] | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-1.5 layout: CLIP vision tower, 2-layer GELU projector, Llama language model.
+
+    The sizes default to ``tiny-llava``'s; the speed benchmarks pass larger ones
+    (``(image_size / 8)²`` tokens per image, ``text_dims`` overriding :data:`TEXT_DIMS`).
+    """
     tok = tiny_hf_tokenizer(chatml_template("<image>"))
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=2,
+        num_attention_heads=max(2, vision_hidden // 32), image_size=image_size,
+        patch_size=PATCH_SIZE, projection_dim=vision_hidden,
     )
-    text = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **TEXT_DIMS,
-                       **_text_ids(tok))
+    text = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False,
+                       **{**TEXT_DIMS, **(text_dims or {})}, **_text_ids(tok))
     config = LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
         vision_feature_select_strategy="default", vision_feature_layer=-2,
         **_text_ids(tok),
     )
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=_MEAN, image_std=_STD,
     )
     processor = LlavaProcessor(
@@ -144,20 +151,23 @@ def _tiny_idefics3() -> tuple[PreTrainedModel, ProcessorMixin]:
     return Idefics3ForConditionalGeneration(config), processor
 
 
-TINY_BUILDERS: dict[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]]] = {
+TINY_BUILDERS: dict[str, Callable[..., tuple[PreTrainedModel, ProcessorMixin]]] = {
     "tiny-llava": _tiny_llava,
     "tiny-qwen2-vl": _tiny_qwen2_vl,
     "tiny-idefics3": _tiny_idefics3,
 }
 
 
-def build_tiny_backbone(name: str, output_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_backbone(name: str, output_dir: str | Path, *, seed: int = 0,
+                        **sizes: Any) -> Path:
     """Build the tiny backbone ``name`` with seeded random weights and save model + processor.
 
     Args:
         name: One of :data:`TINY_BUILDERS` (``tiny-llava``, ``tiny-qwen2-vl``, ``tiny-idefics3``).
         output_dir: Folder to write (``config.json``, ``model.safetensors``, processor files).
         seed: Seed of the weight initialisation (same seed, same weights).
+        **sizes: Size overrides the builder takes (``tiny-llava``: ``image_size``,
+            ``vision_hidden``, ``text_dims``); none gives the tests' tiny sizes.
 
     Returns:
         ``output_dir`` as a ``Path``.
@@ -169,7 +179,7 @@ def build_tiny_backbone(name: str, output_dir: str | Path, *, seed: int = 0) -> 
         raise ValueError(f"unknown tiny backbone {name!r}; choose one of {sorted(TINY_BUILDERS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = TINY_BUILDERS[name]()
+        model, processor = TINY_BUILDERS[name](**sizes)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
