@@ -326,7 +326,8 @@ def train_loop(run: Training, step_fn: StepFn, *,
     it logs ``validate()`` with ``eval/seconds`` and stops early after
     ``early_stopping_patience`` evaluations without a lower ``eval/loss``. Every ``save_every``
     steps, and when it stops early, it writes a checkpoint (on the main process). At the end
-    it runs and logs ``validate()`` once more.
+    it runs and logs ``validate()`` once more, unless the last step was just validated (then
+    that validation is the final one).
 
     Args:
         run: The prepared run.
@@ -350,6 +351,8 @@ def train_loop(run: Training, step_fn: StepFn, *,
     bar = tqdm(total=run.steps, initial=position.step, desc=desc,
                disable=not accelerator.is_main_process)
     run.model.train()
+    val: dict[str, float] = {}
+    validated_at = -1  # the step of the last periodic validation (reused when it is the last)
     while position.step < run.steps:
         values = _optimizer_step_of(run, step_fn, batches, position, before_step)
         position.step += 1
@@ -358,7 +361,7 @@ def train_loop(run: Training, step_fn: StepFn, *,
             log.log(position.step, {**values, **_progress(run, position, clock)})
         stop = False
         if validate is not None and cfg.eval_every and position.step % cfg.eval_every == 0:
-            val = clock.evaluation(validate)
+            val, validated_at = clock.evaluation(validate), position.step
             log.log(position.step, {**val, "eval/seconds": clock.last_evaluation})
             stop = stopper.update(val["eval/loss"])
         if (cfg.save_every and position.step % cfg.save_every == 0) or stop:
@@ -369,9 +372,12 @@ def train_loop(run: Training, step_fn: StepFn, *,
             break
     bar.close()
     train_seconds = clock.training()
-    final = validate() if validate is not None else {}
-    if final:
-        log.log(position.step, final)
+    if validated_at == position.step:  # the last step was just validated: not twice
+        final = val
+    else:
+        final = validate() if validate is not None else {}
+        if final:
+            log.log(position.step, final)
     return LoopResult(position, train_seconds, final)
 
 

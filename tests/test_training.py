@@ -21,8 +21,12 @@ from hanorec.training import (
     EarlyStopping,
     EpochBatches,
     MetricsLogger,
+    MicroStep,
+    TrainConfig,
+    Training,
     cosine_with_warmup,
     read_metrics,
+    train_loop,
 )
 
 
@@ -169,3 +173,39 @@ def test_metrics_logger_truncates_to_the_resumed_step(tmp_path):
     rows = read_metrics(path)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/loss"] == 0.25
     assert json.loads(path.read_text().splitlines()[0])["train/loss"] == 1.0
+
+
+@pytest.mark.parametrize(("steps", "calls"), [(4, 2), (5, 3)])
+def test_train_loop_validates_every_eval_every_and_once_at_the_end(tmp_path, steps, calls):
+    """eval_every 2: 4 steps validate at steps 2 and 4, and step 4's validation is the final
+    one (not run twice on the same weights); 5 steps validate at 2, 4 and once more at the
+    end. The loss of the least-squares toy falls and the weight moves."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1, bias=False)
+    start = model.weight.detach().clone()
+    x, y = torch.randn(16, 2), torch.randn(16, 1)
+    cfg = TrainConfig(max_steps=steps, eval_every=2, per_device_batch_size=4, save_every=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Training(Accelerator(cpu=True), model, optimizer,
+                   torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), cfg,
+                   EpochBatches(16, 4, seed=0), steps, tmp_path)
+
+    def step(ids: list[int], _: int) -> MicroStep:
+        loss = (model(x[ids]) - y[ids]).pow(2).mean()
+        return MicroStep(loss, {"train/loss": float(loss)}, 1.0)
+
+    validations: list[float] = []
+
+    def validate() -> dict[str, float]:
+        with torch.no_grad():
+            validations.append(float((model(x) - y).pow(2).mean()))
+        return {"eval/loss": validations[-1]}
+
+    result = train_loop(run, step, validate=validate, desc="toy")
+    assert len(validations) == calls
+    assert result.validation == {"eval/loss": validations[-1]}
+    assert validations[-1] < validations[0] and not torch.equal(model.weight, start)
+    logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/loss" in r]
+    assert len(logged) == calls
