@@ -133,7 +133,7 @@ def references(config: str) -> dict[str, float]:
 
 
 def write_outputs(results: dict[str, dict[str, Any]], refs: dict[str, float], out: Path,
-                  machine: str) -> None:
+                  machine: str, note: str = "") -> None:
     """``learning_curve.json``, ``.md`` (table) and ``.png`` (HR@1 vs examples and vs time)."""
     (out
      / "learning_curve.json").write_text(json.dumps({"conditions": results, "references": refs,
@@ -155,6 +155,8 @@ def write_outputs(results: dict[str, dict[str, Any]], refs: dict[str, float], ou
     for label in ("Most popular", "SASRec (the token recommender)"):
         lines.append(f"| {label} | " + " | ".join(f"{refs[label]:.3f}" for _ in marks)
                      + " | – | – |")
+    if note:
+        lines += ["", note]
     (out / "learning_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, refs, out / "learning_curve.png")
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Folder of the runs and outputs.")
     parser.add_argument("--publish", action="store_true",
                         help="Copy the table and plot to benchmarks/results/.")
+    parser.add_argument("--note", default="",
+                        help="A line printed under the table (how the runs were made).")
     parser.add_argument("extra", nargs="*",
                         help="More hanorec.sft flags for every condition (after --).")
     args = parser.parse_args(argv)
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         result = curve(run_condition(name, args, batch))
         result["summary"]["train_examples_seen"] = result["summary"]["steps"] * batch
         results[name] = result
-    write_outputs(results, references(args.config), out, describe_machine())
+    write_outputs(results, references(args.config), out, describe_machine(), args.note)
     if args.publish:
         for suffix in ("md", "png", "json"):
             shutil.copy(out / f"learning_curve.{suffix}",
