@@ -173,7 +173,7 @@ def plot(results: dict[str, dict[str, Any]], refs: dict[str, float], path: Path)
             axis.plot([p[key] / scale for p in points], [p["hr1"] for p in points], marker="o",
                       label=CONDITIONS[name][0])
     for axis, xlabel in ((axes[0], "training examples seen"),
-                         (axes[1], "training minutes (2 CPU cores)")):
+                         (axes[1], "training minutes (CPU, see the note)")):
         for (label, style) in (("Most popular", ":"), ("SASRec (the token recommender)", "--")):
             axis.axhline(refs[label], color="grey", linestyle=style, label=label)
         axis.axhline(0.05, color="lightgrey", linestyle="-", label="chance (1/20)")
