@@ -47,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality_curves import Curve, plot_curves, read_curves  # noqa: E402
 from benchmarks.quality_grid import (  # noqa: E402
     BUDGETS,
     BY_NAME,
@@ -61,6 +62,7 @@ from benchmarks.quality_grid import (  # noqa: E402
     grid,
     run_stage,
 )
+from benchmarks.quality_page import markdown, plots  # noqa: E402
 from hanorec.hardware import describe_machine  # noqa: E402
 from hanorec.metrics import auc_contributions  # noqa: E402
 from hanorec.stats import bootstrap_ci, compare_runs, holm  # noqa: E402
@@ -69,10 +71,10 @@ __all__ = ["BUDGETS", "BY_NAME", "METHODS", "Budget", "Method", "Plan", "Stage",
            "main", "run_stage",
            "write_results"]
 
-HEADLINE = ("candidates/HR@1", "candidates/NDCG@10", "hit1/AUC", "full/NDCG@10")
-TABLE_METRICS = ("candidates/HR@1", "candidates/HR@5", "candidates/NDCG@5", "candidates/NDCG@10",
-                 "candidates/MRR",
-                 "hit1/AUC", "full/HR@10", "full/NDCG@10")
+HEADLINE = ("candidates/HR@1", "candidates/NDCG@10", "hit1/AUC", "hit3/HR@3", "full/NDCG@10")
+# the paired tests: every method against each reference, Holm-corrected per reference
+TEST_METRICS = ("candidates/HR@1", "candidates/NDCG@10", "hit1/AUC", "hit3/HR@3", "full/NDCG@10")
+BLIND = "@blind"  # suffix of a row evaluated with the posters removed from every prompt
 
 
 # ----------------------------------------------------------------------------- results
@@ -87,6 +89,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def per_user_file(plan: Plan, seed: int, method: Method, protocol: str) -> Path:
+    if method.name.endswith(BLIND):  # hanorec.evaluate --blind true: <protocol>-blind.jsonl
+        own = replace(method, name=method.name.removesuffix(BLIND))
+        path = per_user_file(plan, seed, own, protocol)
+        return path.with_name(f"{protocol}-blind.jsonl")
     if method.kind == "baseline":
         return plan.seed_dir(seed) / "baselines" / protocol / method.name / "per_user.jsonl"
     if method.kind == "recpo":
@@ -139,6 +145,29 @@ def collect(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> dict
     return out
 
 
+def with_blind_rows(methods: Sequence[Method]) -> list[Method]:
+    """``methods`` with a ``<name>@blind`` row after each method evaluated without its posters."""
+    rows: list[Method] = []
+    for method in methods:
+        rows.append(method)
+        if method.blind_eval:
+            rows.append(replace(method, name=method.name + BLIND, blind_eval=False,
+                                label=f"{method.label}, posters removed at test"))
+    return rows
+
+
+def blind_gaps(results: dict[str, Units], metrics: Sequence[str],
+               n_resamples: int) -> list[dict[str, Any]]:
+    """Paired ``with posters − posters removed`` of each blind-evaluated method, per metric."""
+    rows = []
+    for name in results:
+        if name.endswith(BLIND):
+            own = name.removesuffix(BLIND)
+            rows += paired_tests({own: results.get(own, {}), name: results[name]}, name, metrics,
+                                 n_resamples)
+    return rows
+
+
 def _merge(into: Units, part: Units) -> None:
     for metric, values in part.items():
         into.setdefault(metric, {}).update(values)
@@ -173,9 +202,34 @@ def paired_tests(results: dict[str, Units], reference: str, metrics: Sequence[st
                                   {metric: [b[k] for k in shared]}, shared, shared,
                                   n_resamples=n_resamples, seed=0)
             rows.append({**row, "method": method, "reference": reference})
+    if not rows:
+        return rows
     for row, adjusted in zip(rows, holm([r["p_wilcoxon"] for r in rows])):
         # one family per reference: every method and metric against it
         row["p_wilcoxon_holm"] = adjusted
+    return rows
+
+
+def reference_tests(results: dict[str, Units], methods: Sequence[Method],
+                    n_resamples: int) -> list[dict[str, Any]]:
+    """The paired tests, one Holm family per reference, each pair once, trained − reference:
+
+    * against DPO: every other preference method (DPO, S-DPO, SimPO, HaNoRec, BPO, ...);
+    * against SFT: every model trained from or beside it (preference methods, RecPO, the SFT
+      ablations) and most-popular;
+    * against SASRec: every language-model row, SFT included.
+
+    The blind rows only enter :func:`blind_gaps`.
+    """
+    kinds = {m.name: m.kind for m in methods if not m.name.endswith(BLIND)}
+    llm = {n for n, k in kinds.items() if k != "baseline"}
+    families = {"dpo": {n for n, k in kinds.items() if k in ("dpo", "bpo")},
+                "sft": (llm - {"sft"}) | {"popularity"}, "sasrec": llm}
+    rows: list[dict[str, Any]] = []
+    for ref, members in families.items():
+        if ref in results:
+            units = {k: v for k, v in results.items() if k in members or k == ref}
+            rows += paired_tests(units, ref, TEST_METRICS, n_resamples)
     return rows
 
 
@@ -189,7 +243,7 @@ def cost_table(records: dict[str, dict[str, Any]], methods: Sequence[Method],
         for seed in seeds:
             for key, rec in records.items():
                 if not key.startswith(f"seed{seed}/{method.name}/") and not (
-                        method.kind == "baseline" and key.startswith(f"seed{seed}/baselines-")):
+                        method.kind == "baseline" and key.startswith(f"seed{seed}/baselines/")):
                     continue
                 if "seconds" in rec:
                     keys["eval" if key.endswith("/eval") else "train"].append(rec)
@@ -207,126 +261,44 @@ def cost_table(records: dict[str, dict[str, Any]], methods: Sequence[Method],
     return out
 
 
-# ----------------------------------------------------------------------------- report
+def preference_curves(plan: Plan, methods: Sequence[Method],
+                      seeds: Sequence[int]) -> dict[str, Curve]:
+    """The validation curve of every preference method (its ``dpo/metrics.jsonl`` per seed)."""
+    runs = {m.name: (m.label, [plan.run_dir(s, m.name) / "dpo" / "metrics.jsonl" for s in seeds])
+            for m in methods if m.kind in ("dpo", "bpo")}
+    return read_curves(runs)
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def markdown(methods: Sequence[Method], table: dict, tests: list[dict], cost: dict,
-             meta: dict[str, Any]) -> str:
-    """The results page: settings, quality table, cost table, paired tests."""
-    metrics = [m for m in TABLE_METRICS if any(m in table[x.name] for x in methods)]
-    lines = [f"# Quality benchmark — {meta['title']}", "",
-             f"Recipe `{meta['config']}`, budget `{meta['budget']}`, seeds {meta['seeds']}, "
-             f"run folders under `{meta['run_root']}`. Generated by `benchmarks/quality.py` "
-             "(see `benchmarks/results/README.md`).", "",
-             f"Machine: {meta.get('machine', 'unknown')}; precision "
-             f"{'bf16 autocast' if meta.get('bf16') else 'fp32'}; "
-             f"compute of all stages {_fmt(meta.get('stage_seconds'), '.0f')} s "
-             f"({_fmt((meta.get('stage_seconds') or 0) / 3600, '.2f')} h, one stage at a time).",
-             "",
-             "Mean over (seed, user) units pooled across seeds, with a 95% percentile-bootstrap "
-             "interval over "
-             "those units; `hit1/AUC` is the mean of per-seed DeLong placement values (the "
-             "user-weighted mean of "
-             "the per-seed AUCs). `n` is the number of (seed, user) units of the first metric.", "",
-             "| method | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---|" * len(metrics)]
-    for method in methods:
-        row = table[method.name]
-        n = next((row[m][3] for m in metrics if m in row), 0)
-        cells = [f"{row[m][0]:.4f} [{row[m][1]:.4f}, {row[m][2]:.4f}]" if m in row else "–"
-                 for m in metrics]
-        lines.append(f"| {method.label} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## Training cost (per seed; mean over seeds, peak memory = max)", "",
-              "Preference methods' rows exclude the shared SFT stage (its cost is the `SFT "
-              "only` row); "
-              "baseline rows are the baselines CLI (both models, all protocols) per call.", "",
-              "| method | train wall s | train CPU s | train peak RSS MB | steps | eval wall s |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for method in methods:
-        c = cost[method.name]
-        lines.append(f"| {method.label} | {_fmt(c['train_seconds'])} | "
-                     f"{_fmt(c['train_cpu_seconds'])} | {_fmt(c['train_peak_mb'], '.0f')} | "
-                     f"{_fmt(c['steps'], '.0f')} | {_fmt(c['eval_seconds'])} |")
-    lines += ["", "## Paired tests (method − reference, same (seed, user) units)", "",
-              "`p (Holm)` is the Wilcoxon p adjusted by Holm's step-down procedure over every "
-              "row with the "
-              "same reference (all methods and metrics against it), so `p (Holm) ≤ 0.05` holds "
-              "the chance "
-              "of any false claim in that family at 5%.", "",
-              "| method | reference | metric | units | diff [95% CI] | p (bootstrap) | p "
-              "(Wilcoxon) | p (Holm) |",
-              "|---|---|---|---:|---|---:|---:|---:|"]
-    labels = {m.name: m.label for m in methods}
-    lines += [f"| {labels[r['method']]} | {labels.get(r['reference'], r['reference'])} | "
-              f"{r['metric']} | {r['n_users']} | "
-              f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] | "
-              f"{r['p_bootstrap']:.3g} | "
-              f"{r['p_wilcoxon']:.3g} | {r['p_wilcoxon_holm']:.3g} |" for r in tests]
-    if meta.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in meta["plots"]]
-    return "\n".join(lines) + "\n"
-
-
-def plots(methods: Sequence[Method], table: dict, cost: dict, out: Path, stem: str) -> list[str]:
-    """Headline metric bars with intervals, and quality against training time."""
-    try:
-        from hanorec.report import plot_metric_bars, pyplot
-    except ImportError as err:
-        print(f"plots skipped: {err}")
-        return []
-    tables = {m.label: {k: v[:3] for k, v in table[m.name].items()} for m in methods}
-    metrics = [m for m in HEADLINE if any(m in t for t in tables.values())]
-    if not metrics:
-        return []
-    names = [f"{stem}-quality.png"]
-    plot_metric_bars(tables, metrics, out / names[0])
-    points = [(cost[m.name]["train_seconds"], table[m.name][metrics[0]][0], m.label)
-              for m in methods
-              if cost[m.name]["train_seconds"] and metrics[0] in table[m.name]]
-    if points:
-        plt = pyplot()
-        fig, axis = plt.subplots(figsize=(9, 4))
-        colours = plt.get_cmap("tab20").colors
-        # a legend, not annotations: close points overlap
-        for n, (seconds, value, label) in enumerate(points):
-            axis.scatter(seconds, value, color=colours[n % len(colours)], marker="osD^v<>"[n % 7],
-                         s=40, label=label)
-        axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
-        axis.set_xscale("log")
-        axis.set_xlabel("training wall time per seed (s, log)")
-        axis.set_ylabel(metrics[0])
-        axis.grid(alpha=0.3)
-        fig.tight_layout()
-        names.append(f"{stem}-cost.png")
-        fig.savefig(out / names[1], dpi=100)
-        plt.close(fig)
-    return names
+def unfinished(methods: Sequence[Method], results: dict[str, Units]) -> list[str]:
+    """Requested methods without any evaluated unit (cut by the budget, or failed)."""
+    return [m.name for m in methods if not results.get(m.name)]
 
 
 def write_results(plan: Plan, methods: Sequence[Method], seeds: Sequence[int], records: dict,
                   out: Path,
                   meta: dict[str, Any], n_resamples: int) -> Path:
     """Pool, test, plot and write ``<out>/<stem>.md`` and ``<out>/<stem>.json``."""
+    methods = with_blind_rows(methods)
     results = collect(plan, methods, seeds)
     table = summary_table(results, n_resamples)
-    metrics = [m for m in HEADLINE if m != "full/NDCG@10"] + ["full/NDCG@10"]
-    tests = [row for ref in ("dpo", "sft") if ref in results
-             for row in paired_tests(results, ref, metrics, n_resamples)
-             # SFT vs DPO is DPO vs SFT with the sign flipped
-             if not (ref == "dpo" and row["method"] == "sft")]
+    tests = reference_tests(results, methods, n_resamples)
+    gaps = blind_gaps(results, TEST_METRICS, n_resamples)
+    curves = preference_curves(plan, methods, seeds)
     cost = cost_table(records, methods, seeds)
     out.mkdir(parents=True, exist_ok=True)
     stem = meta["stem"]
     seconds = [r["seconds"] for r in records.values() if "seconds" in r]
-    meta = {**meta, "plots": plots(methods, table, cost, out, stem),
+    names = plots(methods, table, cost, out, stem, HEADLINE)
+    if plot_curves(curves, out / f"{stem}-preference.png"):
+        names.append(f"{stem}-preference.png")
+    meta = {**meta, "plots": names, "cut": unfinished(methods, results),
             "stage_seconds": sum(seconds) if seconds else None}
     path = out / f"{stem}.md"
-    path.write_text(markdown(methods, table, tests, cost, meta), encoding="utf-8")
+    path.write_text(markdown(methods, table, tests, gaps, curves, cost, meta), encoding="utf-8")
     raw = {"meta": meta, "table": {k: {m: list(v) for m, v in t.items()} for k, t in table.items()},
-           "tests": tests, "cost": cost, "stages": records}
+           "tests": tests, "blind_gaps": gaps,
+           "curves": {k: {"label": c.label, "values": c.values} for k, c in curves.items()},
+           "cost": cost, "stages": records}
     (out / f"{stem}.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     print(f"results written to {path}")
     return path
@@ -403,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     budget = BUDGETS["full" if args.full else "smoke" if args.smoke else "cpu"]
     overrides = {"eval_users": args.eval_users, "full_users": args.eval_users,
                  "sft_steps": args.sft_steps,
-                 "dpo_steps": args.dpo_steps, "train_examples": args.train_examples}
+                 "dpo_steps": args.dpo_steps, "train_examples": args.train_examples,
+                 "pairs": args.train_examples}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:

@@ -27,8 +27,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 EVAL_NAME = "bench"
-LLM_PROTOCOLS = ("candidates", "hit1")
-HANOREC = ("--loss", "sigmoid", "--reference", "frozen")
+LLM_PROTOCOLS = ("candidates", "hit1", "hit3")
+# the preference methods: the first negative of each row for pairwise losses, all K for S-DPO
+FROZEN = ("--reference", "frozen")
+PLAIN = ("--hardness", "none", "--noise", "none")
+HANOREC = ("--loss", "sigmoid", "--hardness", "dynamic")
 
 # ----------------------------------------------------------------------------- methods and budgets
 
@@ -43,35 +46,43 @@ class Method:
     flags: tuple[str, ...] = ()
     text_only: bool = False
     module: str | None = None  # the hanorec module the method needs (optional methods)
+    blind_eval: bool = False  # evaluate again without the images (the poster gap)
 
     def available(self) -> bool:
         """False when the method's module is not (yet) part of the package."""
         return self.module is None or (ROOT / (self.module.replace(".", "/") + ".py")).is_file()
 
 
+# In run order: when the budget runs out, the later rows are the ones cut (issue: cut methods,
+# never users). The HaNoRec paper's comparison (DPO vs dynamic + NoDO) and its reference-free
+# claim come first, then the other losses, then the ablations.
 METHODS: tuple[Method, ...] = (
     Method("popularity", "Most popular", "baseline"),
     Method("sasrec", "SASRec", "baseline"),
-    Method("sft", "SFT only", "sft"),
-    Method("sft-text", "SFT text-only (no images)", "sft", text_only=True),
-    Method("dpo", "DPO (sigmoid)", "dpo",
-           ("--loss", "sigmoid", "--hardness", "none", "--noise", "none", "--reference", "frozen")),
-    Method("sdpo", "S-DPO (K = 3)", "dpo",
-           ("--loss", "sdpo", "--hardness", "none", "--noise", "none", "--reference", "frozen")),
-    Method("simpo", "SimPO", "dpo",
-           ("--loss", "simpo", "--hardness", "none", "--noise", "none", "--reference", "none")),
-    Method("hanorec-static", "HaNoRec static (HaRS λ)", "dpo",
-           (*HANOREC, "--hardness", "static", "--noise", "none")),
-    Method("hanorec-dynamic", "HaNoRec dynamic (HaRS λ·η)", "dpo",
-           (*HANOREC, "--hardness", "dynamic", "--noise", "none")),
+    Method("sft", "SFT only", "sft", blind_eval=True),
+    Method("dpo", "DPO (sigmoid)", "dpo", ("--loss", "sigmoid", *PLAIN, *FROZEN)),
     Method("hanorec-nodo", "HaNoRec dynamic + NoDO (logits)", "dpo",
-           (*HANOREC, "--hardness", "dynamic", "--noise", "logits")),
+           (*HANOREC, "--noise", "logits", *FROZEN), blind_eval=True),
     Method("hanorec-noref", "HaNoRec + NoDO, no reference", "dpo",
-           ("--loss", "sigmoid", "--hardness", "dynamic", "--noise", "logits", "--reference",
-            "none")),
+           (*HANOREC, "--noise", "logits", "--reference", "none")),
+    Method("sdpo", "S-DPO (K = 3)", "dpo", ("--loss", "sdpo", *PLAIN, *FROZEN)),
+    Method("hanorec-dynamic", "HaNoRec dynamic (HaRS λ·η)", "dpo",
+           (*HANOREC, "--noise", "none", *FROZEN)),
+    Method("simpo", "SimPO", "dpo", ("--loss", "simpo", *PLAIN, "--reference", "none")),
+    Method("hanorec-static", "HaNoRec static (HaRS λ)", "dpo",
+           ("--loss", "sigmoid", "--hardness", "static", "--noise", "none", *FROZEN)),
+    Method("hanorec-lora", "HaNoRec dynamic + NoDO (LoRA)", "dpo",
+           (*HANOREC, "--noise", "lora", *FROZEN)),
+    Method("hanorec-precomputed", "HaNoRec + NoDO, precomputed reference", "dpo",
+           (*HANOREC, "--noise", "logits", "--reference", "precomputed")),
+    Method("ipo", "IPO", "dpo", ("--loss", "ipo", *PLAIN, *FROZEN)),
+    Method("cdpo", "cDPO (ε = 0.1)", "dpo",
+           ("--loss", "sigmoid", "--label-smoothing", "0.1", *PLAIN, *FROZEN)),
     Method("bpo", "HaNoRec + NoDO + BPO blind negatives", "bpo",
-           (*HANOREC, "--hardness", "dynamic", "--noise", "logits"),
-           module="hanorec.bpo"),
+           (*HANOREC, "--noise", "logits", *FROZEN), module="hanorec.bpo", blind_eval=True),
+    Method("sft-text", "SFT without posters", "sft", text_only=True),
+    Method("sft-nocollab", "SFT without collaborative tokens", "sft",
+           ("--item-tokens", "false", "--user-token", "false")),
     Method("recpo", "R²ec / RecPO (full catalogue)", "recpo", module="hanorec.recpo"),
 )
 BY_NAME = {m.name: m for m in METHODS}
@@ -87,12 +98,20 @@ class Budget:
     eval_users: int | None  # users per protocol and seed (LLM evaluations)
     sasrec_epochs: int
     extra: tuple[str, ...] = ()  # flags passed to every training stage
+    sft_extra: tuple[str, ...] = ()  # flags of the SFT stages only
+    dpo_extra: tuple[str, ...] = ()  # flags of the preference stages only
     # model and prompt flags of every model stage (training, generation, evaluation)
     prompt: tuple[str, ...] = ()
     evaluation: tuple[str, ...] = ()  # flags of the evaluation stages only
     full_users: int | None = None  # users of the full-catalogue evaluation (RecPO)
     # bf16 autocast in training and scoring, only where bf16 is native (hanorec.hardware)
     bf16: bool = False
+    # preference pairs drawn per run (None: train_examples); BPO's blind pass scores these rows
+    pairs: int | None = None
+
+    def preference_pairs(self) -> int | None:
+        """Pairs a preference run (and BPO's blind pass before it) draws."""
+        return self.pairs if self.pairs is not None else self.train_examples
 
     def training_flags(self) -> tuple[str, ...]:
         """Flags of every training stage: ``extra``, plus bf16 mixed precision where it is
@@ -113,24 +132,27 @@ class Budget:
 
 
 BUDGETS = {
-    # 2 CPU cores, smollm2-llava (~135M, 30 layers), sdpa, LoRA dropout off. Measured: an SFT step
-    # of 2 examples ~5.8 s in fp32 on an AVX2-only EPYC; ~2.6 s in bf16 on a CPU with avx512_bf16
-    # (where bf16 is emulated it is ~150 s, hence `bf16` only where native); 40 users of candidates
-    # + hit1 ~55 s (bf16, packed). 13 methods x 3 seeds: ~35 min a seed with bf16 (see
-    # results/README.md).
-    "cpu": Budget(sft_steps=48, dpo_steps=8, train_examples=128, eval_users=40, sasrec_epochs=40,
-                  extra=("--per-device-batch-size", "2", "--gradient-accumulation-steps", "1",
-                         "--eval-every", "0",
-                         "--eval-examples", "2", "--save-every", "0"), full_users=40, bf16=True,
-                  prompt=("--max-length", "512", "--image-budget", "2", "--lora-dropout", "0",
-                          "--attn-implementation", "sdpa"),
-                  evaluation=("--scoring-mode", "packed")),
+    # 2 CPU cores, the learning recipe (configs/ml100k-smollm2.yaml: collaborative item tokens, a
+    # user token, the ranking head, pooled posters). Measured side by side on an avx512_bf16 EPYC:
+    # an SFT step of 8 examples 1.75 s in bf16, 3.3 s in fp32; a preference step of 8 pairs 2.3 s
+    # (frozen reference) or 1.8 s (none) in bf16; the three protocols on all 943 test users share
+    # one forward per user (~65 s in bf16). SFT stops at 1,200 examples, where the learning curve
+    # (benchmarks/results/learning_curve.md) has passed most-popular by ~0.2 HR@1; the
+    # preference stage sees 384 pairs. Where bf16 is emulated (~0.01x fp32) everything runs fp32.
+    "cpu": Budget(sft_steps=150, dpo_steps=48, train_examples=None, eval_users=None,
+                  sasrec_epochs=200, extra=("--save-every", "0"),
+                  sft_extra=("--eval-every", "50", "--eval-examples", "64", "--rank-examples",
+                             "200"),
+                  dpo_extra=("--eval-every", "16", "--eval-on-start", "true", "--eval-examples",
+                             "128"),
+                  full_users=200, bf16=True, pairs=384),
     # GPU machines: the recipe's steps (paper scale), every test user.
     "full": Budget(sft_steps=None, dpo_steps=None, train_examples=None, eval_users=None,
                    sasrec_epochs=200),
     # make test: tiny backbone, a couple of steps, a handful of users.
     "smoke": Budget(sft_steps=2, dpo_steps=2, train_examples=8, eval_users=6, sasrec_epochs=2,
                     extra=("--eval-every", "0", "--eval-examples", "2", "--save-every", "0"),
+                    dpo_extra=("--eval-on-start", "true"),
                     full_users=6),
 }
 
@@ -173,6 +195,13 @@ def _flag(name: str, value: int | None) -> list[str]:
     return [] if value is None else [name, str(value)]
 
 
+def prompt_flags(method: Method) -> tuple[str, ...]:
+    """The prompt an SFT row trains and is evaluated with (its ablation), as CLI flags."""
+    if method.kind != "sft":
+        return ()
+    return (*method.flags, *(("--with-images", "false") if method.text_only else ()))
+
+
 def sft_stage(plan: Plan, seed: int, method: Method) -> Stage:
     run_dir = plan.run_dir(seed, method.name)
     b = plan.budget
@@ -180,8 +209,7 @@ def sft_stage(plan: Plan, seed: int, method: Method) -> Stage:
                       "--seed", str(seed),
                       *_flag("--max-steps", b.sft_steps),
                       *_flag("--max-train-examples", b.train_examples), *b.training_flags(),
-                      *b.prompt,
-                      *(["--with-images", "false"] if method.text_only else []))
+                      *b.sft_extra, *b.prompt, *prompt_flags(method))
     return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "sft" / "final",
                  run_dir / "sft" / "summary.json")
 
@@ -198,8 +226,8 @@ def dpo_stage(plan: Plan, seed: int, method: Method, extra: Sequence[str] = ()) 
                       "--seed", str(seed),
                       "--sft-checkpoint", str(sft_checkpoint(plan, seed)), *method.flags,
                       *_flag("--max-steps", b.dpo_steps),
-                      *_flag("--max-train-pairs", b.train_examples), *b.training_flags(), *b.prompt,
-                      *extra)
+                      *_flag("--max-train-pairs", b.preference_pairs()), *b.training_flags(),
+                      *b.dpo_extra, *b.prompt, *extra)
     return Stage(f"seed{seed}/{method.name}/train", cmd, run_dir / "dpo" / "final",
                  run_dir / "dpo" / "summary.json")
 
@@ -213,21 +241,25 @@ def eval_stage(plan: Plan, seed: int, method: Method, checkpoint: Path,
                       "--checkpoint", str(checkpoint), "--name", EVAL_NAME, "--eval-protocols",
                       ",".join(protocols),
                       *_flag("--eval-max-users", users), *plan.budget.prompt,
-                      *plan.budget.evaluation_flags(),
-                      *(["--with-images", "false"] if method.text_only else []))
+                      *plan.budget.evaluation_flags(), *prompt_flags(method),
+                      *(["--blind", "true"] if method.blind_eval else []))
     return Stage(f"seed{seed}/{method.name}/eval", cmd,
                  run_dir / "eval" / EVAL_NAME / "summary.json")
 
 
-def baseline_stage(plan: Plan, seed: int, models: Sequence[str], protocol: str) -> Stage:
-    out = plan.seed_dir(seed) / "baselines" / protocol
+def baseline_stage(plan: Plan, seed: int, models: Sequence[str],
+                   protocols: Sequence[str]) -> Stage:
+    """Most-popular and SASRec of one seed: trained once, scored on every protocol."""
+    out = plan.seed_dir(seed) / "baselines"
+    # one protocol is written to OUT itself, several to OUT/<protocol>: keep the latter layout
+    root = out / protocols[0] if len(protocols) == 1 else out
     cmd = plan.module("hanorec.baselines", "--prepared-dir", str(plan.prepared), "--protocol",
-                      protocol, "--out", str(out),
+                      *protocols, "--out", str(root),
                       "--models", *models, "--sasrec-seed", str(seed), "--sasrec-epochs",
                       str(plan.budget.sasrec_epochs),
                       "--sasrec-eval-every", "10", "--sasrec-patience", "2", "--seed", str(seed))
-    done = out / models[-1] / "summary.json"
-    return Stage(f"seed{seed}/baselines-{protocol}/train+eval", cmd, done)
+    done = out / protocols[-1] / models[-1] / "summary.json"
+    return Stage(f"seed{seed}/baselines/train+eval", cmd, done)
 
 
 def bpo_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
@@ -241,7 +273,9 @@ def bpo_stages(plan: Plan, seed: int, method: Method) -> list[Stage]:
                                  "--seed", str(seed), "--checkpoint",
                                  str(sft_checkpoint(plan, seed)),
                                  "--bpo-out", str(negatives),
-                                 *_flag("--max-train-pairs", plan.budget.train_examples),
+                                 # the blind model's top-scored item: works for every read-out
+                                 "--bpo-pick", "score",
+                                 *_flag("--max-train-pairs", plan.budget.preference_pairs()),
                                  *plan.budget.prompt),
                      negatives)
     return [generate, dpo_stage(plan, seed, method, ("--blind-negatives", str(negatives)))]
@@ -300,7 +334,13 @@ def data_is_current(config: Path) -> bool:
 
 
 def grid(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> list[Stage]:
-    """All stages in run order: per seed the shared SFT first, then every method's own stages."""
+    """All stages in run order, method by method: every seed of a method before the next method.
+
+    The baselines of every seed come first, then each method in the order of ``methods`` (the
+    shared SFT of a seed goes in before the first stage that starts from it). So a grid stopped
+    early, or cut to a time budget, has whole rows over all seeds and is missing its last
+    methods, never users or seeds of the rows it has.
+    """
     stages: list[Stage] = []
     # another recipe may have prepared the same folder differently
     if not data_is_current(plan.config):
@@ -308,18 +348,17 @@ def grid(plan: Plan, methods: Sequence[Method], seeds: Sequence[int]) -> list[St
                             plan.module("hanorec.data", "prepare", "--config", str(plan.config)),
                             plan.prepared / "manifest.json", force=True))
     baselines = [m.name for m in methods if m.kind == "baseline"]
-    needs_sft = any(m.kind in ("sft", "dpo", "bpo", "recpo") for m in methods)
-    for seed in seeds:
-        if baselines:  # the full catalogue only as RecPO's reference
-            protocols = (*LLM_PROTOCOLS,
-                         "full") if any(m.kind == "recpo" for m in methods) else LLM_PROTOCOLS
-            stages += [baseline_stage(plan, seed, baselines, p) for p in protocols]
-        if needs_sft:
-            stages.append(sft_stage(plan, seed, BY_NAME["sft"]))
-        for method in methods:
-            stages += [s for s in method_stages(plan, seed, method)
-                       if s.key not in {t.key for t in stages}]
-    return stages
+    if baselines:  # the full catalogue only as RecPO's reference
+        protocols = (*LLM_PROTOCOLS,
+                     "full") if any(m.kind == "recpo" for m in methods) else LLM_PROTOCOLS
+        stages += [baseline_stage(plan, seed, baselines, protocols) for seed in seeds]
+    for method in methods:
+        for seed in seeds:
+            if method.kind in ("dpo", "bpo", "recpo") or method.name == "sft":
+                stages.append(sft_stage(plan, seed, BY_NAME["sft"]))
+            stages += method_stages(plan, seed, method)
+    seen: set[str] = set()
+    return [s for s in stages if not (s.key in seen or seen.add(s.key))]
 
 
 # ----------------------------------------------------------------------------- running

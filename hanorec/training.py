@@ -66,6 +66,10 @@ class TrainConfig:
         "help": "Mixed precision (bf16/fp16 need hardware that has it)."})
     eval_every: int = field(default=0, metadata={
         "help": "Evaluate on the validation split every N optimizer steps (0: only at the end)."})
+    eval_on_start: bool = field(default=False, metadata={
+        "help": "Also validate before the first optimizer step (logged as step 0): where the "
+                "validation curve starts, e.g. the SFT model a preference stage begins from "
+                "(TRL's eval_on_start)."})
     eval_examples: int = field(default=64, metadata={
         "help": "Validation examples used by the periodic evaluation (0: all)."})
     save_every: int = field(default=0, metadata={
@@ -353,6 +357,8 @@ def train_loop(run: Training, step_fn: StepFn, *,
     run.model.train()
     val: dict[str, float] = {}
     validated_at = -1  # the step of the last periodic validation (reused when it is the last)
+    if validate is not None and cfg.eval_on_start and position.step == 0:  # not on a resume
+        log.log(0, {**clock.evaluation(validate), "eval/seconds": clock.last_evaluation})
     while position.step < run.steps:
         values = _optimizer_step_of(run, step_fn, batches, position, before_step)
         position.step += 1

@@ -192,6 +192,40 @@ def test_cli_writes_per_user_metrics_summary_and_report(tmp_path):
     assert "| HR@1 |" in (out / "report.md").read_text()
 
 
+def test_cli_trains_once_and_scores_several_protocols(tmp_path):
+    """``--protocol candidates full``: each model is trained once (SASRec selected on
+    ``candidates``) and written to ``OUT/<protocol>/<model>``. Its ``candidates`` rows equal a
+    ``--protocol candidates`` run's with the same seed (one training, not one per protocol: the
+    two protocol summaries carry the same training time), and most-popular on ``full`` equals a
+    ``--protocol full`` run's."""
+    from datasets import load_from_disk
+
+    root = tmp_path / "prepared"
+    _write_prepared(root, np.random.default_rng(3))
+    load_from_disk(str(root / "candidates")).save_to_disk(str(root / "full"))
+    common = ["--prepared-dir", str(root), "--n-resamples", "50", "--sasrec-epochs", "4",
+              "--sasrec-eval-every", "2", "--sasrec-hidden-size", "16", "--sasrec-max-len", "16",
+              "--sasrec-num-threads", "1"]
+    baselines_main([*common, "--protocol", "candidates", "full", "--out", str(tmp_path / "both")])
+    baselines_main([*common, "--protocol", "candidates", "--out", str(tmp_path / "cand")])
+    baselines_main([*common, "--protocol", "full", "--models", "popularity", "--out",
+                    str(tmp_path / "full")])
+
+    def lines(path):
+        return path.read_text().splitlines()
+
+    both = tmp_path / "both"
+    assert lines(both / "candidates" / "sasrec" / "per_user.jsonl") == lines(
+        tmp_path / "cand" / "sasrec" / "per_user.jsonl")
+    assert lines(both / "full" / "popularity" / "per_user.jsonl") == lines(
+        tmp_path / "full" / "popularity" / "per_user.jsonl")
+    summaries = [json.loads((both / p / "sasrec" / "summary.json").read_text())
+                 for p in ("candidates", "full")]
+    assert summaries[0]["train_seconds"] == summaries[1]["train_seconds"]
+    assert {s["selected_on"] for s in summaries} == {"candidates"}
+    assert "NDCG@10" in summaries[1]["metrics"] and (both / "full" / "report.md").is_file()
+
+
 def test_cli_reports_unknown_item_ids(tmp_path):
     from datasets import load_from_disk
 

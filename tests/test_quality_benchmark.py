@@ -60,7 +60,9 @@ def test_smoke_grid_writes_one_finite_row_per_method(smoke_run):
     text = path.read_text(encoding="utf-8")
     rows = table_rows(text)
     labels = [quality.BY_NAME[m].label for m in methods]
-    assert sorted(rows) == sorted(labels)
+    blind = [f"{quality.BY_NAME[m].label}, posters removed at test" for m in methods
+             if quality.BY_NAME[m].blind_eval]
+    assert blind and sorted(rows) == sorted(labels + blind)
     for label, cells in rows.items():
         numbers = [c for c in cells[1:] if c != "–"]
         assert numbers, f"{label}: no metric"
@@ -80,6 +82,16 @@ def test_smoke_grid_writes_one_finite_row_per_method(smoke_run):
                                                                 len(family)
                                                                 * smallest["p_wilcoxon"]))
     assert "| p (Holm) |" in text
+    # the poster gap of each blind-evaluated method, paired over the same units
+    gaps = {(g["method"], g["metric"]): g for g in raw["blind_gaps"]}
+    gap = gaps[("sft", "candidates/HR@1")]
+    assert gap["reference"] == "sft@blind" and gap["n_users"] == 6
+    assert gap["diff"] == pytest.approx(gap["mean_a"] - gap["mean_b"])
+    # the preference curves start at step 0 (--eval-on-start) and end at the last step
+    for name in ("dpo", "hanorec-nodo"):
+        steps = sorted(int(s) for s in raw["curves"][name]["values"]["hr1"])
+        assert steps == [0, 2], (name, steps)
+    assert "## The preference stage over its steps" in text
     stages = raw["stages"]
     assert stages["seed0/sft/train"]["steps"] == 2 and stages["seed0/sft/train"]["peak_rss_mb"] > 50
     assert stages["seed0/dpo/train"]["seconds"] > 0
@@ -210,7 +222,7 @@ def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, native, tmp_
 
 def test_size_overrides_reach_every_stage_command(tiny_recipe, tmp_path, capsys):
     """``--sft-steps 300 --dpo-steps 40 --train-examples 1000 --eval-users 7`` on the CPU budget
-    (48/8/128/40 by default): the dry run's SFT command carries ``--max-steps 300`` and
+    (150/48 steps, 384 pairs, every user by default): the dry run's SFT command carries ``--max-steps 300`` and
     ``--max-train-examples 1000``, the DPO command ``--max-steps 40`` and ``--max-train-pairs
     1000``,
     the evaluation ``--eval-max-users 7``; nothing runs."""

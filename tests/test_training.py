@@ -175,18 +175,23 @@ def test_metrics_logger_truncates_to_the_resumed_step(tmp_path):
     assert json.loads(path.read_text().splitlines()[0])["train/loss"] == 1.0
 
 
-@pytest.mark.parametrize(("steps", "calls"), [(4, 2), (5, 3)])
-def test_train_loop_validates_every_eval_every_and_once_at_the_end(tmp_path, steps, calls):
+@pytest.mark.parametrize(("steps", "calls", "on_start"), [(4, 2, False), (5, 3, False),
+                                                          (4, 3, True)])
+def test_train_loop_validates_every_eval_every_and_once_at_the_end(tmp_path, steps, calls,
+                                                                   on_start):
     """eval_every 2: 4 steps validate at steps 2 and 4, and step 4's validation is the final
     one (not run twice on the same weights); 5 steps validate at 2, 4 and once more at the
-    end. The loss of the least-squares toy falls and the weight moves."""
+    end; with eval_on_start also once before the first step, logged as step 0 with the
+    untrained weights' loss. The loss of the least-squares toy falls and the weight moves."""
     from accelerate import Accelerator
 
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1, bias=False)
     start = model.weight.detach().clone()
     x, y = torch.randn(16, 2), torch.randn(16, 1)
-    cfg = TrainConfig(max_steps=steps, eval_every=2, per_device_batch_size=4, save_every=0)
+    cfg = TrainConfig(max_steps=steps, eval_every=2, per_device_batch_size=4, save_every=0,
+                      eval_on_start=on_start)
+    untrained = float((model(x) - y).pow(2).mean())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     run = Training(Accelerator(cpu=True), model, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), cfg,
@@ -209,3 +214,4 @@ def test_train_loop_validates_every_eval_every_and_once_at_the_end(tmp_path, ste
     assert validations[-1] < validations[0] and not torch.equal(model.weight, start)
     logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/loss" in r]
     assert len(logged) == calls
+    assert (logged[0]["step"] == 0 and logged[0]["eval/loss"] == untrained) is on_start

@@ -11,6 +11,12 @@ Reads the prepared ``datasets`` of ``docs/architecture.md`` (``items/`` and
 (mean and 95% bootstrap interval over users per metric, training time, settings), and
 ``OUT/comparison.json`` + ``OUT/report.md`` (SASRec vs. most-popular, paired tests).
 
+``--protocol`` takes several protocols (``--protocol candidates hit1 hit3``): each model is
+trained once — SASRec selected on the first protocol's validation rows, from the first
+protocol's training sequences (every protocol's rows come from the same split) — and scored on
+each protocol, written to ``OUT/<protocol>/<model>/...``. SASRec costs minutes on a CPU; the
+quality benchmark used to train it once per protocol.
+
 **Training data (leave-one-out, no leakage).** Prepared rows carry at most ``max_history``
 items of history, so each user's training sequence (every item before the validation
 target) is rebuilt from the ``train`` split: the first train row's history, then the target
@@ -35,7 +41,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,46 +118,96 @@ def write_run(out: Path, name: str, split: SplitArrays, metrics: dict[str, np.nd
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train/evaluate the requested baselines; returns ``{model: summary}``."""
-    prepared, out, protocol = Path(args.prepared_dir), Path(args.out), args.protocol
-    item_ids, popularity, rows = load_prepared(prepared, protocol)
-    index = {item_id: i for i, item_id in enumerate(item_ids)}
-    where = str(prepared / protocol)
-    valid = split_arrays(rows["validation"], index, protocol, f"{where}/validation")
-    test = split_arrays(rows["test"], index, protocol, f"{where}/test")
-    sequences, fallbacks = training_sequences(rows.get("train", []), valid, index, f"{where}/train")
-    if fallbacks:
-        print(f"{fallbacks} of {len(sequences)} users: train rows do not chain, "
-              "training on the validation history instead")
-    valid.inputs, test.inputs = sequences, test_inputs(sequences, valid, test)
+@dataclass
+class ProtocolData:
+    """One protocol's validation and test rows as arrays, with the SASRec inputs set."""
+
+    protocol: str
+    valid: SplitArrays
+    test: SplitArrays
+
+
+def load_protocols(prepared: Path, protocols: Sequence[str]
+                   ) -> tuple[list[str], np.ndarray | None, list[list[int]], list[ProtocolData]]:
+    """Item ids, popularity counts, training sequences (from the first protocol) and each
+    protocol's splits."""
+    loaded: list[ProtocolData] = []
+    sequences: list[list[int]] = []
+    for n, protocol in enumerate(protocols):
+        item_ids, popularity, rows = load_prepared(prepared, protocol)
+        index = {item_id: i for i, item_id in enumerate(item_ids)}
+        where = str(prepared / protocol)
+        valid = split_arrays(rows["validation"], index, protocol, f"{where}/validation")
+        test = split_arrays(rows["test"], index, protocol, f"{where}/test")
+        if n == 0:
+            sequences, fallbacks = training_sequences(rows.get("train", []), valid, index,
+                                                      f"{where}/train")
+            if fallbacks:
+                print(f"{fallbacks} of {len(sequences)} users: train rows do not chain, "
+                      "training on the validation history instead")
+            first_items, first_popularity = item_ids, popularity
+        elif item_ids != first_items:
+            raise ValueError(f"{where}: its items/ differ from {protocols[0]}'s; prepare both "
+                             "protocols in one `hanorec.data prepare` call")
+        valid.inputs, test.inputs = sequences, test_inputs(sequences, valid, test)
+        loaded.append(ProtocolData(protocol, valid, test))
+    return first_items, first_popularity, sequences, loaded
+
+
+def fit_model(name: str, args: argparse.Namespace, sequences: list[list[int]], n_items: int,
+              popularity: np.ndarray | None, selection: ProtocolData) -> MostPopular | SASRec:
+    """Most-popular from the training counts, or SASRec selected on ``selection``'s
+    validation rows."""
+    if name == "popularity":
+        return (MostPopular().fit_counts(popularity) if popularity is not None
+                else MostPopular().fit(sequences, n_items))
     config = SASRecConfig(**{f.name: getattr(args, f.name) for f in fields(SASRecConfig)})
-    results: dict[str, Any] = {}
-    per_user: dict[str, dict[str, np.ndarray]] = {}
+    return SASRec(config).fit(sequences, n_items,
+                              validate=lambda m: selection_score(m, selection.valid,
+                                                                 selection.protocol),
+                              log=print)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train each requested baseline once and evaluate it on every requested protocol.
+
+    Returns ``{model: summary}`` for one protocol, ``{protocol: {model: summary}}`` for several.
+    """
+    protocols = list(dict.fromkeys(args.protocol))
+    prepared, out = Path(args.prepared_dir), Path(args.out)
+    item_ids, popularity, sequences, splits = load_protocols(prepared, protocols)
+    results: dict[str, dict[str, Any]] = {p: {} for p in protocols}
+    per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {p: {} for p in protocols}
     for name in args.models:
         start = time.perf_counter()
-        if name == "popularity":
-            model: MostPopular | SASRec = (MostPopular().fit_counts(popularity)
-                                           if popularity is not None
-                                           else MostPopular().fit(sequences, len(item_ids)))
-        else:
-            model = SASRec(config).fit(sequences, len(item_ids),
-                                       validate=lambda m: selection_score(m, valid, protocol),
-                                       log=print)
+        model = fit_model(name, args, sequences, len(item_ids), popularity, splits[0])
         train_seconds = time.perf_counter() - start
-        metrics = per_user_metrics(score_split(model, test, protocol), test, protocol)
-        summary = {"model": name, "protocol": protocol, "split": "test",
-                   "n_users": len(test.user_ids), "train_seconds": train_seconds,
-                   "metrics": summarise_run(metrics, test, protocol, args.n_resamples, args.seed)}
-        if name == "sasrec":
-            summary["config"] = model.config_dict()
-            summary["epochs_trained"] = len(model.history)
-        write_run(out, name, test, metrics, summary)
-        results[name], per_user[name] = summary, metrics
-        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
-                                      for k, v in summary["metrics"].items()))
-    _compare_and_report(out, protocol, results, per_user, test.user_ids, args)
-    return results
+        for data in splits:
+            protocol, test = data.protocol, data.test
+            metrics = per_user_metrics(score_split(model, test, protocol), test, protocol)
+            summary = {"model": name, "protocol": protocol, "split": "test",
+                       "n_users": len(test.user_ids), "train_seconds": train_seconds,
+                       "selected_on": splits[0].protocol,
+                       "metrics": summarise_run(metrics, test, protocol, args.n_resamples,
+                                                args.seed)}
+            if isinstance(model, SASRec):
+                summary["config"] = model.config_dict()
+                summary["epochs_trained"] = len(model.history)
+            write_run(protocol_out(out, protocol, protocols), name, test, metrics, summary)
+            results[protocol][name], per_user[protocol][name] = summary, metrics
+            print(f"{name} on {protocol}: " + ", ".join(
+                f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                for k, v in summary["metrics"].items()))
+    for data in splits:
+        _compare_and_report(protocol_out(out, data.protocol, protocols), data.protocol,
+                            results[data.protocol], per_user[data.protocol], data.test.user_ids,
+                            args)
+    return results[protocols[0]] if len(protocols) == 1 else results
+
+
+def protocol_out(out: Path, protocol: str, protocols: Sequence[str]) -> Path:
+    """``OUT`` for one protocol, ``OUT/<protocol>`` when several are evaluated."""
+    return out if len(protocols) == 1 else out / protocol
 
 
 def _compare_and_report(out: Path, protocol: str, results: dict[str, Any],
@@ -176,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared-dir", required=True,
                         help="Output dir of `python -m hanorec.data prepare`.")
-    parser.add_argument("--protocol", default="candidates",
-                        choices=["candidates", "hit3", "full", "hit1"])
+    parser.add_argument("--protocol", nargs="+", default=["candidates"],
+                        choices=["candidates", "hit3", "full", "hit1"],
+                        help="One protocol (output in OUT/), or several: each model is trained "
+                             "once, selected on the first protocol, and written to "
+                             "OUT/<protocol>/.")
     parser.add_argument("--out", required=True,
                         help="Directory for per-user metrics, summaries, report.")
     parser.add_argument("--models", nargs="+", default=["popularity", "sasrec"],
