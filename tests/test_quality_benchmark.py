@@ -222,9 +222,9 @@ def test_every_budget_flag_parses_in_the_cli_it_is_given_to(budget, native, tmp_
 
 def test_size_overrides_reach_every_stage_command(tiny_recipe, tmp_path, capsys):
     """``--sft-steps 300 --dpo-steps 40 --train-examples 1000 --eval-users 7`` on the CPU budget
-    (150/48 steps, 384 pairs, every user by default): the dry run's SFT command carries ``--max-steps 300`` and
-    ``--max-train-examples 1000``, the DPO command ``--max-steps 40`` and ``--max-train-pairs
-    1000``,
+    (150/48 steps, 384 pairs, every user by default): the dry run's SFT command carries
+    ``--max-steps 300`` and ``--max-train-examples 1000``, the DPO command ``--max-steps 40``
+    and ``--max-train-pairs 1000``,
     the evaluation ``--eval-max-users 7``; nothing runs."""
     quality = load_driver()
     recipe = tiny_recipe("tiny-llava")
