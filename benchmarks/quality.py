@@ -12,8 +12,10 @@ output exists (``final/`` of a training stage, ``summary.json`` of an evaluation
 a rerun, so an interrupted grid resumes stage by stage. Every preference method of seed ``k``
 starts from the same SFT checkpoint ``seed<k>/sft/sft/final``.
 
-Stages, budgets and the runner live in :mod:`benchmarks.quality_grid`; this file pools the
-per-user results, tests them and writes the page.
+Stages, budgets and the runner live in :mod:`benchmarks.quality_grid` (stages run method by
+method, every seed of one method before the next, so a grid cut short is missing whole methods);
+this file pools the per-user results and tests them; :mod:`benchmarks.quality_page` lays out the
+page and :mod:`benchmarks.quality_curves` reads the preference stages' validation curves.
 
 Statistics (written to ``<out>/ml100k.md``, raw numbers to ``<out>/ml100k.json``):
 
@@ -23,11 +25,16 @@ Statistics (written to ``<out>/ml100k.md``, raw numbers to ``<out>/ml100k.json``
 * ``hit1`` AUC: DeLong placement values (:func:`hanorec.metrics.auc_contributions`) computed
   per seed on the evaluated users; their mean over a seed's users is that seed's AUC, so the
   pooled mean is the user-weighted mean of the per-seed AUCs.
-* Paired tests (:func:`hanorec.stats.compare_runs`: paired bootstrap and Wilcoxon) of every
-  method against DPO and against SFT on the (seed, user) units both evaluated.
-* The LLM evaluations use a seeded subset of users per seed (``--eval-max-users``, seeded by the
-  run seed); the classic baselines score every test user and are restricted to the same
-  (seed, user) units before pooling, so every row of a protocol covers the same users.
+* Paired tests (:func:`hanorec.stats.compare_runs`: paired bootstrap and Wilcoxon) on the
+  (seed, user) units both evaluated, trained − reference: every preference method against DPO;
+  every model trained from or beside SFT, and most-popular, against SFT; every language-model
+  row against SASRec. Holm's correction within each reference's family.
+* The poster (blind) gap: methods marked ``blind_eval`` are evaluated a second time with the
+  posters removed from every prompt (``hanorec.evaluate --blind true``); the page pairs the two.
+* The CPU budget evaluates every test user; a budget with ``eval_users`` uses a seeded subset per
+  seed (seeded by the run seed); the classic baselines score every test user and are restricted
+  to the same (seed, user) units before pooling, so every row of a protocol covers the same
+  users.
 """
 
 

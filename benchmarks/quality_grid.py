@@ -53,9 +53,11 @@ class Method:
         return self.module is None or (ROOT / (self.module.replace(".", "/") + ".py")).is_file()
 
 
-# In run order: when the budget runs out, the later rows are the ones cut (issue: cut methods,
-# never users). The HaNoRec paper's comparison (DPO vs dynamic + NoDO) and its reference-free
-# claim come first, then the other losses, then the ablations.
+# In run order: when the budget runs out, the later rows are the ones cut (cut methods, never
+# users). The HaNoRec paper's comparison (DPO vs dynamic + NoDO) and its reference-free claim
+# come first, then S-DPO, HaRS without NoDO and SimPO, then the SFT ablations (posters,
+# collaborative tokens), then the variants: static HaRS, NoDO on LoRA, IPO, cDPO, the precomputed
+# reference (the frozen reference's numbers in exact arithmetic, at less cost), BPO and RecPO.
 METHODS: tuple[Method, ...] = (
     Method("popularity", "Most popular", "baseline"),
     Method("sasrec", "SASRec", "baseline"),
@@ -69,20 +71,20 @@ METHODS: tuple[Method, ...] = (
     Method("hanorec-dynamic", "HaNoRec dynamic (HaRS λ·η)", "dpo",
            (*HANOREC, "--noise", "none", *FROZEN)),
     Method("simpo", "SimPO", "dpo", ("--loss", "simpo", *PLAIN, "--reference", "none")),
+    Method("sft-text", "SFT without posters", "sft", text_only=True),
+    Method("sft-nocollab", "SFT without collaborative tokens", "sft",
+           ("--item-tokens", "false", "--user-token", "false")),
     Method("hanorec-static", "HaNoRec static (HaRS λ)", "dpo",
            ("--loss", "sigmoid", "--hardness", "static", "--noise", "none", *FROZEN)),
     Method("hanorec-lora", "HaNoRec dynamic + NoDO (LoRA)", "dpo",
            (*HANOREC, "--noise", "lora", *FROZEN)),
-    Method("hanorec-precomputed", "HaNoRec + NoDO, precomputed reference", "dpo",
-           (*HANOREC, "--noise", "logits", "--reference", "precomputed")),
     Method("ipo", "IPO", "dpo", ("--loss", "ipo", *PLAIN, *FROZEN)),
     Method("cdpo", "cDPO (ε = 0.1)", "dpo",
            ("--loss", "sigmoid", "--label-smoothing", "0.1", *PLAIN, *FROZEN)),
+    Method("hanorec-precomputed", "HaNoRec + NoDO, precomputed reference", "dpo",
+           (*HANOREC, "--noise", "logits", "--reference", "precomputed")),
     Method("bpo", "HaNoRec + NoDO + BPO blind negatives", "bpo",
            (*HANOREC, "--noise", "logits", *FROZEN), module="hanorec.bpo", blind_eval=True),
-    Method("sft-text", "SFT without posters", "sft", text_only=True),
-    Method("sft-nocollab", "SFT without collaborative tokens", "sft",
-           ("--item-tokens", "false", "--user-token", "false")),
     Method("recpo", "R²ec / RecPO (full catalogue)", "recpo", module="hanorec.recpo"),
 )
 BY_NAME = {m.name: m for m in METHODS}
