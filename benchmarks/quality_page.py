@@ -54,8 +54,12 @@ def header(meta: dict[str, Any]) -> list[str]:
 
 
 def quality_table(methods: Sequence[Method], table: dict) -> list[str]:
-    """One row per method that has a result; ``n`` = (seed, user) units of its first metric."""
-    metrics = [m for m in TABLE_METRICS if any(m in table.get(x.name, {}) for x in methods)]
+    """One row per method that has a result; ``n`` = (seed, user) units of its first metric.
+
+    A metric is a column when some language-model row has it (the baselines' ``full`` scores are
+    RecPO's reference and stay out of the table when RecPO did not run)."""
+    metrics = [m for m in TABLE_METRICS
+               if any(m in table.get(x.name, {}) for x in methods if x.kind != "baseline")]
     lines = ["Mean over (seed, user) units pooled across seeds, with a 95% percentile-bootstrap "
              "interval over those units; `hit1/AUC` is the mean of per-seed DeLong placement "
              "values (the user-weighted mean of the per-seed AUCs). `n` is the number of "
