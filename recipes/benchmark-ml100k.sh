@@ -10,7 +10,7 @@
 #   the next), so a grid stopped early is missing its last methods, never users or seeds.
 # Every stage is resumable: rerun the same command after an interruption and finished stages are
 # skipped. Results: benchmarks/results/ml100k.md (+ PNGs); run folders: runs/benchmark-ml100k/.
-#   bash recipes/benchmark-ml100k.sh                      # CPU budget (2 cores: ~3.5 h for all)
+#   bash recipes/benchmark-ml100k.sh                      # CPU budget (2 cores: ~4.5 h for all 18 rows)
 #   bash recipes/benchmark-ml100k.sh --full               # GPU: the recipe's steps
 #   bash recipes/benchmark-ml100k.sh --methods sft,dpo,hanorec-nodo --seeds 0
 # Needs the data and the backbone: `make data models` (done by `make test` / `make demo` too).
