@@ -272,7 +272,7 @@ def preference_curves(plan: Plan, methods: Sequence[Method],
                       seeds: Sequence[int]) -> dict[str, Curve]:
     """The validation curve of every preference method (its ``dpo/metrics.jsonl`` per seed)."""
     runs = {m.name: (m.label, [plan.run_dir(s, m.name) / "dpo" / "metrics.jsonl" for s in seeds])
-            for m in methods if m.kind in ("dpo", "bpo")}
+            for m in methods if m.kind in ("dpo", "bpo") and not m.name.endswith(BLIND)}
     return read_curves(runs)
 
 
