@@ -254,7 +254,7 @@ class PromptCollator:
         out = ids.clone()
         for (position, _), (kind, item_id) in zip(found, prompt.slots):
             index = 0 if item_id is None else self.catalog.position(item_id)
-            out[position] = virtual_id(kind, index)
+            out[position] = virtual_id(kind, index, view=prompt.view, num_items=len(self.catalog))
         return out
 
     def encode_prompt_row(self, row: Mapping[str, Any], *, reserve: int = 0) -> EncodedRow:

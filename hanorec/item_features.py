@@ -67,16 +67,19 @@ def build_encoder(model: nn.Module, processor: Any, catalog: Catalog, style: Pro
         raise ValueError("prompt.item_tokens needs the collaborative features")
     spec = EncoderSpec(
         hidden=hidden, num_items=len(catalog),
-        collab_dim=int(collab.item_embeddings.shape[1]) if style.item_tokens else 0,
+        collab_dim=int(collab.item_embeddings.shape[-1]) if style.item_tokens else 0,
         text=style.answer == "head" and style.titles, image=pooled, user=style.user_token,
         projector_hidden=collab_cfg.projector_hidden, similarity=collab_cfg.head_similarity,
-        tau=collab_cfg.head_tau, sasrec=collab.meta["sasrec"] if style.user_token else None)
+        tau=collab_cfg.head_tau, sasrec=collab.meta["sasrec"] if style.user_token else None,
+        views=collab.views if style.item_tokens else 1,
+        folds=collab.folds if style.item_tokens and collab.fit == "crossfit" else 0,
+        fold_seed=collab.fold_seed if style.item_tokens else 0)
     encoder = ItemEncoder(spec)
     encoder.set_features(
         collab=collab.item_embeddings if spec.collab_dim else None,
         text=_text_features(model, processor, catalog, style) if spec.text else None,
         image=_image_features(model, processor, catalog, progress) if spec.image else None,
-        sasrec_state=collab.model.state_dict() if spec.user else None,
+        sasrec_states=[m.state_dict() for m in collab.models] if spec.user else None,
         token_rms=token_rms(model))
     return encoder
 
@@ -88,7 +91,7 @@ def attach_for_recipe(model: nn.Module, processor: Any, catalog: Catalog, prepar
 
     Returns:
         ``(encoder or None, collaborative features or None)``; the features also tell which
-        training rows the recommender held out (:meth:`CollabFeatures.is_heldout`).
+        training rows' views (:meth:`CollabFeatures.training_rows`).
     """
     if not style.needs_encoder:
         return None, None

@@ -11,13 +11,19 @@ How the tokens reach the model, for every backbone family and every forward path
 (shared-prompt KV / packed / duplicated batch, generation): through the token ids themselves.
 The prompt text carries placeholder tokens (:data:`PLACEHOLDERS`, added to the tokenizer as
 special tokens); the collator rewrites each one to a **virtual id** above any vocabulary
-(:func:`virtual_id`: ``2**30 + i`` for item ``i``'s collaborative token in the history,
-``2**30 + 2**27 + i`` when a candidate or query mentions it, ``2**30 + 2**28 + i`` for its pooled
-poster, ``2**30 + 2**29`` for the user token). Ids travel through padding,
-tiling and caching like any other token; a forward pre-hook on the input-embedding layer
-swaps virtual ids for 0 before the table look-up, and a forward hook writes the projected
-vectors into those positions. Nothing else in the model changes: image tokens, M-RoPE
-positions and ``mm_token_type_ids`` see ordinary text tokens.
+(:func:`virtual_id`: ``2**30 + v·N + i`` for item ``i``'s collaborative token in the history of a
+row that reads view ``v`` of ``N``-item catalogue, ``2**30 + 2**27 + v·N + i`` when a candidate
+or query mentions it, ``2**30 + 2**28 + i`` for its pooled poster, ``2**30 + 2**29 + v`` for the
+user token). Ids travel through padding, tiling and caching like any other token; a forward
+pre-hook on the input-embedding layer swaps virtual ids for 0 before the table look-up, and a
+forward hook writes the projected vectors into those positions. Nothing else in the model
+changes: image tokens, M-RoPE positions and ``mm_token_type_ids`` see ordinary text tokens.
+
+**Views** (:mod:`hanorec.collab`, cross-fitting). The encoder holds one recommender per view:
+view 0 is the model trained on every training sequence (validation and test rows), views
+``1..K`` the fold models that give the training rows of their held-out users out-of-sample
+features. A row's view is in its ids, so the item tokens, the user token and the head's item
+vectors of that row all come from the same recommender (:func:`row_views`).
 
 * item token ``i``: ``P_c(c_i)``, ``c_i`` the recommender's item embedding, ``P_c`` an MLP
   (``LayerNorm → Linear → GELU → Linear``) whose output is scaled at start to the RMS of the
@@ -39,7 +45,7 @@ Features that a recipe leaves out are absent (``None``) and their terms vanish.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,17 +66,39 @@ SPEC_FILE = "item_encoder.json"
 ATTRIBUTE = "hanorec_item_encoder"
 
 
-def virtual_id(kind: str, index: int = 0) -> int:
-    """The virtual token id of an item token, a poster token (item ``index``) or the user token."""
+def virtual_id(kind: str, index: int = 0, *, view: int = 0, num_items: int = 0) -> int:
+    """The virtual token id of an item token, a poster token (item ``index``) or the user token.
+
+    ``view`` (with the catalogue size ``num_items``) names the recommender an item or user
+    token reads (module docstring); posters have no view.
+    """
+    if view and num_items <= 0 and kind in ("item", "mention"):
+        raise ValueError("virtual_id: an item token of a view other than 0 needs num_items")
+    offset = view * num_items + index
     if kind == "item":
-        return VIRTUAL_BASE + index
+        return VIRTUAL_BASE + offset
     if kind == "mention":
-        return MENTION_BASE + index
+        return MENTION_BASE + offset
     if kind == "poster":
         return POSTER_BASE + index
     if kind == "user":
-        return USER_ID
+        return USER_ID + view
     raise ValueError(f"unknown item-token kind {kind!r}; expected one of {sorted(PLACEHOLDERS)}")
+
+
+def _token_views(input_ids: Tensor, num_items: int) -> Tensor:
+    """Per token: the view of an item, mention or user token, -1 for every other token."""
+    users = input_ids >= USER_ID
+    items = (input_ids >= VIRTUAL_BASE) & (input_ids < POSTER_BASE)
+    offset = torch.where(input_ids >= MENTION_BASE, input_ids - MENTION_BASE,
+                         input_ids - VIRTUAL_BASE)
+    views = torch.where(items, offset // max(num_items, 1), torch.full_like(input_ids, -1))
+    return torch.where(users, input_ids - USER_ID, views)
+
+
+def row_views(input_ids: Tensor, num_items: int) -> Tensor:
+    """``[B]`` the view each row's item and user tokens read (0 for a row without any)."""
+    return _token_views(input_ids, num_items).max(dim=-1).values.clamp(min=0)
 
 
 def ensure_placeholders(tokenizer: Any) -> dict[str, int]:
@@ -109,6 +137,9 @@ class EncoderSpec:
         similarity: Head score, ``dot`` or ``cos``.
         tau: Temperature of ``cos``.
         sasrec: The recommender's SASRecConfig fields (for the user token), or None.
+        views: Recommenders the collaborative tables come from (cross-fitting: K + 1).
+        folds: K of the cross-fitting that made the views (0: none), and ``fold_seed`` its
+            hash seed: a later stage recomputes a training row's view from them.
     """
 
     hidden: int
@@ -121,6 +152,14 @@ class EncoderSpec:
     similarity: str = "dot"
     tau: float = 0.05
     sasrec: dict[str, Any] | None = None
+    views: int = 1
+    folds: int = 0
+    fold_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.views < 1 or self.num_items * self.views > (1 << 27):
+            raise ValueError(f"item encoder: {self.views} views of {self.num_items} items do not "
+                             "fit the virtual id space (2**27 ids per kind)")
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -140,8 +179,8 @@ class ItemEncoder(nn.Module):
         self.spec = spec
         width = spec.projector_hidden or spec.hidden
         self.register_buffer("collab",
-                             torch.zeros(spec.num_items, spec.collab_dim) if spec.collab_dim
-                             else None)
+                             torch.zeros(spec.views, spec.num_items, spec.collab_dim)
+                             if spec.collab_dim else None)
         self.register_buffer("text",
                              torch.zeros(spec.num_items, spec.hidden) if spec.text else None)
         self.register_buffer("image",
@@ -154,37 +193,49 @@ class ItemEncoder(nn.Module):
         for head in (self.head_text, self.head_image):
             if head is not None:
                 nn.init.zeros_(head.weight)
-        self.sasrec: nn.Module | None = None
+        self.sasrec: nn.ModuleList | None = None
         if spec.user:
             if spec.sasrec is None or not spec.collab_dim:
                 raise ValueError("the user token needs the recommender (collab_dim and sasrec)")
             from hanorec.baselines.sasrec import SASRecConfig, SASRecModel
 
-            self.sasrec = SASRecModel(spec.num_items,
-                                      SASRecConfig(**spec.sasrec)).requires_grad_(False)
+            self.sasrec = nn.ModuleList(
+                SASRecModel(spec.num_items, SASRecConfig(**spec.sasrec)).requires_grad_(False)
+                for _ in range(spec.views))
 
     # ------------------------------------------------------------------ set-up
     def set_features(self, *, collab: Tensor | None = None, text: Tensor | None = None,
-                     image: Tensor | None = None, sasrec_state: dict[str, Tensor] | None = None,
+                     image: Tensor | None = None,
+                     sasrec_states: Sequence[dict[str, Tensor]] | None = None,
                      token_rms: float | None = None) -> ItemEncoder:
-        """Fill the frozen tables (and the recommender), then scale the projectors' output.
+        """Fill the frozen tables (and the recommenders), then scale the projectors' output.
+
+        ``collab`` is ``[V, N, d]`` (or ``[N, d]`` for one view); ``sasrec_states`` one state dict
+        per view.
 
         ``token_rms`` (the RMS of the LM's token embeddings) rescales the last layer of each
         projector so that its outputs on the real features have that RMS: an injected token
         starts at the scale of the text around it.
         """
+        if collab is not None and collab.dim() == 2:
+            collab = collab.unsqueeze(0)
         for name, value in (("collab", collab), ("text", text), ("image", image)):
             if value is not None:
                 getattr(self, name).copy_(value.to(getattr(self, name).dtype))
-        if sasrec_state is not None and self.sasrec is not None:
-            self.sasrec.load_state_dict(sasrec_state)
+        if sasrec_states is not None and self.sasrec is not None:
+            if len(sasrec_states) != len(self.sasrec):
+                raise ValueError(f"item encoder: {len(sasrec_states)} recommender states for "
+                                 f"{len(self.sasrec)} views")
+            for network, state in zip(self.sasrec, sasrec_states):
+                network.load_state_dict(state)
         if token_rms:
             self._rescale(token_rms)
         return self
 
     @torch.no_grad()
     def _rescale(self, target: float) -> None:
-        inputs = {"collab_proj": self.collab, "poster_proj": self.image}
+        inputs = {"collab_proj": None if self.collab is None else self.collab[0],
+                  "poster_proj": self.image}
         if self.user_proj is not None:
             inputs["user_proj"] = self._user_probe()
         for name, features in inputs.items():
@@ -196,31 +247,33 @@ class ItemEncoder(nn.Module):
             mlp[-1].bias.mul_(target / rms)
 
     def _user_probe(self) -> Tensor:
-        """Recommender states of single-item sequences: a sample of user-token inputs."""
+        """Recommender states (view 0) of single-item sequences: a sample of user-token inputs."""
         count = min(256, self.spec.num_items)
         return self.user_states([[i] for i in range(count)])
 
     def train(self, mode: bool = True) -> ItemEncoder:
         super().train(mode)
         if self.sasrec is not None:
-            self.sasrec.eval()  # frozen recommender: no dropout, ever
+            self.sasrec.eval()  # frozen recommenders: no dropout, ever
         return self
 
     # ------------------------------------------------------------------ vectors
-    def user_states(self, sequences: list[list[int]]) -> Tensor:
-        """``[B, d]`` recommender states after each 0-based item sequence (no gradient)."""
+    def user_states(self, sequences: list[list[int]], view: int = 0) -> Tensor:
+        """``[B, d]`` view ``view``'s recommender states after each 0-based item sequence (no
+        gradient)."""
         from hanorec.collab import user_states
 
-        assert self.sasrec is not None
-        return user_states(self.sasrec, sequences, self.spec.sasrec["sasrec_max_len"])
+        assert self.sasrec is not None and self.spec.sasrec is not None
+        return user_states(self.sasrec[view], sequences, self.spec.sasrec["sasrec_max_len"])
 
-    def item_vectors(self, index: Tensor | None = None) -> Tensor:
-        """Head vectors ``[..., hidden]`` of catalogue items ``index`` (None: every item)."""
+    def item_vectors(self, index: Tensor | None = None, view: int = 0) -> Tensor:
+        """Head vectors ``[..., hidden]`` of catalogue items ``index`` (None: every item), with
+        the collaborative term from view ``view``'s recommender."""
         if index is None:
             index = torch.arange(self.spec.num_items, device=self._device())
         parts = []
         if self.collab_proj is not None:
-            parts.append(self.collab_proj(self.collab[index]))
+            parts.append(self.collab_proj(self.collab[view][index]))
         if self.head_text is not None:
             parts.append(self.head_text(self.text[index]))
         if self.head_image is not None:
@@ -236,18 +289,29 @@ class ItemEncoder(nn.Module):
     def forward(self, input_ids: Tensor, embeddings: Tensor) -> Tensor:
         """``embeddings`` with every virtual id's position replaced by its projected vector."""
         out = embeddings.clone()
+        num_items, views = self.spec.num_items, self.spec.views
         items = (input_ids >= VIRTUAL_BASE) & (input_ids < POSTER_BASE)
         posters = (input_ids >= POSTER_BASE) & (input_ids < USER_ID)
-        users = input_ids == USER_ID
-        index = torch.where(input_ids >= MENTION_BASE, input_ids - MENTION_BASE,
-                            input_ids - VIRTUAL_BASE)
-        unknown = (input_ids > USER_ID) | (items & (index >= self.spec.num_items)) | (
-            posters & (input_ids - POSTER_BASE >= self.spec.num_items))
+        users = input_ids >= USER_ID
+        offset = torch.where(input_ids >= MENTION_BASE, input_ids - MENTION_BASE,
+                             input_ids - VIRTUAL_BASE)
+        unknown = (users & (input_ids - USER_ID >= views)) | (
+            items & (offset >= num_items * views)) | (
+            posters & (input_ids - POSTER_BASE >= num_items))
         if bool(unknown.any()):
             raise ValueError(f"item_tokens: virtual id {int(input_ids[unknown][0])} is out of "
                              "range")
+        token_views = _token_views(input_ids, num_items)
+        lowest = token_views.masked_fill(token_views < 0, views).min(dim=-1).values
+        if bool(((lowest < views) & (lowest != token_views.max(dim=-1).values)).any()):
+            raise ValueError("item_tokens: a row mixes item tokens of several views (one row, "
+                             "one recommender)")
         if bool(items.any()):
-            out[items] = self._project("collab_proj", self.collab, index[items], out.dtype)
+            if self.collab_proj is None or self.collab is None:
+                raise ValueError("item_tokens: the prompt has item tokens but the encoder has no "
+                                 "such features")
+            table = self.collab.reshape(views * num_items, -1)
+            out[items] = self.collab_proj(table[offset[items]]).to(out.dtype)
         if bool(posters.any()):
             out[posters] = self._project("poster_proj", self.image,
                                          input_ids[posters] - POSTER_BASE, out.dtype)
@@ -255,9 +319,20 @@ class ItemEncoder(nn.Module):
             if self.user_proj is None:
                 raise ValueError("item_tokens: the prompt has a user token but the encoder has "
                                  "no user projector")
-            states = self.user_states(_histories_before(input_ids, users))
-            out[users] = self.user_proj(states.to(self.user_proj[1].weight.dtype)).to(out.dtype)
+            out[users] = self._user_vectors(input_ids, users).to(out.dtype)
         return out
+
+    def _user_vectors(self, input_ids: Tensor, users: Tensor) -> Tensor:
+        """Projected recommender states at the user-token positions (row-major), each from its
+        view's recommender over the history item tokens before it."""
+        assert self.user_proj is not None
+        histories = _histories_before(input_ids, users, self.spec.num_items)
+        views = (input_ids[users] - USER_ID).tolist()
+        states = torch.empty(len(views), self.spec.collab_dim, device=input_ids.device)
+        for view in sorted(set(views)):
+            where = [n for n, v in enumerate(views) if v == view]
+            states[where] = self.user_states([histories[n] for n in where], view).to(states)
+        return self.user_proj(states.to(self.user_proj[1].weight.dtype))
 
     def _project(self, name: str, table: Tensor | None, index: Tensor,
                  dtype: torch.dtype) -> Tensor:
@@ -268,14 +343,14 @@ class ItemEncoder(nn.Module):
         return mlp(table[index]).to(dtype)
 
 
-def _histories_before(input_ids: Tensor, users: Tensor) -> list[list[int]]:
+def _histories_before(input_ids: Tensor, users: Tensor, num_items: int) -> list[list[int]]:
     """For every user-token position (row-major), the item indices of the row's history item
     tokens before it, in order (mentions — candidates, queries — are not history)."""
     items = (input_ids >= VIRTUAL_BASE) & (input_ids < MENTION_BASE)
     histories = []
     for row, position in users.nonzero().tolist():
         ids = input_ids[row, :position]
-        histories.append((ids[items[row, :position]] - VIRTUAL_BASE).tolist())
+        histories.append(((ids[items[row, :position]] - VIRTUAL_BASE) % num_items).tolist())
     if any(not h for h in histories):
         raise ValueError("item_tokens: a user token with no item token before it (the history "
                          "needs item tokens)")

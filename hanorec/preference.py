@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.blind import mix_blind_negatives
 from hanorec.data.catalog import Catalog
+from hanorec.data.folds import tag_views
 from hanorec.data.prepare import prepare
 from hanorec.forward import MODES
+from hanorec.item_tokens import attached_encoder
 from hanorec.losses import HARDNESS_MODES, LOSS_TYPES, loss_help
 from hanorec.readout import answer_logps
 from hanorec.runtime import load_catalog, load_rows, prepare_data
@@ -142,6 +144,16 @@ def training_pairs(run: Any, prepared: Path) -> tuple[list[dict], list[dict], di
     train, counts = mix_blind_negatives(train, cfg.blind_negatives, ratio=cfg.blind_ratio,
                                         seed=run.seed)
     return train, val, counts
+
+
+def training_views(model: nn.Module, rows: list[dict]) -> list[dict]:
+    """Training rows tagged with the recommender view their user's features come from, when
+    the policy's item encoder was cross-fitted (:mod:`hanorec.data.folds`); unchanged rows
+    otherwise. Validation rows keep view 0, as in SFT."""
+    encoder = attached_encoder(model)
+    if encoder is None or not encoder.spec.folds:
+        return rows
+    return tag_views(rows, encoder.spec.folds, encoder.spec.fold_seed)
 
 
 def responses_per_row(rows: list[dict]) -> int:

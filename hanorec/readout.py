@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from hanorec.collate import ChoiceBatch
 from hanorec.forward import response_logps
-from hanorec.item_tokens import VIRTUAL_BASE, ItemEncoder, attached_encoder
+from hanorec.item_tokens import VIRTUAL_BASE, ItemEncoder, attached_encoder, row_views
 from hanorec.models.families import MROPE_FAMILIES
 
 
@@ -192,15 +192,29 @@ def head_logps(model: nn.Module, batch: Mapping[str, Any], choices: Sequence[Seq
 def head_scores(model: nn.Module, batch: Mapping[str, Any],
                 choices: Sequence[Sequence[int] | None]) -> tuple[Tensor, Tensor | None, Tensor]:
     """Raw head scores ``[B, M]`` of the scored columns, the columns and the allowed mask."""
-    return score_states(require_encoder(model), final_states(model, batch), choices)
+    encoder = require_encoder(model)
+    views = row_views(batch["input_ids"], encoder.spec.num_items)
+    return score_states(encoder, final_states(model, batch), choices, views)
 
 
-def score_states(encoder: ItemEncoder, states: Tensor,
-                 choices: Sequence[Sequence[int] | None]) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Head scores of answer-position ``states`` ``[B, H]`` (see :func:`choice_columns`)."""
+def score_states(encoder: ItemEncoder, states: Tensor, choices: Sequence[Sequence[int] | None],
+                 views: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Head scores of answer-position ``states`` ``[B, H]`` (see :func:`choice_columns`).
+
+    ``views`` ``[B]`` name the recommender each row's item vectors come from (None: view 0,
+    the full model; :mod:`hanorec.item_tokens`).
+    """
     columns, allowed = choice_columns(choices, encoder.spec.num_items, states.device)
-    vectors = encoder.item_vectors(columns).float()
-    return similarity(states, vectors, encoder.spec.similarity, encoder.spec.tau), columns, allowed
+    spec = encoder.spec
+    if views is None or not bool(views.any()):
+        vectors = encoder.item_vectors(columns).float()
+        return similarity(states, vectors, spec.similarity, spec.tau), columns, allowed
+    scores = states.new_empty(states.shape[0], spec.num_items if columns is None else len(columns))
+    for view in views.unique().tolist():
+        rows = (views == view).nonzero().squeeze(-1).to(states.device)
+        vectors = encoder.item_vectors(columns, view).float()
+        scores[rows] = similarity(states[rows], vectors, spec.similarity, spec.tau).to(scores)
+    return scores, columns, allowed
 
 
 def _positions(columns: Tensor, picks: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hanorec.collate import PromptCollator
-from hanorec.data.prompts import ANSWERS, PLACEHOLDERS, Prompt
+from hanorec.data.prompts import ANSWERS, PLACEHOLDERS, VIEW_FIELD, Prompt
 from hanorec.forward import score_candidates
 from hanorec.hardware import warn_if_emulated_bf16
 from hanorec.losses import IGNORE_INDEX, sequence_logps
@@ -132,8 +132,13 @@ def candidate_titles(collator: PromptCollator, row: Row) -> list[str]:
     return collator.candidate_texts(row)
 
 
-def _state_key(row: Row) -> tuple[str, tuple[str, ...]]:
-    return str(row.get("user_id")), tuple(row["history"])
+def _state_key(row: Row) -> tuple[str, tuple[str, ...], int]:
+    return str(row.get("user_id")), tuple(row["history"]), _view(row)
+
+
+def _view(row: Row) -> int:
+    """The recommender view a row reads (:mod:`hanorec.collab`; 0 unless a training row)."""
+    return int(row.get(VIEW_FIELD) or 0)
 
 
 @torch.no_grad()
@@ -179,12 +184,13 @@ def head_candidate_scores(model: nn.Module, collator: PromptCollator, rows: Sequ
     out = []
     for start in range(0, len(rows), 256):
         chunk, part = rows[start : start + 256], states[start : start + 256].to(device)
+        views = torch.tensor([_view(row) for row in chunk], device=device)
         if catalogue:
-            scores, _, _ = score_states(encoder, part, [None] * len(chunk))
+            scores, _, _ = score_states(encoder, part, [None] * len(chunk), views)
         else:
             index = collator.catalog.index
             choices = [[index[item] for item in row["candidates"]] for row in chunk]
-            scores, columns, _ = score_states(encoder, part, choices)
+            scores, columns, _ = score_states(encoder, part, choices, views)
             where = torch.searchsorted(columns, torch.tensor(choices, device=columns.device))
             scores = scores.gather(1, where)
         out.append(scores.float().cpu().numpy())

@@ -26,11 +26,11 @@ Design choices:
   minimises ``−log π(target | x)`` of the ranking head over the row's candidates (the
   catalogue for rows without candidates). The loss unit is then the row, not the token.
 * **Collaborative tokens** (``prompt.item_tokens``/``user_token``, :mod:`hanorec.collab`). The
-  item encoder is built before training (its recommender trained on the training split once per
-  prepared folder) and trains with the adapter. With ``collab.collab_holdout: T`` and
-  ``collab.collab_rows: heldout`` the stage trains on the rows whose target is one of each
-  user's last T training items, the ones the recommender did not train on, so the user
-  states it learns from are out-of-sample, as at test time.
+  item encoder is built before training (its recommenders trained on the training split once
+  per prepared folder) and trains with the adapter. Every training row reads recommender
+  features that are out of sample, as a test row's are: with ``collab.collab_fit: crossfit``
+  (the default) from the fold model that never saw its user, so every row of the train split
+  can be an example; with ``tail`` only the rows whose target the recommender held out.
 """
 
 from __future__ import annotations
@@ -171,15 +171,15 @@ def _head_validation(model, collator: PromptCollator, rows: list[dict], rank_row
 
 
 def training_rows(prepared, run: SFTRun, catalog, collab) -> list[dict]:
-    """The SFT rows: every protocol's train rows, the recommender's held-out ones when asked,
+    """The SFT rows: every protocol's train rows whose collaborative features are out of
+    sample, each tagged with the recommender it reads (:meth:`CollabFeatures.training_rows`),
     then a seeded subset of ``max_train_examples``."""
     rows = load_rows(prepared, run.sft.sft_protocols, "train")
-    if collab is not None and collab.holdout > 0 and run.collab.collab_rows == "heldout":
-        rows = [r for r in rows if collab.is_heldout(r, catalog.index)]
+    if collab is not None:
+        rows = collab.training_rows(rows, catalog.index)
         if not rows:
-            raise ValueError("collab.collab_rows: heldout left no training row (is "
-                             "collab_holdout larger than 0 "
-                             "and the train split complete?)")
+            raise ValueError("collab.collab_fit: tail left no training row (is the train split "
+                             "complete?)")
     return subsample(rows, run.sft.max_train_examples, run.seed)
 
 

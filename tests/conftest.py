@@ -163,7 +163,7 @@ def planted_recipe(tmp_path_factory, tiny_backbone_dirs):
     24 items whose titles are all "Movie", no images; each of 48 users walks through the
     catalogue in order (item k is followed by k+1) from a random start. Only the collaborative
     modality can tell the items apart. The recipe trains the ranking head with item and user
-    tokens on tiny-llava; its recommender holds out 2 training items per user.
+    tokens on tiny-llava; its recommender is cross-fitted over 3 user folds.
     """
     import numpy as np
     import yaml
@@ -198,8 +198,8 @@ def planted_recipe(tmp_path_factory, tiny_backbone_dirs):
                       "lora_dropout": 0.0},
             "prompt": {"image_budget": 0, "max_length": 512, "answer": "head", "item_tokens": True,
                        "user_token": True, "title_year": False},
-            "collab": {"collab_holdout": 2, "sasrec_epochs": 60, "sasrec_eval_every": 5,
-                       "sasrec_patience": 4,
+            "collab": {"collab_fit": "crossfit", "collab_folds": 3, "collab_workers": 1,
+                       "sasrec_epochs": 60, "sasrec_eval_every": 5, "sasrec_patience": 4,
                        "sasrec_hidden_size": 16, "sasrec_num_heads": 1, "sasrec_dropout": 0.1,
                        "sasrec_max_len": 12},
             "sft": {"sft_protocols": ["candidates"], "learning_rate": 1e-2,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from hanorec import config, dpo, evaluate, sft
 from hanorec.collab import CollabConfig, collab_features
 from hanorec.data.known import known_sequences
+from hanorec.data.prompts import VIEW_FIELD
 from hanorec.item_tokens import SPEC_FILE, WEIGHTS_FILE
 from hanorec.runtime import load_catalog, load_rows
 from hanorec.training import read_metrics
@@ -34,16 +35,17 @@ def _prepared(recipe: Path) -> tuple[Path, object]:
     return prepared, run
 
 
-def test_recommender_never_trains_on_validation_or_test_targets(planted_recipe):
-    """The recommender trains on each training sequence minus its last T = 2 items (the
-    validation and test targets are not in the training sequence at all); exactly T training
-    rows per user are marked held-out; a second call reuses the cache instead of training."""
-    prepared, run = _prepared(planted_recipe())
+def test_tail_recommender_never_trains_on_validation_or_test_targets(planted_recipe):
+    """collab_fit: tail — the recommender trains on each training sequence minus its last T = 2
+    items (the validation and test targets are not in the training sequence at all); exactly T
+    training rows per user are kept; a second call reuses the cache instead of training."""
+    prepared, run = _prepared(planted_recipe(collab={"collab_fit": "tail", "collab_holdout": 2}))
     catalog = load_catalog(run.data, prepared)
     cfg = run.collab
     features = collab_features(prepared, len(catalog), cfg, log=None)
     sequences, _ = known_sequences(prepared, "validation")
-    assert features.meta["train_items"] == sum(len(s) - 2 for s in sequences.values())
+    assert features.meta["view_meta"][0]["train_items"] == sum(
+        len(s) - 2 for s in sequences.values())
     test_rows = load_rows(prepared, ["candidates"], "test")
     valid_rows = load_rows(prepared, ["candidates"], "validation")
     for row in valid_rows + test_rows:  # no target of these splits is in a training sequence's tail
@@ -53,22 +55,81 @@ def test_recommender_never_trains_on_validation_or_test_targets(planted_recipe):
             or seq.count(catalog.index[row["target"]]) > 1
         )
     train = load_rows(prepared, ["candidates"], "train")
-    marked = [r for r in train if features.is_heldout(r, catalog.index)]
+    marked = features.training_rows(train, catalog.index)
     assert len(marked) == 2 * PLANTED_USERS
     for row in marked:
         seq = sequences[str(row["user_id"])]
-        assert catalog.index[row["target"]] in seq[-2:]
+        assert catalog.index[row["target"]] in seq[-2:] and VIEW_FIELD not in row
     folder = prepared / "collab" / features.meta["key"]
-    stamp = (folder / "sasrec.safetensors").stat().st_mtime_ns
+    stamp = (folder / "sasrec-0.safetensors").stat().st_mtime_ns
     again = collab_features(prepared, len(catalog), cfg, log=None)
-    assert (folder / "sasrec.safetensors").stat().st_mtime_ns == stamp
+    assert (folder / "sasrec-0.safetensors").stat().st_mtime_ns == stamp
     assert torch.equal(again.item_embeddings, features.item_embeddings)
     other = collab_features(prepared, len(catalog),
                             CollabConfig(**{**cfg.__dict__, "collab_holdout": 1}), log=None)
-    assert (
-        other.meta["key"] != features.meta["key"]
-        and other.meta["train_items"] == features.meta["train_items"] + PLANTED_USERS
-    )
+    assert other.meta["key"] != features.meta["key"]
+    assert other.meta["view_meta"][0]["train_items"] == (
+        features.meta["view_meta"][0]["train_items"] + PLANTED_USERS)
+
+
+def test_crossfit_features_never_come_from_a_model_that_saw_the_user(planted_recipe):
+    """collab_fit: crossfit over K = 3 user folds — every training row is kept and tagged with
+    the view of its user's fold; that view's recommender trained on the sequences of exactly the
+    users outside the fold (so never on the row's target, nor on anything else of its user),
+    which an independent SASRec trained on those sequences reproduces weight for weight; view 0
+    trained on every user; the views' item tables differ."""
+    from hanorec.baselines.sasrec import SASRec
+    from hanorec.collab import _selection, _validation_targets, view_plans
+    from hanorec.data.folds import user_fold
+
+    prepared, run = _prepared(planted_recipe())
+    catalog = load_catalog(run.data, prepared)
+    cfg = run.collab
+    features = collab_features(prepared, len(catalog), cfg, log=None)
+    sequences, _ = known_sequences(prepared, "validation")
+    assert features.views == cfg.collab_folds + 1 == 4
+    plans = view_plans(sequences, _validation_targets(prepared), cfg)
+    folds = {u: user_fold(u, 3, cfg.collab_fold_seed) for u in sequences}
+    assert sorted(set(folds.values())) == [0, 1, 2]
+    assert sorted(plans[0].users) == sorted(sequences)
+    train = load_rows(prepared, ["candidates"], "train")
+    rows = features.training_rows(train, catalog.index)
+    assert len(rows) == len(train)
+    for row in rows:
+        view, user = row[VIEW_FIELD], str(row["user_id"])
+        assert view == 1 + folds[user]
+        assert user not in plans[view].users  # the fold model never saw this user ...
+        target = catalog.index[row["target"]]
+        trained_pairs = {(u, i) for u, s in zip(plans[view].users, plans[view].train) for i in s}
+        assert (user, target) not in trained_pairs  # ... nor this row's target
+    for view in range(features.views):
+        plan = plans[view]
+        independent = SASRec(cfg.sasrec()).fit(
+            plan.train, len(catalog),
+            validate=lambda m, p=plan: _selection(m, p.select_inputs, p.select_targets))
+        expected = independent.model.state_dict()
+        got = features.models[view].state_dict()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), view
+    assert not torch.equal(features.item_embeddings[0], features.item_embeddings[1])
+
+
+@pytest.mark.slow
+def test_crossfit_in_worker_processes_equals_one_process(planted_recipe, tmp_path):
+    """collab_workers 2 (spawned processes, one thread each) trains the same recommenders as
+    training them one after the other in this process."""
+    from hanorec.collab import _validation_targets, train_views, view_plans
+
+    prepared, run = _prepared(planted_recipe())
+    catalog = load_catalog(run.data, prepared)
+    sequences, _ = known_sequences(prepared, "validation")
+    cfg = CollabConfig(**{**run.collab.__dict__, "sasrec_epochs": 10, "sasrec_num_threads": 1})
+    plans = view_plans(sequences, _validation_targets(prepared), cfg)[:3]
+    alone = train_views(plans, len(catalog), cfg)
+    pooled = train_views(plans, len(catalog),
+                         CollabConfig(**{**cfg.__dict__, "collab_workers": 2}))
+    for (a, meta_a), (b, meta_b) in zip(alone, pooled):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert meta_a["epochs"] == meta_b["epochs"]
 
 
 @pytest.mark.slow
@@ -104,8 +165,7 @@ def test_head_pipeline_sft_dpo_evaluate(planted_recipe):
 
 
 COLLAB_TINY = {"sasrec_epochs": 20, "sasrec_eval_every": 5, "sasrec_hidden_size": 16,
-               "sasrec_max_len": 12,
-               "collab_holdout": 1, "collab_rows": "all"}
+               "sasrec_max_len": 12, "collab_fit": "insample"}
 
 
 @pytest.mark.slow

@@ -149,3 +149,28 @@ def test_no_titles_leaves_the_item_tokens(tiny_catalog: Catalog) -> None:
     texts = _texts(build_prompt(ROW, tiny_catalog, "candidates", image_budget=0, style=style))
     assert texts[1:5] == ["<|item|>\n"] * 4
     assert texts[5].startswith("Candidates:\nA. <|item|>\nB. <|item|>\nC. <|item|>\n")
+
+
+def test_title_budget_writes_older_items_as_bare_item_tokens(tiny_catalog: Catalog) -> None:
+    """title_budget: 2 of a 4-item history — the two oldest items become one run of bare item
+    tokens (no title, no newline), the two newest keep their titles; the slots still list every
+    history item in order, then the user token; the row's collab_view reaches the prompt."""
+    from hanorec.data.prompts import PromptStyle
+
+    style = PromptStyle(answer="head", item_tokens=True, user_token=True, title_budget=2,
+                        title_year=False)
+    prompt = build_prompt({**ROW, "collab_view": 3}, tiny_catalog, "candidates", image_budget=0,
+                          style=style)
+    texts = _texts(prompt)
+    assert texts[1] == "<|item|><|item|>"
+    assert texts[2:4] == ['"Title 10"<|item|>\n', '"Title 3"<|item|>\n']
+    assert prompt.slots == [("item", "i0"), ("item", "i1"), ("item", "i10"), ("item", "i3"),
+                            ("user", None)]
+    assert prompt.view == 3
+    assert build_prompt(ROW, tiny_catalog, "candidates", image_budget=0, style=style).view == 0
+    every = PromptStyle(answer="head", item_tokens=True, title_budget=9)  # budget > history
+    assert _texts(build_prompt(ROW, tiny_catalog, "candidates", image_budget=0, style=every))[
+        1:5] == _texts(build_prompt(ROW, tiny_catalog, "candidates", image_budget=0,
+                                    style=PromptStyle(answer="head", item_tokens=True)))[1:5]
+    with pytest.raises(ValueError, match="title_budget"):
+        PromptStyle(answer="head", title_budget=2)  # older items would vanish

@@ -25,6 +25,7 @@ from hanorec.item_tokens import (
     detach_item_encoder,
     ensure_placeholders,
     load_item_encoder,
+    row_views,
     save_item_encoder,
     virtual_id,
 )
@@ -35,18 +36,27 @@ SASREC = {"sasrec_hidden_size": 8, "sasrec_num_blocks": 1, "sasrec_num_heads": 1
           "sasrec_dropout": 0.0}
 
 
-def encoder(hidden: int, *, image: bool = False, seed: int = 0) -> ItemEncoder:
-    """An encoder with random collaborative features, a random recommender, user token on."""
+def encoder(hidden: int, *, image: bool = False, seed: int = 0, views: int = 1) -> ItemEncoder:
+    """An encoder with random collaborative features and random recommenders (one per view),
+    user token on."""
     torch.manual_seed(seed)
     spec = EncoderSpec(hidden=hidden, num_items=NUM_ITEMS, collab_dim=8, text=True, image=image,
                        user=True,
-                       projector_hidden=16, sasrec=SASREC)
-    recommender = SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC))
-    enc = ItemEncoder(spec).set_features(collab=torch.randn(NUM_ITEMS, 8),
+                       projector_hidden=16, sasrec=SASREC, views=views)
+    recommenders = [SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC)) for _ in range(views)]
+    enc = ItemEncoder(spec).set_features(collab=torch.randn(views, NUM_ITEMS, 8),
                                          text=torch.randn(NUM_ITEMS, hidden),
                                          image=torch.randn(NUM_ITEMS, hidden) if image else None,
-                                         sasrec_state=recommender.state_dict(), token_rms=0.5)
+                                         sasrec_states=[r.state_dict() for r in recommenders],
+                                         token_rms=0.5)
     return enc
+
+
+def reference_state(enc: ItemEncoder, history: list[int], view: int = 0) -> torch.Tensor:
+    """An independent SASRec forward with view ``view``'s weights over ``history``."""
+    reference = SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC)).eval()
+    reference.load_state_dict(enc.sasrec[view].state_dict())
+    return reference(_left_pad([history], SASREC["sasrec_max_len"]))[:, -1]
 
 
 def with_item_tokens(batch: dict, *, seed: int = 5) -> tuple[dict, dict[tuple[int, int], int]]:
@@ -103,14 +113,11 @@ def test_hook_places_projections_like_inputs_embeds():
         embeds = model.get_input_embeddings()(ids.masked_fill(ids >= VIRTUAL_BASE, 0)).clone()
         for (row, position), item in placed.items():
             if item >= 0:
-                embeds[row, position] = enc.collab_proj(enc.collab[item])
+                embeds[row, position] = enc.collab_proj(enc.collab[0, item])
             else:
                 history = [i for (r, p),
                            i in sorted(placed.items()) if r == row and p < position and i >= 0]
-                reference = SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC)).eval()
-                reference.load_state_dict(enc.sasrec.state_dict())
-                state = reference(_left_pad([history], SASREC["sasrec_max_len"]))[:, -1]
-                embeds[row, position] = enc.user_proj(state)[0]
+                embeds[row, position] = enc.user_proj(reference_state(enc, history))[0]
         expected = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     assert (got - expected).abs().max() < 1e-5
     plain = model.get_input_embeddings()(ids.masked_fill(ids >= VIRTUAL_BASE, 0))
@@ -145,6 +152,38 @@ def test_shared_forward_with_item_tokens_matches_duplicate(family):
         assert num / den < 1e-4, mode
 
 
+def test_each_row_reads_its_own_view():
+    """Two views (cross-fitting): a row whose ids name view 1 gets view 1's item table and
+    view 1's recommender state at its user token; a view-0 row in the same batch gets view 0's;
+    the head's item vectors follow the row's view (:func:`row_views`); a row mixing views and
+    a view past the encoder's are errors."""
+    enc = encoder(16, views=2)
+    history = [3, 7]
+    rows = []
+    for view in (0, 1):
+        rows.append([9 + view] + [virtual_id("item", i, view=view, num_items=NUM_ITEMS)
+                                  for i in history] + [virtual_id("user", view=view)])
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        out = enc(ids, torch.zeros(2, 4, 16))
+        for view in (0, 1):
+            for n, item in enumerate(history):
+                expected = enc.collab_proj(enc.collab[view, item])
+                assert torch.allclose(out[view, 1 + n], expected, atol=1e-6)
+            state = enc.user_proj(reference_state(enc, history, view))[0]
+            assert torch.allclose(out[view, 3], state, atol=1e-5)
+        assert not torch.allclose(out[0, 1:], out[1, 1:])  # the two views differ
+        assert row_views(ids, NUM_ITEMS).tolist() == [0, 1]
+        assert row_views(torch.tensor([[5, 6]]), NUM_ITEMS).tolist() == [0]
+        assert not torch.allclose(enc.item_vectors(view=0), enc.item_vectors(view=1))
+    mixed = torch.tensor([[virtual_id("item", 3), virtual_id("user", view=1)]])
+    with pytest.raises(ValueError, match="mixes item tokens of several views"):
+        enc(mixed, torch.zeros(1, 2, 16))
+    with pytest.raises(ValueError, match="out of range"):
+        enc(torch.tensor([[virtual_id("item", 1, view=2, num_items=NUM_ITEMS)]]),
+            torch.zeros(1, 1, 16))
+
+
 def test_recommender_stays_frozen_and_in_eval_mode():
     """Training mode reaches the projectors, never the recommender (no dropout, no gradient)."""
     enc = encoder(16)
@@ -160,7 +199,7 @@ def test_rescale_matches_the_token_rms():
     r."""
     enc = encoder(16)
     with torch.no_grad():
-        rms = enc.collab_proj(enc.collab).pow(2).mean().sqrt()
+        rms = enc.collab_proj(enc.collab[0]).pow(2).mean().sqrt()
     assert abs(float(rms) - 0.5) < 1e-4
 
 
@@ -169,10 +208,10 @@ def test_item_vectors_sum_the_enabled_terms():
     enc = encoder(16, image=True)
     index = torch.tensor([1, 4])
     with torch.no_grad():
-        assert torch.allclose(enc.item_vectors(index), enc.collab_proj(enc.collab[index]))
+        assert torch.allclose(enc.item_vectors(index), enc.collab_proj(enc.collab[0, index]))
         enc.head_text.weight.fill_(0.1)
         enc.head_image.weight.fill_(-0.2)
-        expected = (enc.collab_proj(enc.collab[index]) + enc.text[index] @ enc.head_text.weight.T
+        expected = (enc.collab_proj(enc.collab[0, index]) + enc.text[index] @ enc.head_text.weight.T
                     + enc.image[index] @ enc.head_image.weight.T)
         assert torch.allclose(enc.item_vectors(index), expected, atol=1e-6)
         assert enc.item_vectors().shape == (NUM_ITEMS, 16)

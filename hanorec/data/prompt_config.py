@@ -61,13 +61,19 @@ class PromptConfig:
         "help": "Show item titles; false leaves each item as its item token only (the ablation "
                 "of what titles add; needs item_tokens and an index or head answer)."})
 
+    title_budget: int = field(default=0, metadata={
+        "help": "Only the most recent N history items show their title; older ones are their "
+                "collaborative item token alone, one token each, so a long history (data "
+                "max_history) feeds the item tokens and the user token without a long text "
+                "(0: every item shows its title). Needs item_tokens."})
+
     def style(self) -> PromptStyle:
         """The prompt style these fields describe."""
         return PromptStyle(answer=self.answer, item_tokens=self.item_tokens,
                            user_token=self.user_token,
                            image_tokens=self.image_tokens, title_words=self.title_words,
                            title_year=self.title_year, system_prompt=self.system_prompt,
-                           titles=self.titles)
+                           titles=self.titles, title_budget=self.title_budget)
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:

@@ -38,8 +38,11 @@ out its answer and which extra tokens the prompt carries.
   in text order.
 - ``title_year: false`` drops a trailing ``(1995)`` from titles (six digit tokens in many
   tokenizers); ``title_words: N`` keeps the first N words; ``titles: false`` shows no titles at
-  all (an item is its item token: the ablation of what titles add); ``system_prompt`` replaces
-  the chat template's default system message (SmolLM2's is ~20 tokens).
+  all (an item is its item token: the ablation of what titles add); ``title_budget: N`` shows
+  titles for the N most recent history items only and writes the older ones as a run of bare
+  item tokens (one token each: a long history for the collaborative channel and the user
+  token at a fraction of the text); ``system_prompt`` replaces the chat template's default
+  system message (SmolLM2's is ~20 tokens).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ from hanorec.data.images import safe_image_path
 #: token's recommender state.
 PLACEHOLDERS: dict[str, str] = {"item": "<|item|>", "mention": "<|item|>", "poster": "<|poster|>",
                                 "user": "<|user|>"}
+#: The row field naming the recommender (view) a training row's item and user tokens read
+#: (cross-fitting, :mod:`hanorec.collab`); absent: view 0, the model every stage's evaluation uses.
+VIEW_FIELD = "collab_view"
 ANSWER_MODES = ("title", "index", "head")
 IMAGE_TOKEN_MODES = ("full", "pooled")
 #: Index labels, one token each in common tokenizers (checked by the collator).
@@ -80,6 +86,9 @@ class Prompt:
         messages: HF chat messages (one user turn).
         image_paths: Absolute image paths, in the order of the ``{"type": "image"}`` entries.
         num_history_items: History items shown (after `max_items` truncation).
+        slots: The placeholders in text order: ``(kind, item id or None)``.
+        suffix: Text after the chat template's generation prompt (the user token).
+        view: The recommender the item and user tokens read (the row's ``collab_view``).
     """
 
     messages: list[dict[str, Any]]
@@ -87,6 +96,7 @@ class Prompt:
     num_history_items: int = 0
     slots: list[tuple[str, str | None]] = field(default_factory=list)
     suffix: str = ""
+    view: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class PromptStyle:
     title_year: bool = True
     system_prompt: str | None = None
     titles: bool = True
+    title_budget: int = 0
 
     def __post_init__(self) -> None:
         if not self.titles and (self.answer == "title" or not self.item_tokens):
@@ -118,6 +129,10 @@ class PromptStyle:
                              "state over the history's item tokens")
         if self.title_words < 0:
             raise ValueError(f"prompt.title_words must be >= 0, got {self.title_words}")
+        if self.title_budget < 0 or (self.title_budget and not self.item_tokens):
+            raise ValueError("prompt.title_budget must be >= 0, and a positive budget needs "
+                             "item_tokens (an item beyond it is only its item token), got "
+                             f"{self.title_budget}")
 
     @property
     def needs_encoder(self) -> bool:
@@ -242,10 +257,16 @@ def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, ima
     writer.text(f"A user interacted with these {catalog.item_noun}s, oldest first:\n")
     writer.close()
     first_with_image = len(history) - max(image_budget, 0)
+    first_with_title = len(history) - style.title_budget if style.title_budget else 0
     for position, item_id in enumerate(history):
+        if position and position == first_with_title:
+            writer.close()  # ends the run of bare item tokens
         path = catalog.image_path(item_id) if with_images and position >= first_with_image else None
         if path is not None:
             writer.image(item_id, path)
+        if position < first_with_title:  # beyond the title budget: the item token alone
+            writer.placeholder("item", item_id)
+            continue
         writer.item(item_id, kind="item")
         writer.close()
     _question(writer, row, protocol)
@@ -259,7 +280,8 @@ def build_prompt(row: Mapping[str, Any], catalog: Catalog, protocol: str, *, ima
     if style.user_token:  # last, after the generation prompt: the answer position
         suffix = PLACEHOLDERS["user"]
         writer.slots.append(("user", None))
-    return Prompt(messages, writer.images, len(history), writer.slots, suffix)
+    return Prompt(messages, writer.images, len(history), writer.slots, suffix,
+                  int(row.get(VIEW_FIELD) or 0))
 
 
 def conversation_turns(text: str) -> list[tuple[str, str]]:
