@@ -1,31 +1,39 @@
-"""Learning curves: validation HR@1 against examples seen and training time, per modality and
-read-out.
+"""Learning curves to the plateau: validation HR@1 against examples seen and training time, per
+lever of the learning recipe.
 
-    python benchmarks/learning_curve.py [--config configs/ml100k-smollm2.yaml] [--examples 2400]
-        [--eval-every 800] [--conditions titles,collab,...] [--run-root runs/learning-curve]
+    python benchmarks/learning_curve.py [--config configs/ml100k-smollm2.yaml] [--examples 16000]
+        [--eval-every 1600] [--patience 2] [--conditions tail,crossfit,...]
+        [--run-root runs/learning-curve] [--publish] [-- more hanorec.sft flags]
 
-What makes a small LLM recommender learn on a CPU budget? Each *condition* is one SFT run of
-``hanorec.sft`` (a subprocess, as a user would run it) on the recipe, with one change:
+What makes a small LLM recommender learn on a CPU budget, and when does it stop learning? Each
+*condition* is one SFT run of ``hanorec.sft`` (a subprocess, as a user would run it) on the
+recipe with one lever changed. Every run validates on **all** validation users of the
+``candidates`` protocol (20 candidates, the read-out's own scores) every ``--eval-every``
+examples and stops when HR@1 has not improved for ``--patience`` validations (or at
+``--examples``), keeping the best weights (``metric_for_best_model: eval/candidates_hr1``);
+precision is the machine's faster one, measured (``mixed_precision: auto``).
 
-==================  =========================================================================
-``titles``          head read-out, titles only (no collaborative token, no poster)
-``collab``          + one collaborative (SASRec) token after every title (LLaRA)
-``collab-user``     + the user token at the answer position (A-LLMRec's user state)
-``posters``         + the posters, one pooled token each
-``no-titles``       head, collaborative + user tokens, no titles and no posters
-``index``           index read-out (labels A–T, one label token), collaborative + user tokens
-``title``           title read-out (the title's likelihood), collaborative + user tokens
-==================  =========================================================================
+=================  =========================================================================
+``tail``           the earlier recipe: one recommender without each user's last 5 training
+                   items; SFT on those rows only (~4,700), 10-item histories
+``insample``       one recommender on everything, every row, in-sample features (the leak)
+``crossfit``       5 user-fold recommenders: every training row (~97,000), out-of-sample
+``rolling``        5 stacked tails of 5 items: the last 25 rows of each user (~21,000), each
+                   from a recommender that trained on its history but not its target
+``crossfit-long``  + 50-item histories, titles and posters on the newest 10 only: the item
+                   tokens and the user token read what SASRec reads (its 50-item window)
+``long-notext``    ``crossfit-long`` with no titles and no posters: the collaborative channel alone
+``titles``         head read-out, titles only (no collaborative token, no poster)
+``index``          index read-out (labels A–T), collaborative + user tokens
+=================  =========================================================================
 
-Every run sees the same examples in the same order (seeded) and is scored on **all** validation
-users of the ``candidates`` protocol (20 candidates, the read-out's own scores) every
-``--eval-every`` examples. Reference lines on the same users and candidates: most-popular and
-the collaborative recommender itself (the SASRec that feeds the tokens, reading the same
-10-item history). Training time excludes the periodic evaluations; set-up (recommender
-training, item features) is reported apart.
+(Runs of the same condition name reuse their folder: an interrupted benchmark resumes run by
+run.) Reference lines on the same users and candidates: most-popular, and the collaborative
+recommender itself — view 0, the SASRec trained on every training sequence, reading each
+user's whole training sequence, as the SASRec baseline does. Training time excludes the
+periodic evaluations; set-up (recommender training, item features) is reported apart.
 
-A run whose ``sft/summary.json`` exists is reused, so an interrupted benchmark resumes run by
-run. Output: ``<run-root>/learning_curve.{md,json,png}`` (copied to ``benchmarks/results/`` with
+Output: ``<run-root>/learning_curve.{md,json,png}`` (copied to ``benchmarks/results/`` with
 ``--publish``).
 """
 
@@ -48,25 +56,31 @@ sys.path.insert(0, str(ROOT))
 HEAD = ("--answer", "head")
 COLLAB_USER = ("--item-tokens", "true", "--user-token", "true")
 NO_IMAGES = ("--with-images", "false")
+#: A prepared folder with 50-item histories (its own folder: max_history changes the rows).
+LONG = ("--max-history", "50", "--title-budget", "10",
+        "--output-dir", "{cache}/prepared/ml-100k-smollm2-h50")
 CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tail": ("held-out tail (earlier recipe)", (*HEAD, "--collab-fit", "tail",
+                                                "--collab-holdout", "5")),
+    "insample": ("in-sample features, every row", (*HEAD, "--collab-fit", "insample")),
+    "crossfit": ("cross-fitted by user, every row", (*HEAD, "--collab-fit", "crossfit")),
+    "rolling": ("rolling tails, last 25 rows per user",
+                (*HEAD, "--collab-fit", "rolling", "--collab-holdout", "5")),
+    "crossfit-long": ("cross-fitted + 50-item history",
+                      (*HEAD, "--collab-fit", "crossfit", *LONG)),
+    "long-notext": ("cross-fitted + 50 items, no titles or posters",
+                    (*HEAD, "--collab-fit", "crossfit", *LONG, "--titles", "false",
+                     *NO_IMAGES)),
     "titles": ("head, titles only",
                (*HEAD, "--item-tokens", "false", "--user-token", "false", *NO_IMAGES)),
-    "collab": ("head, + collaborative tokens",
-               (*HEAD, "--item-tokens", "true", "--user-token", "false", *NO_IMAGES)),
-    "collab-user": ("head, + user token", (*HEAD, *COLLAB_USER, *NO_IMAGES)),
-    "posters": ("head, + posters (pooled)",
-                (*HEAD, *COLLAB_USER, "--with-images", "true", "--image-tokens", "pooled")),
-    "no-titles": ("head, tokens only (no titles)",
-                  (*HEAD, *COLLAB_USER, *NO_IMAGES, "--titles", "false")),
     "index": ("index labels, collaborative + user",
               ("--answer", "index", *COLLAB_USER, *NO_IMAGES)),
-    "title": ("title likelihood, collaborative + user",
-              ("--answer", "title", *COLLAB_USER, *NO_IMAGES)),
 }
+DEFAULT_CONDITIONS = ("tail", "crossfit", "rolling", "crossfit-long")
 
 
 def run_condition(name: str, args: argparse.Namespace, batch: int) -> Path:
-    """One SFT run (skipped when finished); returns its folder."""
+    """One SFT run to its plateau (skipped when finished); returns its folder."""
     folder = Path(args.run_root) / name
     if (folder / "sft" / "summary.json").is_file():
         print(f"{name}: reusing {folder}")
@@ -74,9 +88,12 @@ def run_condition(name: str, args: argparse.Namespace, batch: int) -> Path:
     steps = max(1, args.examples // batch)
     flags = [sys.executable, "-m", "hanorec.sft", "--config", args.config, "--run-dir", str(folder),
              "--max-steps", str(steps), "--eval-every", str(max(1, args.eval_every // batch)),
-             "--rank-examples", "-1", "--eval-examples", "64", "--save-every", "0",
-             "--max-train-examples", "0",
-             *CONDITIONS[name][1], *args.extra]
+             "--rank-examples", "-1", "--eval-examples", "64",
+             "--save-every", str(max(1, args.eval_every // batch)), "--keep-checkpoints", "1",
+             "--early-stopping-patience", str(args.patience),
+             "--metric-for-best-model", "eval/candidates_hr1", "--load-best-model-at-end", "true",
+             "--mixed-precision", args.precision, "--max-train-examples", "0",
+             "--resume", "true", *CONDITIONS[name][1], *args.extra]
     print(f"{name}: {' '.join(flags[3:])}", flush=True)
     started = time.time()
     subprocess.run(flags, check=True, cwd=ROOT)
@@ -99,33 +116,34 @@ def curve(folder: Path) -> dict[str, Any]:
 
 
 def references(config: str) -> dict[str, float]:
-    """Most-popular and the collaborative recommender (same history) on the validation
-    candidates."""
+    """Most-popular and the collaborative recommender (view 0, each user's whole training
+    sequence as input, as the SASRec baseline reads it) on the validation candidates."""
+    import datasets
     import torch
+    from accelerate import Accelerator
 
     from hanorec import config as recipe
-    from hanorec.collab import collab_features, user_states
+    from hanorec.collab import CollabConfig, collab_features, user_states
     from hanorec.metrics import target_ranks
     from hanorec.runtime import load_catalog, load_rows, prepare_data
     from hanorec.sft import SFTRun
 
     run = recipe.parse(SFTRun, ["--config", config], prog="learning_curve", description="")
-    from accelerate import Accelerator
-
     prepared = prepare_data(run.data, Accelerator(cpu=True))
     catalog = load_catalog(run.data, prepared)
     rows = load_rows(prepared, ["candidates"], "validation")
     index = catalog.index
     candidates = torch.tensor([[index[i] for i in r["candidates"]] for r in rows])
     targets = [int(r["target_index"]) for r in rows]
-    import datasets
-
     popularity = torch.tensor(datasets.load_from_disk(str(prepared / "items"))["popularity"],
                               dtype=torch.float64)
-    features = collab_features(prepared, len(catalog), run.collab)
-    states = user_states(features.model, [[index[i] for i in r["history"]] for r in rows],
-                         run.collab.sasrec_max_len)
-    sasrec = torch.einsum("ud,ucd->uc", states, features.item_embeddings[candidates]).double()
+    cfg = run.collab if run.collab.collab_fit == "crossfit" else CollabConfig(
+        **{**run.collab.__dict__, "collab_fit": "crossfit"})
+    features = collab_features(prepared, len(catalog), cfg)
+    states = user_states(features.models[0], [features.sequences[str(r["user_id"])]
+                                              for r in rows], cfg.sasrec_max_len)
+    table = features.item_embeddings[0]
+    sasrec = torch.einsum("ud,ucd->uc", states, table[candidates]).double()
     hr1 = lambda scores: float(np.mean(target_ranks(scores.numpy(), targets) == 1))  # noqa: E731
     return {"Most popular": hr1(popularity[candidates]),
             "SASRec (the token recommender)": hr1(sasrec),
@@ -191,11 +209,16 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/ml100k-smollm2.yaml",
                         help="The recipe the conditions modify.")
-    parser.add_argument("--examples", type=int, default=2400,
-                        help="Training examples per condition.")
-    parser.add_argument("--eval-every", type=int, default=800,
+    parser.add_argument("--examples", type=int, default=16000,
+                        help="Most training examples per condition (the cap of the schedule).")
+    parser.add_argument("--eval-every", type=int, default=1600,
                         help="Examples between validation HR@1 checks.")
-    parser.add_argument("--conditions", default=",".join(CONDITIONS),
+    parser.add_argument("--patience", type=int, default=2,
+                        help="Validations without a better HR@1 before a run stops (its best "
+                             "weights are kept).")
+    parser.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"),
+                        help="mixed_precision of every run (auto: the faster one, measured).")
+    parser.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS),
                         help=f"Comma-separated subset of {list(CONDITIONS)}.")
     parser.add_argument("--run-root", default="runs/learning-curve",
                         help="Folder of the runs and outputs.")

@@ -27,6 +27,13 @@ view, :mod:`hanorec.item_tokens`):
   SASRec baseline would. Every row of the train split can then be an SFT example (~97,000 on
   ML-100K instead of ~4,700), at the cost of K + 1 recommender trainings (run
   ``collab_workers`` at a time in worker processes).
+* ``rolling`` (forward-chaining cross-validation, stacked tails). Model ``j`` = 1..K (view
+  ``j``) trains on each training sequence minus its last ``j·T`` items (``T`` =
+  ``collab_holdout``); a training row whose target lies in the block
+  ``[len − j·T, len − (j−1)·T)`` of its user's sequence reads model ``j``, which trained on
+  the history before the block, never on the target or anything after it — the situation of a
+  test row (history trained, target and future not), for the last ``K·T`` rows of each user.
+  The full model (view 0) serves validation and test rows.
 * ``tail``: one model on each training sequence minus its last ``collab_holdout`` = T items;
   :meth:`CollabFeatures.training_rows` keeps the training rows whose target is one of them
   (out of sample on the target, in sample on the history, exactly like a test row — but only T
@@ -67,11 +74,12 @@ from hanorec.baselines.sasrec import SASRec, SASRecConfig, SASRecModel
 from hanorec.data.folds import fold_view, tag_views, user_fold
 from hanorec.data.known import known_sequences
 from hanorec.data.prepared import read_manifest
+from hanorec.data.prompts import VIEW_FIELD
 from hanorec.metrics import history_mask, ndcg, target_ranks
 
 FORMAT_VERSION = 2
 CACHE_FOLDER = "collab"
-FIT_MODES = ("crossfit", "tail", "insample")
+FIT_MODES = ("crossfit", "rolling", "tail", "insample")
 
 
 @dataclass
@@ -82,16 +90,20 @@ class CollabConfig(SASRecConfig):
     collab_fit: str = field(default="crossfit", metadata={
         "help": "How training rows get out-of-sample recommender features: `crossfit` = K "
                 "models, each trained without one fold of users, give those users' rows their "
-                "features (stacking's group K-fold; every training row usable), `tail` = one "
+                "features (stacking's group K-fold; every training row usable), `rolling` = K "
+                "models without each user's last T, 2T, ..., KT items give the rows of each "
+                "block theirs (forward chaining; the last K*T rows per user), `tail` = one "
                 "model without each user's last collab_holdout training items, SFT on those "
                 "rows only, `insample` = one model on everything (leaky ablation)."})
     collab_folds: int = field(default=5, metadata={
-        "help": "K, the user folds of `crossfit` (K + 1 recommender trainings)."})
+        "help": "K: the user folds of `crossfit`, the blocks of `rolling` (K + 1 recommender "
+                "trainings)."})
     collab_fold_seed: int = field(default=0, metadata={
         "help": "Seed of the hash that assigns users to folds."})
     collab_holdout: int = field(default=5, metadata={
-        "help": "`tail`: the most recent N items of each user's training sequence that the "
-                "recommender does not train on; SFT trains on exactly those targets."})
+        "help": "T: `tail`: the most recent T items of each user's training sequence that the "
+                "recommender does not train on (SFT trains on exactly those targets); "
+                "`rolling`: the block length."})
     collab_workers: int = field(default=2, metadata={
         "help": "Worker processes training the recommenders of `crossfit` side by side (one "
                 "torch thread each; 1: in this process, one after the other)."})
@@ -110,9 +122,10 @@ class CollabConfig(SASRecConfig):
                              f"{self.collab_fit!r}")
         if self.collab_folds < 2:
             raise ValueError(f"collab.collab_folds must be >= 2, got {self.collab_folds}")
-        if self.collab_holdout < 0 or (self.collab_fit == "tail" and self.collab_holdout == 0):
+        if self.collab_holdout < 0 or (self.collab_fit in ("tail", "rolling")
+                                       and self.collab_holdout == 0):
             raise ValueError("collab.collab_holdout must be >= 0 (and >= 1 with collab_fit: "
-                             f"tail), got {self.collab_holdout}")
+                             f"tail or rolling), got {self.collab_holdout}")
         if self.collab_workers < 1:
             raise ValueError(f"collab.collab_workers must be >= 1, got {self.collab_workers}")
         if self.head_similarity not in ("dot", "cos"):
@@ -128,8 +141,69 @@ class CollabConfig(SASRecConfig):
 
     @property
     def views(self) -> int:
-        """Recommenders (views) the features hold: K + 1 for ``crossfit``, else 1."""
-        return self.collab_folds + 1 if self.collab_fit == "crossfit" else 1
+        """Recommenders (views) the features hold: K + 1 for ``crossfit`` and ``rolling``."""
+        return self.collab_folds + 1 if self.collab_fit in ("crossfit", "rolling") else 1
+
+
+@dataclass
+class RowViews:
+    """Which training rows have out-of-sample features, and the view (recommender) each reads.
+
+    Everything a stage needs to tag its training rows, without the recommenders themselves: an
+    SFT stage gets it from :class:`CollabFeatures`, a later stage from the item encoder's spec
+    and the prepared data (:func:`row_views_for`).
+
+    Attributes:
+        fit: ``crossfit``, ``rolling``, ``tail`` or ``insample``.
+        folds: K (``crossfit`` folds, ``rolling`` blocks).
+        fold_seed: Seed of :func:`hanorec.data.folds.user_fold`.
+        holdout: T (``tail``, ``rolling``).
+        sequences: ``{user_id: training sequence}`` (item indices, oldest first).
+    """
+
+    fit: str
+    folds: int
+    fold_seed: int
+    holdout: int
+    sequences: dict[str, list[int]]
+
+    def view_of(self, user_id: str) -> int:
+        """``crossfit``: the view a training row of ``user_id`` reads (0 otherwise)."""
+        return fold_view(str(user_id), self.folds, self.fold_seed) if self.fit == "crossfit" else 0
+
+    def block_of(self, user_id: str, position: int) -> int:
+        """``rolling``: the block ``j`` (1 = the newest T items) of a target at ``position`` of
+        the user's training sequence (0 when it lies before the K blocks)."""
+        distance = len(self.sequences.get(str(user_id), [])) - position  # 1 = the last item
+        block = -(-distance // self.holdout) if distance > 0 else 0
+        return block if 1 <= block <= self.folds else 0
+
+    def is_heldout(self, row: Mapping[str, Any], index: Mapping[str, int]) -> bool:
+        """``tail``: True when ``row``'s target is one of its user's last ``T`` training items
+        (located by target and history, :func:`target_positions`)."""
+        position = target_positions([row], self.sequences, index)[0]
+        sequence = self.sequences.get(str(row["user_id"]), [])
+        return (position is not None and self.holdout > 0
+                and position >= len(sequence) - self.holdout)
+
+    def training_rows(self, rows: Sequence[dict[str, Any]],
+                      index: Mapping[str, int]) -> list[dict[str, Any]]:
+        """The training rows whose features are out of sample, each tagged with its view.
+
+        ``crossfit``: every row, ``collab_view`` = its user's fold model; ``rolling``: the rows
+        of the last K blocks of T items, ``collab_view`` = their block's model; ``tail``: the
+        rows whose target the model held out (view 0); ``insample``: every row (view 0).
+        """
+        if self.fit == "tail":
+            return [r for r in rows if self.is_heldout(r, index)]
+        if self.fit == "crossfit":
+            return tag_views(rows, self.folds, self.fold_seed)
+        if self.fit == "rolling":
+            positions = target_positions(rows, self.sequences, index)
+            blocks = [self.block_of(r["user_id"], p) if p is not None else 0
+                      for r, p in zip(rows, positions)]
+            return [{**r, VIEW_FIELD: b} for r, b in zip(rows, blocks) if b]
+        return list(rows)
 
 
 @dataclass
@@ -140,59 +214,55 @@ class CollabFeatures:
         item_embeddings: ``[V, N, d]`` SASRec item embeddings per view; row ``i`` of a view is
             catalogue item ``i``. View 0 is the full model (validation and test rows).
         models: The frozen SASRec networks (eval mode), one per view, for user states.
-        sequences: ``{user_id: training sequence}`` (item indices, oldest first).
-        fit: ``crossfit``, ``tail`` or ``insample``.
-        folds: K (``crossfit``).
-        fold_seed: Seed of :func:`user_fold`.
-        holdout: ``T`` (``tail``).
+        rows: Which training rows read which view (:class:`RowViews`).
         meta: What was trained: settings, epochs, selection scores, seconds, cache key.
     """
 
     item_embeddings: torch.Tensor
     models: list[SASRecModel]
-    sequences: dict[str, list[int]]
-    fit: str = "crossfit"
-    folds: int = 5
-    fold_seed: int = 0
-    holdout: int = 0
+    rows: RowViews
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def views(self) -> int:
         return len(self.models)
 
-    def view_of(self, user_id: str) -> int:
-        """The view a *training* row of ``user_id`` reads (0 unless cross-fitted)."""
-        return fold_view(str(user_id), self.folds, self.fold_seed) if self.fit == "crossfit" else 0
-
-    def is_heldout(self, row: Mapping[str, Any], index: Mapping[str, int]) -> bool:
-        """True when ``row``'s target is one of its user's last ``T`` training items (``tail``).
-
-        The row is located in the user's training sequence ``S`` by its target and history:
-        position ``p`` with ``S[p] = target`` and ``S[p − len(history):p] = history``.
-        """
-        sequence = self.sequences.get(str(row["user_id"]))
-        if not sequence or self.holdout == 0:
-            return False
-        target = index[row["target"]]
-        history = [index[item] for item in row["history"]]
-        for p in range(max(0, len(sequence) - self.holdout), len(sequence)):
-            if sequence[p] == target and sequence[max(0, p - len(history)) : p] == history:
-                return True
-        return False
+    @property
+    def sequences(self) -> dict[str, list[int]]:
+        return self.rows.sequences
 
     def training_rows(self, rows: Sequence[dict[str, Any]],
                       index: Mapping[str, int]) -> list[dict[str, Any]]:
-        """The training rows whose features are out of sample, each tagged with its view.
+        """:meth:`RowViews.training_rows`."""
+        return self.rows.training_rows(rows, index)
 
-        ``crossfit``: every row, ``collab_view`` = its user's fold model; ``tail``: the rows
-        whose target the model held out (view 0); ``insample``: every row (view 0).
-        """
-        if self.fit == "tail":
-            return [r for r in rows if self.is_heldout(r, index)]
-        if self.fit == "crossfit":
-            return tag_views(rows, self.folds, self.fold_seed)
-        return list(rows)
+
+def row_views_for(prepared: str | Path, fit: str, folds: int, fold_seed: int,
+                  holdout: int) -> RowViews:
+    """The :class:`RowViews` of a recommender set made on ``prepared`` with these settings (an
+    item encoder's spec carries them)."""
+    sequences, _ = known_sequences(Path(prepared), "validation")
+    return RowViews(fit, folds, fold_seed, holdout, sequences)
+
+
+def target_positions(rows: Sequence[Mapping[str, Any]], sequences: Mapping[str, list[int]],
+                     index: Mapping[str, int]) -> list[int | None]:
+    """Where each row's target sits in its user's training sequence ``S``: the first ``p`` with
+    ``S[p] = target`` and ``S[p − len(history):p] = history`` (None when nowhere)."""
+    where: dict[str, dict[int, list[int]]] = {}
+    out: list[int | None] = []
+    for row in rows:
+        user = str(row["user_id"])
+        sequence = sequences.get(user, [])
+        if user not in where:
+            where[user] = {}
+            for p, item in enumerate(sequence):
+                where[user].setdefault(item, []).append(p)
+        target = index[row["target"]]
+        history = [index[item] for item in row["history"]]
+        out.append(next((p for p in where[user].get(target, [])
+                         if sequence[max(0, p - len(history)):p] == history), None))
+    return out
 
 
 def cache_key(prepared: Path, cfg: CollabConfig) -> str:
@@ -202,6 +272,8 @@ def cache_key(prepared: Path, cfg: CollabConfig) -> str:
     settings.pop("sasrec_num_threads")  # how fast, not what
     if cfg.collab_fit == "crossfit":
         settings.update(folds=cfg.collab_folds, fold_seed=cfg.collab_fold_seed)
+    if cfg.collab_fit == "rolling":
+        settings.update(folds=cfg.collab_folds, holdout=cfg.collab_holdout)
     if cfg.collab_fit == "tail":
         settings.update(holdout=cfg.collab_holdout)
     blob = json.dumps({"data": manifest.get("fingerprint"), "settings": settings}, sort_keys=True)
@@ -255,12 +327,19 @@ def view_plans(sequences: Mapping[str, list[int]], validation: Mapping[str, int]
 
     if cfg.collab_fit == "insample":
         return [validated("insample", users)]
-    if cfg.collab_fit == "tail":
-        holdout = cfg.collab_holdout
+    def without_tail(name: str, holdout: int) -> ViewPlan:
+        """Each sequence minus its last ``holdout`` items, selected on the first held out."""
         heads = {u: s[: max(0, len(s) - holdout)] for u, s in sequences.items()}
         chosen = [u for u in users if heads[u] and len(sequences[u]) > len(heads[u])]
-        return [ViewPlan("tail", [heads[u] for u in users], [heads[u] for u in chosen],
-                         [sequences[u][len(heads[u])] for u in chosen], users)]
+        return ViewPlan(name, [heads[u] for u in users], [heads[u] for u in chosen],
+                        [sequences[u][len(heads[u])] for u in chosen], users)
+
+    if cfg.collab_fit == "tail":
+        return [without_tail("tail", cfg.collab_holdout)]
+    if cfg.collab_fit == "rolling":
+        return [validated("full", users)] + [
+            without_tail(f"block-{j}", j * cfg.collab_holdout)
+            for j in range(1, cfg.collab_folds + 1)]
     folds = {u: user_fold(u, cfg.collab_folds, cfg.collab_fold_seed) for u in users}
     plans = [validated("full", users)]
     for k in range(cfg.collab_folds):
@@ -380,7 +459,7 @@ def collab_features(prepared: str | Path, num_items: int, cfg: CollabConfig, *,
         trained = train_views(plans, num_items, cfg, log=log)
         meta = {"num_items": num_items, "sasrec": asdict(cfg.sasrec()), "fit": cfg.collab_fit,
                 "folds": cfg.collab_folds, "fold_seed": cfg.collab_fold_seed,
-                "holdout": cfg.collab_holdout if cfg.collab_fit == "tail" else 0,
+                "holdout": cfg.collab_holdout if cfg.collab_fit in ("tail", "rolling") else 0,
                 "views": len(plans), "view_meta": [m for _, m in trained],
                 "seconds": round(time.perf_counter() - started, 1), "key": folder.name}
         _save(folder, [state for state, _ in trained], meta)
@@ -390,8 +469,9 @@ def collab_features(prepared: str | Path, num_items: int, cfg: CollabConfig, *,
                          f"{num_items}")
     models = _load_models(folder, meta)
     table = torch.stack([m.item_emb.weight[1:].detach().clone() for m in models])
-    return CollabFeatures(table, models, sequences, meta["fit"], int(meta["folds"]),
-                          int(meta["fold_seed"]), int(meta["holdout"]), meta)
+    rows = RowViews(meta["fit"], int(meta["folds"]), int(meta["fold_seed"]), int(meta["holdout"]),
+                    sequences)
+    return CollabFeatures(table, models, rows, meta)
 
 
 def user_states(model: SASRecModel, sequences: Sequence[Sequence[int]],
@@ -404,5 +484,6 @@ def user_states(model: SASRecModel, sequences: Sequence[Sequence[int]],
         return model(_left_pad(sequences, max_len).to(device))[:, -1, :]
 
 
-__all__ = ["CollabConfig", "CollabFeatures", "ViewPlan", "cache_key", "collab_features",
-           "train_views", "user_states", "view_plans"]
+__all__ = ["CollabConfig", "CollabFeatures", "RowViews", "ViewPlan", "cache_key",
+           "collab_features", "row_views_for", "target_positions", "train_views", "user_states",
+           "view_plans"]

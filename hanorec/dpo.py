@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> Path:
     if hard:
         prepared = hard_negative_data(run, accelerator, out_dir, embeddings)
     train_rows, val_rows, blind_counts = training_pairs(run, prepared)
-    train_rows = training_views(model, train_rows)  # cross-fitted features, as in SFT
+    train_rows = training_views(model, train_rows, prepared, catalog)  # out of sample, as in SFT
     responses_per_row(train_rows)  # every row has the same K
     pairwise = LOSSES[cfg.loss].pairwise
     lam_train = pair_lambdas(embeddings, train_rows, catalog, top_k=cfg.top_k, pairwise=pairwise)

@@ -72,8 +72,10 @@ def build_encoder(model: nn.Module, processor: Any, catalog: Catalog, style: Pro
         projector_hidden=collab_cfg.projector_hidden, similarity=collab_cfg.head_similarity,
         tau=collab_cfg.head_tau, sasrec=collab.meta["sasrec"] if style.user_token else None,
         views=collab.views if style.item_tokens else 1,
-        folds=collab.folds if style.item_tokens and collab.fit == "crossfit" else 0,
-        fold_seed=collab.fold_seed if style.item_tokens else 0)
+        fit=collab.rows.fit if style.item_tokens else "insample",
+        folds=collab.rows.folds if style.item_tokens else 0,
+        fold_seed=collab.rows.fold_seed if style.item_tokens else 0,
+        holdout=collab.rows.holdout if style.item_tokens else 0)
     encoder = ItemEncoder(spec)
     encoder.set_features(
         collab=collab.item_embeddings if spec.collab_dim else None,

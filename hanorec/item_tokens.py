@@ -138,8 +138,9 @@ class EncoderSpec:
         tau: Temperature of ``cos``.
         sasrec: The recommender's SASRecConfig fields (for the user token), or None.
         views: Recommenders the collaborative tables come from (cross-fitting: K + 1).
-        folds: K of the cross-fitting that made the views (0: none), and ``fold_seed`` its
-            hash seed: a later stage recomputes a training row's view from them.
+        fit: How the views were made (``hanorec.collab``'s ``collab_fit``); with ``folds``,
+            ``fold_seed`` and ``holdout`` a later stage recomputes a training row's view
+            (:func:`hanorec.collab.row_views_for`).
     """
 
     hidden: int
@@ -153,8 +154,10 @@ class EncoderSpec:
     tau: float = 0.05
     sasrec: dict[str, Any] | None = None
     views: int = 1
+    fit: str = "insample"
     folds: int = 0
     fold_seed: int = 0
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         if self.views < 1 or self.num_items * self.views > (1 << 27):

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.blind import mix_blind_negatives
 from hanorec.data.catalog import Catalog
-from hanorec.data.folds import tag_views
 from hanorec.data.prepare import prepare
 from hanorec.forward import MODES
 from hanorec.item_tokens import attached_encoder
@@ -146,14 +145,23 @@ def training_pairs(run: Any, prepared: Path) -> tuple[list[dict], list[dict], di
     return train, val, counts
 
 
-def training_views(model: nn.Module, rows: list[dict]) -> list[dict]:
-    """Training rows tagged with the recommender view their user's features come from, when
-    the policy's item encoder was cross-fitted (:mod:`hanorec.data.folds`); unchanged rows
-    otherwise. Validation rows keep view 0, as in SFT."""
+def training_views(model: nn.Module, rows: list[dict], prepared: Path,
+                   catalog: Catalog) -> list[dict]:
+    """The training pairs whose collaborative features are out of sample, tagged with the
+    recommender view each reads, as SFT chose its rows (:class:`hanorec.collab.RowViews`, rebuilt
+    from the policy's item encoder spec); every row unchanged without item tokens. Validation
+    rows keep view 0, as in SFT."""
     encoder = attached_encoder(model)
-    if encoder is None or not encoder.spec.folds:
+    if encoder is None or not encoder.spec.collab_dim or encoder.spec.fit == "insample":
         return rows
-    return tag_views(rows, encoder.spec.folds, encoder.spec.fold_seed)
+    from hanorec.collab import row_views_for
+
+    spec = encoder.spec
+    views = row_views_for(prepared, spec.fit, spec.folds, spec.fold_seed, spec.holdout)
+    kept = views.training_rows(rows, catalog.index)
+    if not kept:
+        raise ValueError(f"collab_fit {spec.fit}: no training pair has out-of-sample features")
+    return kept
 
 
 def responses_per_row(rows: list[dict]) -> int:

@@ -113,6 +113,35 @@ def test_crossfit_features_never_come_from_a_model_that_saw_the_user(planted_rec
     assert not torch.equal(features.item_embeddings[0], features.item_embeddings[1])
 
 
+def test_rolling_features_never_saw_the_target_or_what_followed(planted_recipe):
+    """collab_fit: rolling, K = 3 blocks of T = 2 — the rows whose target is among the last 6
+    items of their user's training sequence are kept (no other row), each tagged with the block
+    j = 1..3 its target lies in; model j trained on each sequence minus its last j·T items, so
+    on the row's history up to its block but never on its target or any later item of its
+    user; view 0 trained on everything."""
+    from hanorec.collab import _validation_targets, target_positions, view_plans
+
+    prepared, run = _prepared(planted_recipe(collab={"collab_fit": "rolling", "collab_folds": 3,
+                                                     "collab_holdout": 2}))
+    catalog = load_catalog(run.data, prepared)
+    features = collab_features(prepared, len(catalog), run.collab, log=None)
+    sequences, _ = known_sequences(prepared, "validation")
+    plans = view_plans(sequences, _validation_targets(prepared), run.collab)
+    assert [len(p.train) for p in plans] == [len(sequences)] * 4
+    train = load_rows(prepared, ["candidates"], "train")
+    rows = features.training_rows(train, catalog.index)
+    assert len(rows) == sum(min(6, len(s) - 1) for s in sequences.values())  # first has no row
+    for row, position in zip(rows, target_positions(rows, sequences, catalog.index)):
+        user, view = str(row["user_id"]), row[VIEW_FIELD]
+        sequence = sequences[user]
+        assert len(sequence) - position in (2 * view - 1, 2 * view)  # the block of its target
+        trained = plans[view].train[plans[view].users.index(user)]
+        assert trained == sequence[: len(sequence) - 2 * view]
+        assert position - 2 < len(trained) <= position  # the history before the block: trained;
+        # the target and everything after it: never
+    assert plans[0].train == list(sequences.values())
+
+
 @pytest.mark.slow
 def test_crossfit_in_worker_processes_equals_one_process(planted_recipe, tmp_path):
     """collab_workers 2 (spawned processes, one thread each) trains the same recommenders as
