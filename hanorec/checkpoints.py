@@ -7,13 +7,21 @@ fsynced and renamed (an atomic rename on POSIX), kept N deep, and verified in fu
 anything is restored (:func:`read_checkpoint`: both files load, the tensor names and shapes fit
 the model, the optimizer groups match); :meth:`CheckpointManager.resume` falls back to the
 newest checkpoint that passes, with a one-line warning per damaged one.
+
+The best validation's weights (:func:`write_best`) live beside them in ``best/``:
+``trainable.safetensors`` and ``best.json`` (step, metric, value), written the same atomic way
+whenever a validation improves. Each checkpoint carries a hard-linked copy of ``best/`` as of
+its step, so a resumed run puts back the best snapshot its checkpoint knew
+(:func:`restore_best`), even when the interrupted run had written a later one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
+WEIGHTS_FILE = "trainable.safetensors"
+BEST_DIR = "best"
+BEST_INFO = "best.json"
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -73,6 +84,56 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy the files of ``src`` into a new folder ``dst``, hard links where possible.
+
+    Safe because every file here is written once and replaced by a rename, never in place.
+    """
+    dst.mkdir()
+    for path in sorted(src.iterdir()):
+        if path.is_file():
+            try:
+                os.link(path, dst / path.name)
+            except OSError:
+                shutil.copy2(path, dst / path.name)
+
+
+def _install(tmp: Path, final: Path) -> Path:
+    """Move the complete folder ``tmp`` to ``final``, replacing the folder there.
+
+    The old folder is renamed aside first (a directory cannot be renamed onto a non-empty one),
+    then removed; a kill between the two renames leaves no ``final``, never a torn one.
+    """
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _clean_stale(run_dir: Path, name: str) -> None:
+    """Remove temporary folders an interrupted write of ``name`` left in ``run_dir``."""
+    for pattern in (f".tmp-{name}*", f".old-{name}-*"):
+        for stale in run_dir.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @dataclass
 class LoopPosition:
     """Where a run is: optimizer steps done, and the data position of the next batch."""
@@ -105,15 +166,23 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             position: LoopPosition, *, write_hook: Any = None) -> Path:
-        """Write a checkpoint atomically and prune old ones; returns its final path."""
+             position: LoopPosition, *, write_hook: Any = None,
+             include: Mapping[str, Path] | None = None) -> Path:
+        """Write a checkpoint atomically and prune old ones; returns its final path.
+
+        ``include`` maps a subfolder name to a folder whose files the checkpoint carries too
+        (hard-linked; the loop passes ``{"best": <run_dir>/best}``); absent folders are skipped.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{position.step}"
         tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{position.step}-{os.getpid()}"
         tmp.mkdir()
-        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state_dict(model), str(tmp / WEIGHTS_FILE))
+        for name, folder in (include or {}).items():
+            if Path(folder).is_dir():
+                _link_tree(Path(folder), tmp / name)
         if write_hook is not None:  # lets tests interrupt a save half-way
             write_hook(tmp)
         state = {
@@ -168,11 +237,8 @@ class CheckpointManager:
         """
         path = Path(path)
         weights, state = read_checkpoint(path, model, optimizer)
-        params = dict(model.named_parameters())
         try:
-            with torch.no_grad():
-                for name, tensor in weights.items():
-                    params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            _copy_into(model, weights)
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state["scheduler"] is not None:
                 scheduler.load_state_dict(state["scheduler"])
@@ -189,8 +255,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be restored (damaged file, or written for another model)."""
 
 
+def _copy_into(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy checked ``weights`` into the model's parameters of the same names."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    file = path / "trainable.safetensors"
+    file = path / WEIGHTS_FILE
     try:
         return load_file(str(file))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
@@ -229,6 +303,21 @@ def read_checkpoint(path: str | Path, model: torch.nn.Module,
     """
     path = Path(path)
     weights = _load_weights(path)
+    _check_fit(path, weights, model)
+    state = _load_state(path)
+    if optimizer is not None:
+        saved = state["optimizer"].get("param_groups",
+                                       []) if isinstance(state["optimizer"], dict) else []
+        if [len(g.get("params", []))
+            for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise CheckpointError(f"{path / 'state.pt'}: the optimizer state does not match the "
+                                  "model's trainable parameters")
+    return weights, state
+
+
+def _check_fit(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless ``weights`` are exactly the model's trainable
+    parameters (names and shapes)."""
     params = dict(model.named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
     unknown = sorted(set(weights) - set(params))
@@ -241,12 +330,74 @@ def read_checkpoint(path: str | Path, model: torch.nn.Module,
         raise CheckpointError(f"{path}: checkpoint does not fit the model ({name} has shape "
                               f"{tuple(weights[name].shape)}, the model "
                               f"{tuple(params[name].shape)})")
-    state = _load_state(path)
-    if optimizer is not None:
-        saved = state["optimizer"].get("param_groups",
-                                       []) if isinstance(state["optimizer"], dict) else []
-        if [len(g.get("params", []))
-            for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
-            raise CheckpointError(f"{path / 'state.pt'}: the optimizer state does not match the "
-                                  "model's trainable parameters")
-    return weights, state
+
+
+# --------------------------------------------------------------------------- best weights
+
+
+def write_best(run_dir: str | Path, model: torch.nn.Module, info: dict[str, Any]) -> Path:
+    """Write the trainable weights and ``info`` (step, metric, value) to ``<run_dir>/best/``.
+
+    Atomic like a checkpoint: a temporary folder, fsynced, then renamed into place.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale(run_dir, BEST_DIR)
+    tmp = run_dir / f".tmp-{BEST_DIR}-{os.getpid()}"
+    tmp.mkdir()
+    save_file(trainable_state_dict(model), str(tmp / WEIGHTS_FILE))
+    (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
+    return _install(tmp, run_dir / BEST_DIR)
+
+
+def read_best_info(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``best.json`` of ``<run_dir>/best/`` (None when there is no complete snapshot)."""
+    folder = Path(run_dir) / BEST_DIR
+    if not (folder / WEIGHTS_FILE).is_file():
+        return None
+    try:
+        info = json.loads((folder / BEST_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def load_best(run_dir: str | Path, model: torch.nn.Module, *, step: int) -> dict[str, Any]:
+    """Load ``<run_dir>/best/`` into ``model`` after checking it is the snapshot of ``step``.
+
+    Returns:
+        The snapshot's ``best.json``.
+
+    Raises:
+        CheckpointError: No snapshot, one of another step, or weights that do not fit.
+    """
+    folder = Path(run_dir) / BEST_DIR
+    info = read_best_info(run_dir)
+    if info is None or info.get("step") != step:
+        found = "none" if info is None else f"step {info.get('step')}"
+        raise CheckpointError(f"{folder}: expected the best weights of step {step}, found "
+                              f"{found}")
+    weights = _load_weights(folder)
+    _check_fit(folder, weights, model)
+    _copy_into(model, weights)
+    return info
+
+
+def restore_best(run_dir: str | Path, checkpoint: str | Path | None) -> None:
+    """Make ``<run_dir>/best/`` the copy in ``checkpoint`` (what the loop knew at that step).
+
+    Without a checkpoint (a fresh run) or a copy in it (no validation improved yet), a
+    ``best/`` on disk belongs to another run or to the interrupted run's future: it is removed.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / BEST_DIR
+    _clean_stale(run_dir, BEST_DIR)
+    source = Path(checkpoint) / BEST_DIR if checkpoint is not None else None
+    if source is None or not (source / WEIGHTS_FILE).is_file():
+        if final.exists():
+            shutil.rmtree(final)
+        return
+    tmp = run_dir / f".tmp-{BEST_DIR}-{os.getpid()}"
+    _link_tree(source, tmp)
+    _install(tmp, final)

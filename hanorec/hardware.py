@@ -6,13 +6,16 @@ step ~150 s against 5.8 s), a 2-core Xeon that reports ``avx512_bf16`` ran a 204
 at ~74 GFLOPS against ~120 in fp32 (an SFT step 1.7× slower), and another machine of the same
 kind ran bf16 ~3× faster than fp32. So :func:`bf16_speedup` times one small matmul in both
 precisions (under half a second, once per process) and :func:`native_bf16` answers from that.
-Stages warn once when asked for bf16 where it measured slower, and the quality benchmark's CPU
-budget only turns bf16 on where it measured faster. The flags are still read for reports.
+Stages warn once when asked for bf16 where it measured slower, ``mixed_precision: auto``
+resolves to bf16 only where it measured faster (:func:`resolve_precision`), and the quality
+benchmark's CPU budget only turns bf16 on where it measured faster. The flags are still read
+for reports, never for decisions.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from pathlib import Path
@@ -72,6 +75,34 @@ def bf16_speedup(device_type: str = "cpu", size: int = 256, repeats: int = 3) ->
 def native_bf16(device_type: str = "cpu") -> bool:
     """True when bf16 matmuls measured faster than fp32 on ``device_type`` (``bf16_speedup``)."""
     return bf16_speedup(device_type) > 1.0
+
+
+def resolve_precision(requested: str, device_type: str = "cpu") -> tuple[str, float]:
+    """The mixed precision a stage runs with, and the measured bf16 speed ratio behind it.
+
+    ``"auto"`` becomes ``"bf16"`` where :func:`bf16_speedup` measures bf16 matmuls faster than
+    fp32 on ``device_type`` and ``"no"`` otherwise (CPU flags are not consulted: they claim
+    bf16 on machines where it runs slower). Explicit values pass through unchanged; the ratio
+    is measured for ``"bf16"`` too (for the log line) and is NaN for ``"no"`` and ``"fp16"``.
+
+    Returns:
+        ``(precision, fp32 time ÷ bf16 time)``, the precision being one accelerate accepts.
+    """
+    if requested not in ("auto", "bf16"):
+        return requested, math.nan
+    ratio = bf16_speedup(device_type)
+    if requested == "bf16":
+        return "bf16", ratio
+    return ("bf16" if ratio > 1.0 else "no"), ratio
+
+
+def precision_line(requested: str, resolved: str, ratio: float) -> str:
+    """The run log's line about precision, e.g.
+    ``precision: bf16 autocast (auto; bf16 matmul 2.40x fp32, measured)``."""
+    label = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(resolved,
+                                                                                 resolved)
+    measured = "" if math.isnan(ratio) else f"; bf16 matmul {ratio:.2f}x fp32, measured"
+    return f"precision: {label} ({requested}{measured})"
 
 
 def warn_if_emulated_bf16(what: str, device_type: str = "cpu") -> None:

@@ -31,14 +31,17 @@ from hanorec.training import EpochBatches, TrainConfig, Training, cosine_with_wa
 
 
 def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Path]:
-    """The accelerator (CPU when no GPU), ``<run_dir>/<stage>`` with the resolved recipe saved
-    in it, and every RNG seeded: the first lines of every training entry point."""
+    """The accelerator (CPU when no GPU) in the stage's precision (``auto`` resolved by
+    measurement, :func:`resolve_stage_precision`), ``<run_dir>/<stage>`` with the resolved
+    recipe saved in it, and every RNG seeded: the first lines of every training entry point."""
     from accelerate import DistributedDataParallelKwargs
 
     from hanorec.config import save_yaml
     from hanorec.hardware import warn_if_emulated_bf16
     from hanorec.training import set_seed
 
+    requested = cfg.mixed_precision
+    resolve_stage_precision(cfg)
     # item encoders have features a batch may not use (a row without posters): DDP must allow it
     prompt = getattr(run, "prompt", None)
     unused = prompt is not None and prompt.style().needs_encoder
@@ -46,7 +49,7 @@ def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Pa
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               cpu=not torch.cuda.is_available(),
                               kwargs_handlers=handlers)
-    if cfg.mixed_precision == "bf16":
+    if requested == "bf16":
         warn_if_emulated_bf16("--mixed-precision bf16", accelerator.device.type)
     out_dir = Path(run.run_dir) / stage
     if accelerator.is_main_process:
@@ -54,6 +57,35 @@ def start_stage(run: Any, stage: str, cfg: TrainConfig) -> tuple[Accelerator, Pa
         save_yaml(run, out_dir / "config.yaml")
     set_seed(run.seed)
     return accelerator, out_dir
+
+
+def resolve_stage_precision(cfg: TrainConfig) -> str:
+    """Resolve ``cfg.mixed_precision`` once for the run, write it back into ``cfg`` (so the
+    stage's ``config.yaml`` shows what ran) and print one line saying what and why.
+
+    ``auto`` is measured on the main process, on the device the accelerator will use
+    (:func:`hanorec.hardware.resolve_precision`), and the answer is sent to every process so
+    they all run the same precision. Call it before building the ``Accelerator``.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from hanorec.hardware import precision_line, resolve_precision
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    requested = cfg.mixed_precision
+    answer: list[Any] = [None]
+    if state.is_main_process:
+        answer = [resolve_precision(requested, state.device.type)]
+    if requested == "auto" and state.num_processes > 1:
+        broadcast_object_list(answer)
+    elif not state.is_main_process:
+        answer = [resolve_precision(requested, state.device.type)]
+    resolved, ratio = answer[0]
+    cfg.mixed_precision = resolved
+    if state.is_main_process:
+        print(precision_line(requested, resolved, ratio), flush=True)
+    return resolved
 
 
 def prepare_data(data_cfg: DataConfig, accelerator: Accelerator) -> Path:

@@ -2,11 +2,13 @@
 
 * :func:`train_loop` — the loop itself: resume, then per optimizer step the micro-batches of
   the deterministic order (each through the stage's step function, gradient sync only on the
-  last), the optimizer step, logging, periodic validation with early stopping, checkpoints, and
-  a final validation. A stage supplies only its step function (one micro-batch → loss and
-  values to log, :class:`MicroStep`) and, optionally, its validation.
+  last), the optimizer step, logging, periodic validation with early stopping on any validation
+  value (the best one's weights kept in ``best/``, loaded back at the end on request), a
+  training-time budget, checkpoints, and a final validation. A stage supplies only its step
+  function (one micro-batch → loss and values to log, :class:`MicroStep`) and, optionally, its
+  validation.
 * ``TrainConfig`` — the optimisation fields every stage has (learning rate, schedule,
-  accumulation, checkpoint cadence, early stopping).
+  accumulation, precision, checkpoint cadence, early stopping and the best model, time budget).
 * ``EpochBatches`` — a deterministic, resumable batch order: the permutation of an epoch is a
   function of (seed, epoch) only, and each process of a distributed run takes its own slice of
   every global batch, so "where the data was" is just ``(epoch, batch_in_epoch)``.
@@ -15,7 +17,8 @@
 * ``MetricsLogger`` — one JSON object per line in ``metrics.jsonl``; on resume, lines past the
   resumed step are dropped so the log reads as one uninterrupted run (a line torn by a kill is
   dropped too).
-* ``cosine_with_warmup`` and ``EarlyStopping``.
+* ``cosine_with_warmup`` and ``EarlyStopping`` (the best value of ``metric_for_best_model``,
+  its step and validation, and the patience count; Hugging Face Trainer's field names).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hanorec.checkpoints import CheckpointManager, LoopPosition
+from hanorec.checkpoints import (
+    BEST_DIR,
+    CheckpointManager,
+    LoopPosition,
+    load_best,
+    restore_best,
+    write_best,
+)
 from hanorec.config import FieldError
 
 if TYPE_CHECKING:
@@ -62,8 +72,12 @@ class TrainConfig:
         "help": "Micro-batches per optimizer step."})
     warmup_ratio: float = field(default=0.05, metadata={
         "help": "Fraction of steps with linear warm-up before the cosine decay."})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
-        "help": "Mixed precision (bf16/fp16 need hardware that has it)."})
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = field(default="no", metadata={
+        "help": "Mixed precision: no (fp32), bf16 or fp16 autocast (need hardware that has "
+                "them), or auto: bf16 where a bf16 matmul measures faster than fp32 on the "
+                "run's device at stage start (hanorec.hardware.bf16_speedup; CPU flags do not "
+                "decide), fp32 otherwise. The run log prints the choice and the measured "
+                "ratio; <stage>/config.yaml records the resolved value."})
     eval_every: int = field(default=0, metadata={
         "help": "Evaluate on the validation split every N optimizer steps (0: only at the end)."})
     eval_on_start: bool = field(default=False, metadata={
@@ -77,7 +91,23 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={
         "help": "How many checkpoints to keep on disk (oldest deleted first)."})
     early_stopping_patience: int = field(default=0, metadata={
-        "help": "Stop after N evaluations without improvement of the validation loss (0: off)."})
+        "help": "Stop after N periodic evaluations without improvement of "
+                "metric_for_best_model (0: off)."})
+    metric_for_best_model: str = field(default="eval/loss", metadata={
+        "help": "The validation value that early stopping and the best weights follow: a key "
+                "of the stage's validation (eval/loss, eval/candidates_hr1, eval/accuracies, "
+                "...; Hugging Face Trainer's name). Every improvement writes the trainable "
+                "weights to <stage>/best/."})
+    greater_is_better: bool | None = field(default=None, metadata={
+        "help": "Whether a larger metric_for_best_model is better; unset: false for names "
+                "containing 'loss', true otherwise."})
+    load_best_model_at_end: bool = field(default=False, metadata={
+        "help": "When training ends (or stops early), load back the weights of the best "
+                "validation (<stage>/best/) so the stage exports them and reports their "
+                "validation."})
+    max_train_seconds: float = field(default=0.0, metadata={
+        "help": "Stop, as an early stop, once the training time (evaluation excluded, counted "
+                "across --resume) passes this many seconds (0: off): a wall-time budget."})
     log_every: int = field(default=1, metadata={
         "help": "Write training metrics every N optimizer steps."})
     resume: bool = field(default=False, metadata={
@@ -111,8 +141,17 @@ class TrainConfig:
              f"must be in [0, 1], got {self.warmup_ratio}"),
             at_least("eval_every", 0), at_least("eval_examples", 0), at_least("save_every", 0),
             at_least("keep_checkpoints", 1), at_least("early_stopping_patience", 0),
-            at_least("log_every", 1),
+            at_least("log_every", 1), at_least("max_train_seconds", 0),
+            ("metric_for_best_model", bool(self.metric_for_best_model.strip()),
+             "must name a validation value (e.g. eval/loss), got an empty string"),
         ]
+
+    def best_is_greater(self) -> bool:
+        """Whether a larger ``metric_for_best_model`` is better (``greater_is_better``, or the
+        Hugging Face default: lower for names containing "loss", higher otherwise)."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return "loss" not in self.metric_for_best_model
 
 
 def set_seed(seed: int) -> None:
@@ -179,24 +218,79 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int,
 
 
 class EarlyStopping:
-    """Stop when a lower-is-better metric has not improved for ``patience`` evaluations."""
+    """The best value of one validation metric, and a stop after ``patience`` evaluations
+    without improving it.
 
-    def __init__(self, patience: int):
-        self.patience, self.best, self.bad = patience, math.inf, 0
+    Besides the best value it keeps the step that reached it and that step's whole validation
+    (what :func:`train_loop` returns when it loads the best weights back); all of it is in
+    :meth:`state_dict`, so it survives ``--resume`` inside a checkpoint.
 
-    def update(self, value: float) -> bool:
-        """Record a value; return True when training should stop."""
-        if value < self.best - 1e-12:
-            self.best, self.bad = value, 0
-        else:
+    Args:
+        patience: Evaluations without improvement before :meth:`update` says stop (0: never).
+        greater_is_better: True when a larger value is better (a hit rate), False for a loss.
+    """
+
+    def __init__(self, patience: int, *, greater_is_better: bool = False):
+        self.patience, self.greater_is_better = patience, greater_is_better
+        self.best = -math.inf if greater_is_better else math.inf
+        self.bad = 0
+        self.best_step: int | None = None
+        self.best_values: dict[str, Any] = {}
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far (NaN never does)."""
+        if self.greater_is_better:
+            return value > self.best + 1e-12
+        return value < self.best - 1e-12
+
+    def observe(self, value: float, step: int = 0,
+                values: dict[str, Any] | None = None) -> bool:
+        """Record a validation of ``step``; return True when it is a new best."""
+        if not self.improves(value):
             self.bad += 1
+            return False
+        self.best, self.bad, self.best_step = value, 0, step
+        self.best_values = _plain(values or {})
+        return True
+
+    def update(self, value: float, step: int = 0, values: dict[str, Any] | None = None) -> bool:
+        """Record a value (:meth:`observe`); return True when training should stop."""
+        self.observe(value, step, values)
+        return self.should_stop
+
+    @property
+    def should_stop(self) -> bool:
         return self.patience > 0 and self.bad >= self.patience
 
-    def state_dict(self) -> dict[str, float]:
-        return {"best": self.best, "bad": self.bad}
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "best_step": self.best_step,
+                "best_values": self.best_values}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a checkpoint written before best tracking has no step)."""
         self.best, self.bad = float(state["best"]), int(state["bad"])
+        step = state.get("best_step")
+        self.best_step = None if step is None else int(step)
+        self.best_values = dict(state.get("best_values") or {})
+
+
+def metric_value(values: dict[str, Any], name: str, owner: str = "TrainConfig") -> float:
+    """``values[name]`` as a float; a clear error naming the metric and the keys present.
+
+    Raises:
+        FieldError: ``name`` is not a key of ``values`` (``owner`` names the recipe section).
+    """
+    if name not in values:
+        raise FieldError(owner, "metric_for_best_model",
+                         f"{name!r} is not among the validation's values "
+                         f"({', '.join(sorted(values)) or 'none'}); name one of them")
+    return float(values[name])
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as Python floats (what ``torch.load(weights_only=True)`` reads back)."""
+    return {k: float(v) if isinstance(v, (int, float, np.number, torch.Tensor)) else v
+            for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------- metrics log
@@ -307,11 +401,22 @@ class Training:
 
 @dataclass
 class LoopResult:
-    """Where :func:`train_loop` ended: the position, the training time and the final validation."""
+    """Where :func:`train_loop` ended.
+
+    Attributes:
+        position: The final position (steps done, data position).
+        train_seconds: Training time without evaluation, counting on after a resume.
+        validation: The final validation (``{}`` without one): with ``load_best_model_at_end``,
+            that of the best step whose weights the model holds again.
+        best_step: The step of the best validation (None without validation).
+        best_metric: Its ``metric_for_best_model`` value (None without validation).
+    """
 
     position: LoopPosition
     train_seconds: float
     validation: dict[str, float]
+    best_step: int | None = None
+    best_metric: float | None = None
 
 
 def train_loop(run: Training, step_fn: StepFn, *,
@@ -327,11 +432,14 @@ def train_loop(run: Training, step_fn: StepFn, *,
     (:class:`MicroStep`), ``train/grad_norm``, ``train/lr``, ``train/epoch``,
     ``train/examples`` (``steps × accumulation × global batch``) and ``train/seconds``
     (training time without evaluation, counting on after a resume). Every ``eval_every`` steps
-    it logs ``validate()`` with ``eval/seconds`` and stops early after
-    ``early_stopping_patience`` evaluations without a lower ``eval/loss``. Every ``save_every``
-    steps, and when it stops early, it writes a checkpoint (on the main process). At the end
-    it runs and logs ``validate()`` once more, unless the last step was just validated (then
-    that validation is the final one).
+    it logs ``validate()`` with ``eval/seconds``; a validation that improves
+    ``metric_for_best_model`` writes the trainable weights to ``<out_dir>/best/``, and
+    ``early_stopping_patience`` validations without improvement stop the run, as does a
+    training time past ``max_train_seconds``. Every ``save_every`` steps, and when it stops,
+    it writes a checkpoint (on the main process). At the end it runs and logs ``validate()``
+    once more, unless the last step was just validated (then that validation is the final
+    one); with ``load_best_model_at_end`` it then loads the best weights back into the model
+    and returns their validation (already measured when they were the best; not re-run).
 
     Args:
         run: The prepared run.
@@ -341,50 +449,121 @@ def train_loop(run: Training, step_fn: StepFn, *,
         desc: Label of the progress bar.
 
     Returns:
-        The final position, the training seconds and the final validation (``{}`` without).
+        The final position, the training seconds, the final validation and the best step.
+
+    Raises:
+        FieldError: ``metric_for_best_model`` is not a key of the validation.
     """
     cfg, accelerator = run.cfg, run.accelerator
-    position = maybe_resume(cfg, run.out_dir, run.unwrapped, run.optimizer, run.scheduler)
+    position, tracker, clock = _resumed_state(run)
     log = MetricsLogger(run.out_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                         resume_step=position.step if cfg.resume else None)
-    stopper = EarlyStopping(cfg.early_stopping_patience)
-    if "early_stopping" in position.extra:
-        stopper.load_state_dict(position.extra["early_stopping"])
-    clock = _Clock(float(position.extra.get("train_seconds", 0.0)))
+    val, validated_at = _resumed_validation(position)
+    stopped = _stop_reason(cfg, tracker, clock)
+    if stopped:
+        print(f"--resume: step {position.step} already meets a stop rule ({stopped}); "
+              "no further steps")
     batches = batch_stream(run.order, position)
     bar = tqdm(total=run.steps, initial=position.step, desc=desc,
                disable=not accelerator.is_main_process)
     run.model.train()
-    val: dict[str, float] = {}
-    validated_at = -1  # the step of the last periodic validation (reused when it is the last)
     if validate is not None and cfg.eval_on_start and position.step == 0:  # not on a resume
-        log.log(0, {**clock.evaluation(validate), "eval/seconds": clock.last_evaluation})
-    while position.step < run.steps:
+        start = clock.evaluation(validate)
+        metric_value(start, cfg.metric_for_best_model, type(cfg).__name__)  # fail early
+        log.log(0, {**start, "eval/seconds": clock.last_evaluation})
+    while stopped is None and position.step < run.steps:
         values = _optimizer_step_of(run, step_fn, batches, position, before_step)
         position.step += 1
         bar.update()
         if position.step % cfg.log_every == 0 or position.step == run.steps:
             log.log(position.step, {**values, **_progress(run, position, clock)})
-        stop = False
         if validate is not None and cfg.eval_every and position.step % cfg.eval_every == 0:
             val, validated_at = clock.evaluation(validate), position.step
             log.log(position.step, {**val, "eval/seconds": clock.last_evaluation})
-            stop = stopper.update(val["eval/loss"])
-        if (cfg.save_every and position.step % cfg.save_every == 0) or stop:
-            _save(run, position, stopper, clock)
-        if stop:
-            print(f"early stopping at step {position.step}: no validation improvement in "
-                  f"{cfg.early_stopping_patience} evaluations")
-            break
+            _track(run, tracker, val, position.step)
+        stopped = _stop_reason(cfg, tracker, clock)
+        if (cfg.save_every and position.step % cfg.save_every == 0) or stopped:
+            _save(run, position, tracker, clock, val if validated_at == position.step else None)
+        if stopped:
+            print(f"early stopping at step {position.step}: {stopped}")
     bar.close()
     train_seconds = clock.training()
-    if validated_at == position.step:  # the last step was just validated: not twice
-        final = val
-    else:
-        final = validate() if validate is not None else {}
-        if final:
-            log.log(position.step, final)
-    return LoopResult(position, train_seconds, final)
+    if validate is not None and validated_at != position.step:  # not twice on the same step
+        val, validated_at = validate(), position.step
+        log.log(position.step, val)
+        _track(run, tracker, val, position.step)
+    final = _best_at_end(run, tracker, position, val if validated_at == position.step else {})
+    best = tracker.best if tracker.best_step is not None else None
+    return LoopResult(position, train_seconds, final, tracker.best_step, best)
+
+
+def _resumed_state(run: Training) -> tuple[LoopPosition, EarlyStopping, _Clock]:
+    """The position, the best-metric state and the clock to start from (a checkpoint's under
+    ``--resume``), with ``best/`` put back to what that checkpoint knew."""
+    cfg = run.cfg
+    position, checkpoint = resume_checkpoint(cfg, run.out_dir, run.unwrapped, run.optimizer,
+                                             run.scheduler)
+    if run.accelerator.is_main_process:
+        restore_best(run.out_dir, checkpoint)
+    run.accelerator.wait_for_everyone()
+    tracker = EarlyStopping(cfg.early_stopping_patience, greater_is_better=cfg.best_is_greater())
+    if "early_stopping" in position.extra:
+        tracker.load_state_dict(position.extra["early_stopping"])
+    return position, tracker, _Clock(float(position.extra.get("train_seconds", 0.0)))
+
+
+def _stop_reason(cfg: TrainConfig, tracker: EarlyStopping, clock: _Clock) -> str | None:
+    """Why the run must stop now (patience used up, time budget spent), or None.
+
+    Read from the state, so a run resumed from its stop's checkpoint stops again, unless the
+    recipe now allows more (a larger patience or budget).
+    """
+    if tracker.should_stop:
+        return (f"no improvement of {cfg.metric_for_best_model} in "
+                f"{cfg.early_stopping_patience} evaluations")
+    if 0 < cfg.max_train_seconds <= clock.training():
+        return (f"training time {clock.training():.0f} s reached max_train_seconds "
+                f"{cfg.max_train_seconds:g}")
+    return None
+
+
+def _resumed_validation(position: LoopPosition) -> tuple[dict[str, float], int]:
+    """The validation a resumed checkpoint saved of its own step (``{}, -1`` without one)."""
+    saved = position.extra.get("validation") or {}
+    if saved.get("step") == position.step and position.step > 0:
+        return dict(saved.get("values") or {}), position.step
+    return {}, -1
+
+
+def _track(run: Training, tracker: EarlyStopping, values: dict[str, float], step: int) -> None:
+    """Record a validation of ``step``; when it is the best so far, write ``best/``."""
+    cfg = run.cfg
+    value = metric_value(values, cfg.metric_for_best_model, type(cfg).__name__)
+    if tracker.observe(value, step, values) and run.accelerator.is_main_process:
+        write_best(run.out_dir, run.unwrapped,
+                   {"step": step, "metric": cfg.metric_for_best_model, "value": value,
+                    "greater_is_better": tracker.greater_is_better})
+    run.accelerator.wait_for_everyone()
+
+
+def _best_at_end(run: Training, tracker: EarlyStopping, position: LoopPosition,
+                 final: dict[str, float]) -> dict[str, float]:
+    """With ``load_best_model_at_end``, load the best weights back and return their
+    validation; otherwise (or when the last step is the best) ``final`` as it is."""
+    cfg, best_step = run.cfg, tracker.best_step
+    if not cfg.load_best_model_at_end or best_step is None:
+        return final
+    name = cfg.metric_for_best_model
+    if best_step == position.step:
+        print(f"load_best_model_at_end: the last step ({best_step}) is the best "
+              f"({name} {tracker.best:.6g}); nothing to restore")
+        return final
+    load_best(run.out_dir, run.unwrapped, step=best_step)
+    last = final.get(name)
+    print(f"load_best_model_at_end: restored the weights of step {best_step} ({name} "
+          f"{tracker.best:.6g}; the last step, {position.step}, had "
+          f"{'no validation' if last is None else f'{float(last):.6g}'})")
+    return dict(tracker.best_values)
 
 
 class _Clock:
@@ -441,28 +620,46 @@ def _progress(run: Training, position: LoopPosition, clock: _Clock) -> dict[str,
             "train/seconds": clock.training()}
 
 
-def _save(run: Training, position: LoopPosition, stopper: EarlyStopping, clock: _Clock) -> None:
-    """A checkpoint of the run (main process), with the early-stopping state and the clock."""
-    position.extra["early_stopping"] = stopper.state_dict()
-    position.extra["train_seconds"] = clock.training()
+def _save(run: Training, position: LoopPosition, tracker: EarlyStopping, clock: _Clock,
+          validation: dict[str, float] | None) -> None:
+    """A checkpoint of the run (main process) with what a resume needs beyond the weights:
+    the best-metric state, the clock, this step's validation and a copy of ``best/``."""
+    extra = position.extra
+    extra["early_stopping"] = tracker.state_dict()
+    extra["train_seconds"] = clock.training()
+    extra.pop("validation", None)
+    if validation is not None:
+        extra["validation"] = {"step": position.step, "values": _plain(validation)}
     if run.accelerator.is_main_process:
         CheckpointManager(run.out_dir, keep=run.cfg.keep_checkpoints).save(
-            run.unwrapped, run.optimizer, run.scheduler, position)
+            run.unwrapped, run.optimizer, run.scheduler, position,
+            include={BEST_DIR: run.out_dir / BEST_DIR})
     run.accelerator.wait_for_everyone()
 
 
 def maybe_resume(cfg: TrainConfig, out_dir: Path, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any) -> LoopPosition:
     """Restore the newest checkpoint when ``--resume`` is on (a fresh position otherwise)."""
+    return resume_checkpoint(cfg, out_dir, model, optimizer, scheduler)[0]
+
+
+def resume_checkpoint(cfg: TrainConfig, out_dir: Path, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer,
+                      scheduler: Any) -> tuple[LoopPosition, Path | None]:
+    """:func:`maybe_resume`, also returning the checkpoint it restored.
+
+    Returns:
+        Its position and path, or a fresh position and None (no ``--resume``, no checkpoint).
+    """
     if not cfg.resume:
-        return LoopPosition()
+        return LoopPosition(), None
     manager = CheckpointManager(out_dir)
     latest, position = manager.resume(model, optimizer, scheduler)  # skips damaged ones
     if latest is None:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-        return LoopPosition()
+        return LoopPosition(), None
     print(f"resumed from {latest} (step {position.step})")
-    return position
+    return position, latest
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module,

@@ -215,3 +215,175 @@ def test_train_loop_validates_every_eval_every_and_once_at_the_end(tmp_path, ste
     logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/loss" in r]
     assert len(logged) == calls
     assert (logged[0]["step"] == 0 and logged[0]["eval/loss"] == untrained) is on_start
+
+
+# --------------------------------------------------------------------------- best model
+
+
+LOSS_SCRIPT = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5, 10: 2.7, 12: 2.9}  # best at 4, lower is better
+HR_SCRIPT = {2: 0.1, 4: 0.5, 6: 0.3, 8: 0.2, 10: 0.15, 12: 0.1}  # best at 4, higher is better
+
+
+def _scripted_run(out_dir, script, *, steps=12, crash_at=None, **cfg_fields):
+    """A least-squares toy whose validation reports ``script[step]`` under the metric's name
+    (plus eval/loss), and the weights it saw at every validation. ``crash_at``: the step
+    function raises at that step (an interrupted run)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1, bias=False)
+    x, y = torch.randn(16, 2), torch.randn(16, 1)
+    cfg = TrainConfig(**{"max_steps": steps, "per_device_batch_size": 4, "eval_every": 2,
+                         **cfg_fields})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Training(Accelerator(cpu=True), model, optimizer,
+                   torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), cfg,
+                   EpochBatches(16, 4, seed=0), steps, out_dir)
+    seen = {"step": 0, "weights": {}}
+
+    def step(ids: list[int], at: int) -> MicroStep:
+        if at == crash_at:
+            raise KeyboardInterrupt("killed")
+        seen["step"] = at + 1
+        loss = (model(x[ids]) - y[ids]).pow(2).mean()
+        return MicroStep(loss, {"train/loss": float(loss)}, 1.0)
+
+    def validate() -> dict[str, float]:
+        seen["weights"][seen["step"]] = model.weight.detach().clone()
+        value = script[seen["step"]]
+        return {"eval/loss": float((model(x) - y).pow(2).mean()), cfg.metric_for_best_model: value,
+                "eval/step": float(seen["step"])}
+
+    return run, step, validate, seen
+
+
+@pytest.mark.parametrize("load_best", [True, False])
+def test_early_stopping_on_a_metric_restores_the_best_step(tmp_path, load_best):
+    """A hit rate rising to step 4 then falling, patience 2: the run stops at step 8 (6 and 8
+    did not improve); with load_best_model_at_end the model then holds step 4's weights (not
+    step 8's) and returns step 4's validation; without it the last weights stay. Either way
+    best/ holds step 4's weights and says so, and the result names step 4 and its value."""
+    from safetensors.torch import load_file
+
+    run, step, validate, seen = _scripted_run(
+        tmp_path, HR_SCRIPT, metric_for_best_model="eval/hr1", early_stopping_patience=2,
+        load_best_model_at_end=load_best)
+    result = train_loop(run, step, validate=validate, desc="toy")
+    weights = seen["weights"]
+    assert result.position.step == 8 and sorted(weights) == [2, 4, 6, 8]
+    assert (result.best_step, result.best_metric) == (4, 0.5)
+    assert not torch.equal(weights[4], weights[8])
+    restored = run.model.weight.detach()
+    assert torch.equal(restored, weights[4] if load_best else weights[8])
+    assert result.validation["eval/step"] == (4.0 if load_best else 8.0)
+    info = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert (info["step"], info["metric"], info["value"]) == (4, "eval/hr1", 0.5)
+    assert torch.equal(load_file(str(tmp_path / "best" / "trainable.safetensors"))["weight"],
+                       weights[4])
+    logged = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/hr1" in r]
+    assert logged == [2, 4, 6, 8]  # the restored validation is not logged a second time
+
+
+@pytest.mark.parametrize(("metric", "greater", "script"), [
+    ("eval/loss", None, LOSS_SCRIPT),       # "loss" in the name: lower is better
+    ("eval/hr1", None, HR_SCRIPT),          # otherwise higher is better
+    ("eval/score", False, LOSS_SCRIPT),     # explicit choices override the name
+    ("eval/loss", True, HR_SCRIPT),
+])
+def test_greater_is_better_both_ways(tmp_path, metric, greater, script):
+    """Each script peaks (in its direction) at step 4; read the wrong way round the best would
+    be step 2 and the run would stop at step 6."""
+    run, step, validate, seen = _scripted_run(
+        tmp_path, script, metric_for_best_model=metric, greater_is_better=greater,
+        early_stopping_patience=2, load_best_model_at_end=True)
+    result = train_loop(run, step, validate=validate, desc="toy")
+    assert (result.position.step, result.best_step, result.best_metric) == (8, 4, script[4])
+    assert torch.equal(run.model.weight.detach(), seen["weights"][4])
+
+
+@pytest.mark.parametrize("crashed_run_improved_later", [False, True])
+def test_resume_ends_with_the_same_best_weights(tmp_path, crashed_run_improved_later):
+    """Run A goes straight: best step 4, stops at step 10 (patience 3). Run B checkpoints every
+    3 steps and dies at step 9, so it resumes from checkpoint-6; it must end like A: stopped at
+    10, best step 4, A's restored weights and A's returned validation. In the second case the
+    dying run's validation at step 8 had improved (a nondeterministic validation), so best/ on
+    disk holds step 8 when it dies: the resume must put back the snapshot checkpoint-6 knew."""
+    settings = {"early_stopping_patience": 3, "load_best_model_at_end": True}
+    run_a, step_a, validate_a, _ = _scripted_run(tmp_path / "a", LOSS_SCRIPT, **settings)
+    result_a = train_loop(run_a, step_a, validate=validate_a, desc="a")
+    assert (result_a.position.step, result_a.best_step) == (10, 4)
+
+    dying_script = {**LOSS_SCRIPT, 8: 0.5} if crashed_run_improved_later else LOSS_SCRIPT
+    run_b, step_b, validate_b, _ = _scripted_run(tmp_path / "b", dying_script, save_every=3,
+                                                 crash_at=8, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(run_b, step_b, validate=validate_b, desc="b")
+    best_info = json.loads((tmp_path / "b" / "best" / "best.json").read_text())
+    assert best_info["step"] == (8 if crashed_run_improved_later else 4)
+
+    run_c, step_c, validate_c, _ = _scripted_run(tmp_path / "b", LOSS_SCRIPT, save_every=3,
+                                                 resume=True, **settings)
+    result_c = train_loop(run_c, step_c, validate=validate_c, desc="b resumed")
+    assert (result_c.position.step, result_c.best_step) == (10, 4)
+    assert result_c.best_metric == result_a.best_metric == 1.0
+    assert torch.equal(run_c.model.weight, run_a.model.weight)
+    assert result_c.validation == result_a.validation
+    b_rows = [(r["step"], r["eval/loss"]) for r in read_metrics(tmp_path / "b" / "metrics.jsonl")
+              if "eval/loss" in r]
+    a_rows = [(r["step"], r["eval/loss"]) for r in read_metrics(tmp_path / "a" / "metrics.jsonl")
+              if "eval/loss" in r]
+    assert b_rows == a_rows
+
+
+@pytest.mark.parametrize("more_patience", [False, True])
+def test_resuming_a_stopped_run_trains_no_further(tmp_path, capsys, more_patience):
+    """The early stop's checkpoint holds the used-up patience: resuming it (say, after a kill
+    during the export) runs no step and ends with the same best weights and validation. A
+    recipe that now allows more patience (5) trains on from step 8 to the last step, 12."""
+    settings = {"load_best_model_at_end": True, "metric_for_best_model": "eval/hr1"}
+    run, step, validate, _ = _scripted_run(tmp_path, HR_SCRIPT, early_stopping_patience=2,
+                                           **settings)
+    first = train_loop(run, step, validate=validate, desc="first")
+    again_run, again_step, again_validate, seen = _scripted_run(
+        tmp_path, HR_SCRIPT, resume=True, early_stopping_patience=5 if more_patience else 2,
+        **settings)
+    again = train_loop(again_run, again_step, validate=again_validate, desc="again")
+    assert (again.best_step, again.validation) == (4, first.validation)
+    assert torch.equal(again_run.model.weight, run.model.weight)
+    if more_patience:
+        assert again.position.step == 12 and sorted(seen["weights"]) == [10, 12]
+    else:
+        assert again.position.step == 8 and not seen["weights"]  # no step, no validation
+        assert "step 8 already meets a stop rule" in capsys.readouterr().out
+
+
+def test_an_unknown_metric_is_a_clear_error(tmp_path):
+    from hanorec.config import FieldError
+
+    run, step, validate, _ = _scripted_run(tmp_path, HR_SCRIPT, metric_for_best_model="eval/hr1")
+    original = validate
+
+    def without_metric() -> dict[str, float]:
+        values = original()
+        values.pop("eval/hr1")
+        return values
+
+    with pytest.raises(FieldError, match=r"metric_for_best_model: 'eval/hr1' is not among the "
+                                         r"validation's values \(eval/loss, eval/step\)"):
+        train_loop(run, step, validate=without_metric, desc="toy")
+
+
+def test_max_train_seconds_stops_like_an_early_stop(tmp_path, monkeypatch):
+    """A fake training clock (10 s per step, no real timing): a 35 s budget stops after step 4,
+    writes that step's checkpoint, validates the stopped weights once, and restores the best."""
+    from hanorec import training
+
+    run, step, validate, seen = _scripted_run(
+        tmp_path, {3: 0.5, 4: 0.1}, metric_for_best_model="eval/hr1", max_train_seconds=35,
+        eval_every=3, load_best_model_at_end=True)
+    monkeypatch.setattr(training._Clock, "training", lambda self: 10.0 * seen["step"])
+    result = train_loop(run, step, validate=validate, desc="toy")
+    assert result.position.step == 4 and (tmp_path / "checkpoint-4").is_dir()
+    assert sorted(seen["weights"]) == [3, 4]  # periodic at 3, final at the stop
+    assert (result.best_step, result.validation["eval/step"]) == (3, 3.0)
+    assert torch.equal(run.model.weight.detach(), seen["weights"][3])
