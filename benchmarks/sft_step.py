@@ -1,7 +1,7 @@
 """Where an SFT step's time goes, and what each cost lever buys (prints a table).
 
     python benchmarks/sft_step.py [--config configs/ml100k-smollm2.yaml] [--batch 8] [--steps 3]
-        [--threads 2] [--variants recipe,full-titles,...]
+        [--threads 2] [--variants recipe,full-titles,...] [--precision fp32|bf16|auto]
 
 One SFT step (collate, forward, backward) of the recipe's backbone on real ML-100K rows, per
 *variant* of the prompt and model settings, each measured after a warm-up step as the median of
@@ -11,6 +11,38 @@ One SFT step (collate, forward, backward) of the recipe's backbone on real ML-10
 * **collation** — chat template, tokenisation, image processing, item-token ids;
 * **vision tower** and **language model** forward (forward hooks on the modules), **LM head /
   ranking head** forward (the rest of the forward), and **backward** (the rest of the step).
+
+Beside the times, each row gives the step's arithmetic: **GFLOP/step** (forward + backward),
+**bwd/fwd** (their ratio), **GFLOP/s achieved** (the step's FLOPs over its measured time,
+collation and optimizer included; median over the steps), **% of matmul rate** (of this
+machine's rate on 2048² matmuls, measured in the same run and precision), **step-shape
+GFLOP/s** and **% of step-shape rate** (the rate of one matmul of the step's own MLP shape,
+``[tokens in the batch × hidden] @ [hidden × intermediate]``, e.g. ``[~3000 × 576] @ [576 ×
+1536]`` for SmolLM2-135M), and **padding** (the fraction of the batch's token positions that
+are padding, computed for nothing).
+
+``--precision``: ``fp32``, ``bf16`` (``torch.autocast("cpu", dtype=torch.bfloat16)`` around
+collation, forward and loss; backward outside it, as accelerate does for
+``mixed_precision: bf16``), or ``auto`` (the default): bf16 where a bf16 matmul measures faster
+than fp32 here (:func:`hanorec.hardware.resolve_precision`, the rule of ``mixed_precision:
+auto``), fp32 otherwise. The matmul rates are measured in the precision used.
+
+How FLOPs are counted
+---------------------
+
+Counted, not estimated: after each timed step the same rows go once more through the step
+(forward and loss, then backward; no optimizer step, gradients dropped) under
+``torch.utils.flop_counter.FlopCounterMode``, which adds up every matmul, convolution and
+attention kernel that actually runs, forward and backward counted apart. Its formulas are the
+dense ones: a matmul of ``[m × k] @ [k × n]`` is ``2·m·k·n``, attention is counted as if
+unmasked (an upper bound under a causal mask), and elementwise work (norms, activations,
+softmax, the optimizer) is not counted. torch has no formula for its CPU attention kernel
+(``_scaled_dot_product_flash_attention_for_cpu`` and its backward); this script registers
+torch's own SDPA formulas for them, so attention is not silently left out. The count shows
+what LoRA does to the backward pass: frozen weights get no weight gradient, so backward is
+about one more forward's worth of matmuls (the input gradients), bwd/fwd ≈ 1, where full
+fine-tuning would give ≈ 2. The counting pass runs outside the timed step, so it costs time
+but does not change the times.
 
 Variants (``recipe`` is the configuration as written; the others change one lever):
 
@@ -33,9 +65,11 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,6 +84,72 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "index-answer": {"prompt": {"answer": "index"}},
     "checkpointing": {"model": {"gradient_checkpointing": True}},
 }
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+#: torch's SDPA formulas for the CPU attention kernel, which torch's counter has none for.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+}
+
+
+def autocast_for(precision: str) -> AbstractContextManager:
+    """The context of the step's forward and loss: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def resolve(requested: str) -> tuple[str, str]:
+    """``fp32`` or ``bf16`` for ``--precision``, and the line saying why (``auto``: measured)."""
+    from hanorec.hardware import precision_line, resolve_precision
+
+    resolved, ratio = resolve_precision("no" if requested == "fp32" else requested, "cpu")
+    return ("bf16" if resolved == "bf16" else "fp32"), precision_line(requested, resolved, ratio)
+
+
+def matmul_rate(m: int, k: int, n: int, precision: str, repeats: int = 3) -> float:
+    """GFLOP/s of ``[m × k] @ [k × n]`` in ``precision`` here: best of ``repeats`` after a
+    warm-up (fewer where one matmul takes seconds, as emulated bf16 does)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    start = time.perf_counter()
+    a @ b
+    best = time.perf_counter() - start
+    for _ in range(repeats if best < 2.0 else 1):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def mlp_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(hidden size, MLP intermediate size) of the model's language model."""
+    from hanorec.models.families import language_model_and_embeddings
+
+    config = language_model_and_embeddings(model)[0].config
+    config = getattr(config, "text_config", None) or config
+    return int(config.hidden_size), int(config.intermediate_size)
+
+
+def count_flops(model, collator, rows, objective, precision: str) -> tuple[float, float]:
+    """FLOPs of one step's forward (with the loss) and backward on ``rows``, counted by
+    ``FlopCounterMode``; the gradients are dropped afterwards."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as fwd:
+        with autocast_for(precision):
+            nll, units = objective(model, collator, rows, torch.device("cpu"))
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as bwd:
+        (nll / units).backward()
+    model.zero_grad(set_to_none=True)
+    return float(fwd.get_total_flops()), float(bwd.get_total_flops())
 
 
 class Clock:
@@ -87,8 +187,10 @@ def build(run, prepared, catalog):
     return model, collator, clock
 
 
-def measure(run, prepared, catalog, rows, batch: int, steps: int) -> dict[str, float]:
-    """Median seconds per example of each part of the step, and tokens per example."""
+def measure(run, prepared, catalog, rows, batch: int, steps: int,
+            precision: str = "fp32") -> dict[str, float]:
+    """Median seconds per example of each part of the step, tokens per example, and the
+    step's counted FLOPs, achieved rate and padding (medians over the timed steps)."""
     import PIL.Image
 
     from hanorec.runtime import build_optimizer
@@ -114,8 +216,9 @@ def measure(run, prepared, catalog, rows, batch: int, steps: int) -> dict[str, f
             clock.seconds.clear()
             loading["seconds"] = 0.0
             start = time.perf_counter()
-            nll, units = collate_and_forward(model, collator, chunk, sft_objective,
-                                             parts if step else None)
+            with autocast_for(precision):
+                nll, units = collate_and_forward(model, collator, chunk, sft_objective,
+                                                 parts if step else None)
             forward_end = time.perf_counter()
             (nll / units).backward()
             optimizer.step()
@@ -127,18 +230,25 @@ def measure(run, prepared, catalog, rows, batch: int, steps: int) -> dict[str, f
                 parts["image loading"].append(loading["seconds"] / batch)
                 parts["vision tower"].append(clock.seconds["vision tower"] / batch)
                 parts["language model"].append(clock.seconds["language model"] / batch)
+                forward, backward = count_flops(model, collator, chunk, sft_objective, precision)
+                parts["GFLOP/step"].append((forward + backward) / 1e9)
+                parts["bwd/fwd"].append(backward / forward if forward else float("nan"))
+                parts["GFLOP/s achieved"].append((forward + backward) / (end - start) / 1e9)
     finally:
         PIL.Image.open = original_open
     out = {name: statistics.median(values) for name, values in parts.items()}
     out["collation"] -= out["image loading"]
     out["head / LM head"] = out.pop("forward") - out["vision tower"] - out["language model"]
+    hidden, intermediate = mlp_shape(model)
+    out["step-shape GFLOP/s"] = matmul_rate(round(out["positions per batch"]), hidden,
+                                            intermediate, precision)
     return out
 
 
 def collate_and_forward(model, collator, rows, objective, parts):
     """Time collation and the forward of the SFT objective (collation is timed inside it)."""
     real = {"encode_prompts": collator.encode_prompts, "encode_pairs": collator.encode_pairs}
-    seconds = {"collation": 0.0, "tokens": 0.0}
+    seconds = {"collation": 0.0, "tokens": 0.0, "positions": 0.0}
 
     def timed(name):
         def call(*args, **kwargs):
@@ -146,6 +256,7 @@ def collate_and_forward(model, collator, rows, objective, parts):
             batch = real[name](*args, **kwargs)
             seconds["collation"] += time.perf_counter() - start
             seconds["tokens"] += float(batch["attention_mask"].sum())
+            seconds["positions"] += float(batch["attention_mask"].numel())
             return batch
         return call
 
@@ -163,6 +274,8 @@ def collate_and_forward(model, collator, rows, objective, parts):
         parts["collation"].append(seconds["collation"] / len(rows))
         parts["forward"].append((total - seconds["collation"]) / len(rows))
         parts["tokens"].append(seconds["tokens"] / len(rows))
+        parts["padding"].append(1.0 - seconds["tokens"] / max(seconds["positions"], 1.0))
+        parts["positions per batch"].append(seconds["positions"])  # padding included
     return nll, units
 
 
@@ -174,9 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+                        help="fp32, bf16 autocast, or auto: bf16 where it measures faster here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision, why = resolve(args.precision)
+    print(why, flush=True)
     from dataclasses import replace
 
     from hanorec import config as recipe
@@ -198,19 +315,34 @@ def main(argv: list[str] | None = None) -> None:
                       **{section: replace(getattr(base, section), **values) for section,
                          values in changes.items()})
         torch.manual_seed(0)
-        results[name] = measure(run, prepared, catalog, rows, args.batch, args.steps)
-        print(f"{name}: {results[name]['step']:.3f} s/example", flush=True)
-    columns = ["tokens", "step", "image loading", "collation", "vision tower", "language model",
-               "head / LM head", "backward + optimizer"]
+        results[name] = measure(run, prepared, catalog, rows, args.batch, args.steps, precision)
+        print(f"{name}: {results[name]['step']:.3f} s/example, "
+              f"{results[name]['GFLOP/s achieved']:.1f} GFLOP/s", flush=True)
+    square = matmul_rate(2048, 2048, 2048, precision)
     print(f"\nSFT step, seconds per example (median of {args.steps} steps of {args.batch}, "
-          "after a warm-up); "
+          f"after a warm-up); {precision} ({why}); matmul rate {square:.1f} GFLOP/s "
+          f"({precision} 2048², measured in this run); "
           f"{torch.get_num_threads()} threads; {describe_machine()}\n")
-    print("| variant | " + " | ".join(columns) + " | vs recipe |")
-    print("|---|" + "---:|" * (len(columns) + 1))
+    print_table(results, square)
+
+
+def print_table(results: dict[str, dict[str, float]], square: float) -> None:
+    """The Markdown table: the existing time columns, then the FLOP columns, then vs recipe."""
+    times = ["step", "image loading", "collation", "vision tower", "language model",
+             "head / LM head", "backward + optimizer"]
+    flops = ["GFLOP/step", "bwd/fwd", "GFLOP/s achieved", "% of matmul rate",
+             "step-shape GFLOP/s", "% of step-shape rate", "padding"]
+    print("| variant | tokens | " + " | ".join(times + flops) + " | vs recipe |")
+    print("|---|" + "---:|" * (len(times) + len(flops) + 2))
     reference = results.get("recipe", next(iter(results.values())))["step"]
-    for name, values in results.items():
-        cells = [f"{values['tokens']:.0f}"] + [f"{values[c]:.3f}" for c in columns[1:]]
-        print(f"| {name} | " + " | ".join(cells) + f" | {values['step'] / reference:.2f}× |")
+    for name, v in results.items():
+        achieved = v["GFLOP/s achieved"]
+        cells = ([f"{v['tokens']:.0f}"] + [f"{v[c]:.3f}" for c in times]
+                 + [f"{v['GFLOP/step']:.1f}", f"{v['bwd/fwd']:.2f}", f"{achieved:.1f}",
+                    f"{100 * achieved / square:.0f}%", f"{v['step-shape GFLOP/s']:.1f}",
+                    f"{100 * achieved / v['step-shape GFLOP/s']:.0f}%",
+                    f"{100 * v['padding']:.0f}%"])
+        print(f"| {name} | " + " | ".join(cells) + f" | {v['step'] / reference:.2f}× |")
 
 
 if __name__ == "__main__":
