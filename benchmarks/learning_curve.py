@@ -1,8 +1,8 @@
 """Learning curves to the plateau: validation HR@1 against examples seen and training time, per
 lever of the learning recipe.
 
-    python benchmarks/learning_curve.py [--config configs/ml100k-smollm2.yaml] [--examples 16000]
-        [--eval-every 1600] [--patience 2] [--conditions tail,crossfit,...]
+    python benchmarks/learning_curve.py [--config configs/ml100k-smollm2.yaml] [--examples 9600]
+        [--eval-every 1600] [--patience 2] [--conditions tail,crossfit,...] [--threads N]
         [--run-root runs/learning-curve] [--publish] [-- more hanorec.sft flags]
 
 What makes a small LLM recommender learn on a CPU budget, and when does it stop learning? Each
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,7 +97,10 @@ def run_condition(name: str, args: argparse.Namespace, batch: int) -> Path:
              "--resume", "true", *CONDITIONS[name][1], *args.extra]
     print(f"{name}: {' '.join(flags[3:])}", flush=True)
     started = time.time()
-    subprocess.run(flags, check=True, cwd=ROOT)
+    env = dict(os.environ)
+    if args.threads:  # two conditions side by side: one torch thread each, not two
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    subprocess.run(flags, check=True, cwd=ROOT, env=env)
     print(f"{name}: {time.time() - started:.0f} s")
     return folder
 
@@ -209,13 +213,16 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/ml100k-smollm2.yaml",
                         help="The recipe the conditions modify.")
-    parser.add_argument("--examples", type=int, default=16000,
+    parser.add_argument("--examples", type=int, default=9600,
                         help="Most training examples per condition (the cap of the schedule).")
     parser.add_argument("--eval-every", type=int, default=1600,
                         help="Examples between validation HR@1 checks.")
     parser.add_argument("--patience", type=int, default=2,
                         help="Validations without a better HR@1 before a run stops (its best "
                              "weights are kept).")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of each run (OMP_NUM_THREADS; 0: torch's default). "
+                             "Use 1 when two conditions run side by side on 2 cores.")
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"),
                         help="mixed_precision of every run (auto: the faster one, measured).")
     parser.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS),

@@ -83,6 +83,17 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "title-answer": {"prompt": {"answer": "title"}},
     "index-answer": {"prompt": {"answer": "index"}},
     "checkpointing": {"model": {"gradient_checkpointing": True}},
+    "eager-attention": {"model": {"attn_implementation": "eager"}},
+    "bf16-weights": {"model": {"torch_dtype": "bfloat16"}},
+    "bf16-weights-eager": {"model": {"torch_dtype": "bfloat16", "attn_implementation": "eager"}},
+    "batch-16": {"sft": {"per_device_batch_size": 16}},
+    "long-history": {"data": {"max_history": 50,
+                              "output_dir": "{cache}/prepared/ml-100k-smollm2-h50"},
+                     "prompt": {"title_budget": 10}},
+    "long-history-eager": {"data": {"max_history": 50,
+                                    "output_dir": "{cache}/prepared/ml-100k-smollm2-h50"},
+                           "prompt": {"title_budget": 10},
+                           "model": {"attn_implementation": "eager"}},
 }
 
 
@@ -303,10 +314,6 @@ def main(argv: list[str] | None = None) -> None:
     from hanorec.sft import SFTRun
 
     base = recipe.parse(SFTRun, ["--config", args.config], prog="sft_step", description="")
-    prepared = base.data.path(base.data.output_dir)
-    catalog = load_catalog(base.data, prepared)
-    collab_features(prepared, len(catalog), base.collab)  # trained (or cached) before any timing
-    rows = load_rows(prepared, ["candidates"], "train", limit=args.batch * (args.steps + 1), seed=0)
     names = [n for n in args.variants.split(",") if n]
     results = {}
     for name in names:
@@ -314,12 +321,23 @@ def main(argv: list[str] | None = None) -> None:
         run = replace(base,
                       **{section: replace(getattr(base, section), **values) for section,
                          values in changes.items()})
+        batch = args.batch * run.sft.per_device_batch_size // base.sft.per_device_batch_size
+        prepared = run.data.path(run.data.output_dir)
+        if not (prepared / "manifest.json").is_file():
+            from hanorec.data.prepare import prepare
+
+            prepare(run.data)
+        catalog = load_catalog(run.data, prepared)
+        collab_features(prepared, len(catalog), run.collab)  # trained (or cached) before timing
+        rows = load_rows(prepared, ["candidates"], "train", limit=batch * (args.steps + 1),
+                         seed=0)
         torch.manual_seed(0)
-        results[name] = measure(run, prepared, catalog, rows, args.batch, args.steps, precision)
+        results[name] = measure(run, prepared, catalog, rows, batch, args.steps, precision)
         print(f"{name}: {results[name]['step']:.3f} s/example, "
               f"{results[name]['GFLOP/s achieved']:.1f} GFLOP/s", flush=True)
     square = matmul_rate(2048, 2048, 2048, precision)
-    print(f"\nSFT step, seconds per example (median of {args.steps} steps of {args.batch}, "
+    print(f"\nSFT step, seconds per example (median of {args.steps} steps of {args.batch} "
+          "unless the variant sets the batch, "
           f"after a warm-up); {precision} ({why}); matmul rate {square:.1f} GFLOP/s "
           f"({precision} 2048², measured in this run); "
           f"{torch.get_num_threads()} threads; {describe_machine()}\n")

@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> Path:
                      parent=str(sft_dir.resolve()), prompt_cfg=run.prompt)
         write_json(out_dir / "summary.json", {
             "stage": "dpo", "steps": result.position.step, **val, "loss_type": cfg.loss,
+            "best_step": result.best_step, "best_metric": result.best_metric,
+            "metric_for_best_model": cfg.metric_for_best_model,
+            "mixed_precision": cfg.mixed_precision,
             "hardness": cfg.hardness, "noise": cfg.noise, "reference": cfg.reference,
             "train_pairs": len(train_rows), "blind_negatives": blind_counts,
             "seconds": round(time.time() - started, 1), "adapter": str(final)})

@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> Path:
         export_model(training.unwrapped, processor, final, run.model, prompt_cfg=run.prompt)
         write_json(out_dir / "summary.json", {
             "stage": "sft", "steps": result.position.step, **val,
+            "best_step": result.best_step, "best_metric": result.best_metric,
+            "metric_for_best_model": cfg.metric_for_best_model,
+            "mixed_precision": cfg.mixed_precision,
             "train_examples": len(train_rows), "truncated_examples": collator.num_truncated,
             "seconds": round(time.time() - started, 1),
             "train_seconds": round(result.train_seconds, 1),

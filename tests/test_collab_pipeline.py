@@ -165,8 +165,10 @@ def test_crossfit_in_worker_processes_equals_one_process(planted_recipe, tmp_pat
 def test_head_pipeline_sft_dpo_evaluate(planted_recipe):
     """SFT (head, item + user tokens) → S-DPO with HaRS dynamic and NoDO on the head scores →
     evaluation on all four protocols. The encoder travels with both stages' final folders and
-    DPO leaves it unchanged (its adapter trains, the projectors stay as SFT left them); DPO's
-    loss falls; the evaluation beats chance on every protocol."""
+    DPO leaves it unchanged (its adapter trains, the projectors stay as SFT left them); DPO
+    moves the held-out validation pairs' reward margin above 0 (their S-DPO loss below its
+    starting log 4; the training loss of 12 batches of 4 is too noisy to show it); the
+    evaluation beats chance on every protocol."""
     recipe = planted_recipe(sft={"max_steps": 120},
                             dpo={"loss": "sdpo", "hardness": "dynamic", "noise": "logits",
                                  "max_steps": 12},
@@ -179,9 +181,11 @@ def test_head_pipeline_sft_dpo_evaluate(planted_recipe):
                                   / WEIGHTS_FILE)), load_file(str(dpo_final / WEIGHTS_FILE))
     assert all(torch.equal(before[k], after[k]) for k in before)
     run_dir = Path(yaml.safe_load(recipe.read_text())["run_dir"])
-    losses = [r["train/loss"] for r in read_metrics(run_dir / "dpo" / "metrics.jsonl")
-              if "train/loss" in r]
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    records = read_metrics(run_dir / "dpo" / "metrics.jsonl")
+    final_eval = [r for r in records if "eval/loss" in r][-1]
+    # policy = reference at step 0: every validation pair's S-DPO loss is log(1 + K) = log 4;
+    # after training the held-out pairs' chosen items gained reward over their rejected ones
+    assert final_eval["eval/margins"] > 0 and final_eval["eval/loss"] < np.log(4), final_eval
     lineage = json.loads((dpo_final / "hanorec.json").read_text())
     assert lineage["prompt"]["answer"] == "head" and lineage["parent"]
     out = evaluate.main(["--config", str(recipe)])
