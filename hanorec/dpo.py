@@ -23,7 +23,14 @@ the validation.
 Design choices:
 
 * ``--hardness none|static|dynamic`` → ``β_i = β0``, ``β0·λ_i`` or ``β0·η·λ_i``
-  (:func:`hanorec.losses.hars_betas`); Δ and λ per pair come from :mod:`hanorec.hardness`.
+  (:func:`hanorec.losses.hars_betas`); Δ and λ per pair come from :mod:`hanorec.hardness`, in
+  the item space of ``--hardness-embedding`` (``backbone``, the paper's; ``head``; ``collab``)
+  with the profile temperature ``--hardness-temperature`` (eq. 5; 1 is the paper's). The λ
+  spread over the training pairs is logged once (``hars/lambda_*``, and ``hars_lambda`` in
+  ``summary.json``), β's per step (``hars/beta_*``).
+* ``--noise-scale absolute|relative``: the logit noise's std is σ, or σ times the spread of the
+  row's scores (:func:`hanorec.losses.score_noise`); ``nodo/noise_std`` logs its realised size
+  in reward units.
 * With K > 1 negatives, ``sdpo`` uses them all in one softmax (S-DPO); a pairwise loss of the
   registry (:data:`hanorec.losses.LOSSES`: ``sigmoid``, ``ipo``, ``hinge``, ``simpo``) treats
   every (chosen, rejected_k) as its own pair, still sharing one prompt pass. ``hit1`` pairs
@@ -62,7 +69,7 @@ from hanorec import config as recipe
 from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.config import DataConfig
 from hanorec.data.prompt_config import PromptConfig
-from hanorec.hardness import pair_lambdas, sft_item_embeddings
+from hanorec.hardness import hardness_item_embeddings, pair_lambdas, sft_item_embeddings
 from hanorec.losses import (
     IGNORE_INDEX,
     LOSSES,
@@ -71,6 +78,7 @@ from hanorec.losses import (
     preference_loss,
     preference_metrics,
     reward_margins,
+    spread,
 )
 from hanorec.models.config import ModelConfig
 from hanorec.models.lineage import export_model, load_policy_from_sft
@@ -137,7 +145,9 @@ def preference_step(model: nn.Module, reference_model: Reference, batch: ChoiceB
         batch = ChoiceBatch(batch, responses)
     cfg = run.dpo
     spec = LOSSES[cfg.loss]
-    policy = policy_logps(model, batch, cfg, accelerator, generator, average=spec.length_averaged)
+    noise_log: dict = {}
+    policy = policy_logps(model, batch, cfg, accelerator, generator, average=spec.length_averaged,
+                          noise_log=noise_log)
     if cfg.reference == "frozen":
         with torch.no_grad(), reference_model() as ref_model:
             ref_logps = answer_logps(ref_model, batch, mode=cfg.forward_mode,
@@ -156,19 +166,47 @@ def preference_step(model: nn.Module, reference_model: Reference, batch: ChoiceB
         loss = loss + cfg.sft_weight * chosen_nll(policy, batch, spec.length_averaged)
     noise_std = cfg.noise_std if cfg.noise != "none" else 0.0
     metrics = {"train/loss": float(loss.detach()),
-               **preference_metrics(out, policy[:, 0], policy[:, 1:], beta, eta, lam, noise_std)}
+               **preference_metrics(out, policy[:, 0], policy[:, 1:], beta, eta, lam, noise_std),
+               **beta_spread(beta), **noise_visibility(policy, noise_log, beta)}
     return StepOutput(loss, metrics)
 
 
+def beta_spread(beta: torch.Tensor) -> dict[str, float]:
+    """``hars/beta_p10``, ``hars/beta_median``, ``hars/beta_p90`` of the per-sample β of a batch
+    (``hars/beta_max``, ``_min``, ``_mean`` and ``hars/eta`` come from ``preference_metrics``)."""
+    return {f"hars/beta_{k}": v for k, v in spread(beta).items() if k != "max"}
+
+
+def noise_visibility(policy: torch.Tensor, noise_log: dict,
+                     beta: torch.Tensor) -> dict[str, float]:
+    """How large the NoDO logit noise of this forward was (empty without logit noise).
+
+    ``nodo/noise_std``: the realised noise in reward units, ``mean(β) · std(log π̃(y) −
+    log π(y))`` over the batch's responses (noisy minus clean policy log-probs), to set against
+    ``rewards/margins``; ``nodo/score_spread``: the mean spread (std) of the scores the noise
+    was added to, over each row's choices (head items, or the vocabulary at response positions).
+    """
+    if "clean_logps" not in noise_log:
+        return {}
+    shift = (policy.detach().float() - noise_log["clean_logps"].float()).reshape(-1)
+    realised = float(shift.std(correction=0)) if shift.numel() > 1 else 0.0
+    return {"nodo/noise_std": float(beta.detach().float().mean()) * realised,
+            "nodo/score_spread": float(noise_log["score_spread"])}
+
+
 def policy_logps(model: nn.Module, batch: ChoiceBatch, cfg: DPOConfig, accelerator: Accelerator,
-                 generator: torch.Generator | None, *, average: bool) -> torch.Tensor:
-    """``[B, K+1]`` policy log-probs, with NoDO noise on the logits or the LoRA matrices."""
+                 generator: torch.Generator | None, *, average: bool,
+                 noise_log: dict | None = None) -> torch.Tensor:
+    """``[B, K+1]`` policy log-probs, with NoDO noise on the logits (``cfg.noise_scale``:
+    absolute or relative to the scores' spread) or on the LoRA matrices. ``noise_log``
+    receives the clean log-probs of a logit-noise forward (:func:`noise_visibility`)."""
     noise_logits = cfg.noise_std if cfg.noise == "logits" else 0.0
     noise = (lora_noise(accelerator.unwrap_model(model), cfg.noise_std, generator=generator)
              if cfg.noise == "lora" else nullcontext())
     with noise:
         return answer_logps(model, batch, mode=cfg.forward_mode, average=average,
-                            noise_std=noise_logits, generator=generator)
+                            noise_std=noise_logits, noise_scale=cfg.noise_scale,
+                            generator=generator, noise_log=noise_log)
 
 
 def as_pairs(policy: torch.Tensor, ref_logps: torch.Tensor | None, lam: torch.Tensor, *,
@@ -259,6 +297,15 @@ def check_run(run: DPORun) -> None:
         raise ValueError(f"prompt.answer: head ranks items; dpo_protocols {run.dpo.dpo_protocols} "
                          "must be item protocols (candidates, hit3, full), not Yes/No (hit1) or "
                          "free-text (general) pairs")
+    kind = run.dpo.hardness_embedding
+    if run.dpo.hardness != "none" and kind == "head" and run.prompt.answer != "head":
+        raise ValueError(f"dpo.hardness_embedding: head reads the ranking head's item vectors, "
+                         f"but prompt.answer is {run.prompt.answer!r}; use prompt.answer: head, "
+                         "or hardness_embedding backbone (or collab with item tokens)")
+    if run.dpo.hardness != "none" and kind == "collab" and not run.prompt.item_tokens:
+        raise ValueError("dpo.hardness_embedding: collab reads the collaborative recommender's "
+                         "item embeddings, which exist with prompt.item_tokens: true only; use "
+                         "backbone (or head with prompt.answer: head)")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -275,18 +322,26 @@ def main(argv: list[str] | None = None) -> Path:
     # Data and HaRS: item embeddings from the SFT model, Δ and λ for every pair.
     prepared, catalog = load_preference_data(run, accelerator)
     hard = run.data.negative_sampling == "hard" and not cfg.preference_data
-    embeddings = None
-    if len(catalog) and (cfg.hardness != "none" or hard):
-        embeddings = sft_item_embeddings(model, processor, catalog, sft_dir, cache_dir=out_dir,
-                                         progress=accelerator.is_main_process)
-    if hard:
-        prepared = hard_negative_data(run, accelerator, out_dir, embeddings)
+    embeddings = None  # HaRS's (dpo.hardness_embedding)
+    show = accelerator.is_main_process
+    if len(catalog) and cfg.hardness != "none":
+        embeddings = hardness_item_embeddings(cfg.hardness_embedding, model, processor, catalog,
+                                              sft_dir, cache_dir=out_dir, progress=show)
+    if hard:  # HaRS's nearest items as negatives: always the backbone embeddings
+        backbone = (embeddings if embeddings is not None and cfg.hardness_embedding == "backbone"
+                    else sft_item_embeddings(model, processor, catalog, sft_dir,
+                                             cache_dir=out_dir, progress=show))
+        prepared = hard_negative_data(run, accelerator, out_dir, backbone)
     train_rows, val_rows, blind_counts = training_pairs(run, prepared)
     train_rows = training_views(model, train_rows, prepared, catalog)  # out of sample, as in SFT
     responses_per_row(train_rows)  # every row has the same K
     pairwise = LOSSES[cfg.loss].pairwise
-    lam_train = pair_lambdas(embeddings, train_rows, catalog, top_k=cfg.top_k, pairwise=pairwise)
-    lam_val = pair_lambdas(embeddings, val_rows, catalog, top_k=cfg.top_k, pairwise=pairwise)
+    tau = cfg.hardness_temperature
+    lam_train = pair_lambdas(embeddings, train_rows, catalog, top_k=cfg.top_k, pairwise=pairwise,
+                             temperature=tau)
+    lam_val = pair_lambdas(embeddings, val_rows, catalog, top_k=cfg.top_k, pairwise=pairwise,
+                           temperature=tau)
+    lambda_spread = spread(lam_train)  # static λ over the training pairs, logged once
     collators = {p: make_collator(processor, catalog, p, run.prompt) for p in cfg.dpo_protocols}
 
     # Optimizer, reference (computed once with --reference precomputed).
@@ -314,8 +369,11 @@ def main(argv: list[str] | None = None) -> Path:
         return validation(model, reference_model, collators, val_rows, ref_val, lam_val, run,
                           accelerator)
 
+    def lambdas_once(at: int) -> dict[str, float]:  # joins step 1's log line (not on a resume)
+        return {f"hars/lambda_{k}": v for k, v in lambda_spread.items()} if at == 0 else {}
+
     desc = f"dpo ({cfg.loss}, hardness {cfg.hardness}, noise {cfg.noise})"
-    result = train_loop(training, step, validate=validate, desc=desc)
+    result = train_loop(training, step, validate=validate, before_step=lambdas_once, desc=desc)
 
     # Export: the adapter on top of its SFT parent, a summary.
     final, val = out_dir / "final", result.validation
@@ -329,6 +387,8 @@ def main(argv: list[str] | None = None) -> Path:
             "mixed_precision": cfg.mixed_precision,
             "hardness": cfg.hardness, "noise": cfg.noise, "reference": cfg.reference,
             "train_pairs": len(train_rows), "blind_negatives": blind_counts,
+            "hars_lambda": {"embedding": cfg.hardness_embedding if embeddings is not None
+                            else None, "temperature": tau, **lambda_spread},
             "seconds": round(time.time() - started, 1), "adapter": str(final)})
         write_stage_report(out_dir, "DPO")
         print(f"DPO done: {result.position.step} steps, validation accuracy "

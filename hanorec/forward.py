@@ -21,9 +21,9 @@ rejected responses branch from it, in one of three ways:
 
 All three return the same numbers (up to float rounding): a response's log-probability is
 ``log π(y | x) = Σ_t log π(y_t | x, y_<t)``, the sequence log-likelihood of DPO, computed by
-:func:`hanorec.losses.sequence_logps` (which also applies NoDO logit noise at response
-positions, HaNoRec arXiv 2511.18740). Prompt batches may be left- or right-padded; they are
-moved to left padding internally and positions follow each row's real tokens
+:func:`hanorec.losses.sequence_logps`; NoDO logit noise (HaNoRec arXiv 2511.18740) is added at
+response positions by :func:`hanorec.losses.score_noise` first. Prompt batches may be left- or
+right-padded; they are moved to left padding internally and positions follow each row's real tokens
 (``cumsum(mask) − 1``; for M-RoPE backbones, ``get_rope_index`` of the prompt, with response
 tokens continuing one past the prompt's largest position, as ``get_rope_index`` over
 prompt+response would give).
@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from hanorec.losses import IGNORE_INDEX, sequence_logps
+from hanorec.losses import IGNORE_INDEX, score_noise, score_spread, sequence_logps
 from hanorec.models.families import MROPE_FAMILIES, SHARED_FAMILIES, UNSHARED_FAMILIES
 
 Mode = Literal["auto", "kv", "packed", "duplicate"]
@@ -109,7 +109,9 @@ def response_logps(
     mode: Mode = "auto",
     average: bool = False,
     noise_std: float = 0.0,
+    noise_scale: str = "absolute",
     generator: torch.Generator | None = None,
+    noise_log: dict[str, Any] | None = None,
 ) -> Tensor:
     """Log-probability of each of K+1 responses given its prompt, the prompt encoded once.
 
@@ -129,8 +131,14 @@ def response_logps(
             sharing is unsupported; see :func:`resolve_mode`).
         average: length-average instead of sum.
         noise_std: σ of NoDO logit noise at response positions (training policy forward only).
+        noise_scale: ``absolute`` (ε ~ N(0, σ²), HaNoRec eq. 9) or ``relative`` (σ times each
+            position's spread of logits over the vocabulary), drawn by
+            :func:`hanorec.losses.score_noise` on the scored positions.
         generator: ``torch.Generator`` for the noise; draws are in ``(b, k, t)`` order, so
             every mode gives the same noisy result.
+        noise_log: When given and noise is drawn, receives ``clean_logps`` (``[B, K+1]``, the
+            log-probs without noise, detached) and ``score_spread`` (the mean spread of the
+            logits at the scored positions), for logging how visible the noise is.
 
     Returns:
         ``[B, K+1]`` log-probabilities.
@@ -142,15 +150,33 @@ def response_logps(
     resp = _prepare_responses(responses, prompt.batch)
     chosen = resolve_mode(model, mode, prompt_batch=prompt_batch, responses=responses)
     logits = _LOGITS[chosen](model, prompt, resp)
-    logps = sequence_logps(
-        logits,
-        resp.labels,
-        ignore_index=IGNORE_INDEX,
-        average=average,
-        noise_std=noise_std,
-        generator=generator,
-    )
+    if noise_std != 0:  # score_noise rejects a negative or non-finite σ
+        clean, logits = logits, _logit_noise(logits, resp.labels, noise_std, noise_scale, generator)
+        if noise_log is not None:
+            mask = resp.labels != IGNORE_INDEX
+            with torch.no_grad():
+                noise_log["clean_logps"] = sequence_logps(
+                    clean.detach(), resp.labels, average=average
+                ).view(prompt.batch, resp.num)
+                noise_log["score_spread"] = float(score_spread(clean[mask]).mean())
+    logps = sequence_logps(logits, resp.labels, ignore_index=IGNORE_INDEX, average=average)
     return logps.view(prompt.batch, resp.num)
+
+
+def _logit_noise(
+    logits: Tensor, labels: Tensor, std: float, scale: str, generator: torch.Generator | None
+) -> Tensor:
+    """NoDO logit noise (HaNoRec eq. 9) at the scored positions, a new tensor.
+
+    The scored rows ``logits[labels != IGNORE_INDEX]`` (``[n, V]``, row-major over ``(b, t)``)
+    go through :func:`hanorec.losses.score_noise`, so the ``absolute`` draw is exactly
+    ``σ·torch.randn((n, V), generator=generator)`` — what ``sequence_logps(noise_std=σ)``
+    draws — and ``relative`` scales each row by its spread over the vocabulary. Unscored
+    positions keep their logits.
+    """
+    mask = labels != IGNORE_INDEX
+    noisy = score_noise(logits[mask], std, scale=scale, generator=generator)
+    return logits.index_put((mask,), noisy)
 
 
 @torch.no_grad()

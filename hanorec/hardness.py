@@ -1,12 +1,17 @@
 """HaRS item embeddings and per-pair hardness (HaNoRec, arXiv 2511.18740, Sec. 3.2).
 
 Everything HaRS needs before training, in the order the DPO stage uses it:
-:func:`sft_item_embeddings` (the catalogue encoded once by the SFT model, cached) →
-:func:`pair_lambdas` (Δ and the static λ of every training pair, eqs. 5–6). Per batch,
-β comes from :func:`hanorec.losses.hars_betas` (eqs. 8, 11). ``docs/methods.md`` has the
-formulas.
+:func:`hardness_item_embeddings` (the item vectors whose neighbourhoods define hardness, one
+of :data:`HARDNESS_EMBEDDINGS`; ``backbone``, the paper's, is :func:`sft_item_embeddings`: the
+catalogue encoded once by the SFT model, cached) → :func:`pair_lambdas` (Δ and the static λ of
+every training pair, eqs. 5–6, with the profile temperature τ). Per batch, β comes from
+:func:`hanorec.losses.hars_betas` (eqs. 8, 11). ``docs/methods.md`` has the formulas.
 
-The backbone encodes the whole catalogue once:
+The other choices read the SFT model's item encoder (:mod:`hanorec.item_tokens`): ``head`` its
+ranking-head item vectors (``ItemEncoder.item_vectors(view=0)``, the space the policy ranks
+in), ``collab`` the collaborative recommender's item embeddings (``ItemEncoder.collab[0]``).
+
+For ``backbone`` the model encodes the whole catalogue once:
 
 * ``e_txt(v)`` — the mean of the backbone's *input token embeddings* over the tokens of the
   item's title (no forward pass: a table look-up, so it is cheap for 100k items);
@@ -35,8 +40,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hanorec.data.catalog import Catalog
+from hanorec.item_tokens import attached_encoder
 from hanorec.losses import fuse_item_embeddings, hardness_lambdas, pair_deltas
 from hanorec.models.families import image_features, unwrap
+
+#: Item embeddings HaRS can measure hardness in (``dpo.hardness_embedding``): the SFT backbone's
+#: fused title + image embeddings (the paper), the ranking head's item vectors, or the
+#: collaborative recommender's item embeddings.
+HARDNESS_EMBEDDINGS: tuple[str, ...] = ("backbone", "head", "collab")
 
 
 @torch.no_grad()
@@ -155,9 +166,11 @@ def catalogue_embeddings(
 
 
 def pair_hardness(embeddings: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *,
-                  top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δ (eq. 5) and static λ (eq. 6) for every training pair; ``rejected`` is [P] or [P, K]."""
-    deltas = pair_deltas(embeddings, chosen, rejected, top_k=top_k)
+                  top_k: int = 10,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ (eq. 5, profiles divided by ``temperature`` τ) and static λ (eq. 6) for every training
+    pair; ``rejected`` is [P] or [P, K]."""
+    deltas = pair_deltas(embeddings, chosen, rejected, top_k=top_k, temperature=temperature)
     return deltas, hardness_lambdas(deltas)
 
 
@@ -174,6 +187,45 @@ def sft_item_embeddings(model: torch.nn.Module, processor, catalog: Catalog, mod
                                 cache_key=key, progress=progress)
 
 
+@torch.no_grad()
+def hardness_item_embeddings(kind: str, model: torch.nn.Module, processor, catalog: Catalog,
+                             model_dir: Path, *, cache_dir: str | Path,
+                             progress: bool = True) -> torch.Tensor:
+    """``[N, d]`` item embeddings of HaRS's neighbourhoods (float32, CPU), one of
+    :data:`HARDNESS_EMBEDDINGS`, read from the SFT model (the policy before any DPO step).
+
+    * ``backbone``: :func:`sft_item_embeddings` (title-token mean + vision-feature mean, fused;
+      HaNoRec's);
+    * ``head``: the ranking head's item vectors ``ItemEncoder.item_vectors(view=0)``;
+    * ``collab``: the collaborative recommender's item embeddings ``ItemEncoder.collab[0]``.
+
+    Raises:
+        ValueError: an unknown kind; ``head``/``collab`` on a model without an item encoder,
+            ``collab`` without collaborative features, or an encoder of another catalogue size.
+    """
+    if kind not in HARDNESS_EMBEDDINGS:
+        raise ValueError(f"hardness_embedding must be one of {HARDNESS_EMBEDDINGS}, got {kind!r}")
+    if kind == "backbone":
+        return sft_item_embeddings(model, processor, catalog, model_dir, cache_dir=cache_dir,
+                                   progress=progress)
+    encoder = attached_encoder(model)
+    if encoder is None:
+        need = ("prompt.answer: head (a ranking head)" if kind == "head"
+                else "item tokens (prompt.item_tokens: true)")
+        raise ValueError(f"hardness_embedding: {kind} reads the SFT model's item encoder, and "
+                         f"{model_dir} has none; it needs {need}, or use backbone")
+    if encoder.spec.num_items != len(catalog):
+        raise ValueError(f"hardness_embedding: {kind}: the item encoder has "
+                         f"{encoder.spec.num_items} items, the catalogue {len(catalog)}")
+    if kind == "head":
+        return encoder.item_vectors(None, view=0).float().cpu()
+    if encoder.collab is None:
+        raise ValueError("hardness_embedding: collab needs the collaborative recommender's item "
+                         "embeddings (item tokens with collaborative features), and the SFT "
+                         "model's item encoder has none; use backbone or head")
+    return encoder.collab[0].float().cpu()
+
+
 def item_indices(rows: list[dict],
                  catalog: Catalog) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chosen [N] and rejected [N, K] catalogue indices, and a mask of rows that are item pairs."""
@@ -184,27 +236,34 @@ def item_indices(rows: list[dict],
 
 
 def static_hardness(embeddings: torch.Tensor, rows: list[dict], catalog: Catalog, *, top_k: int,
-                    pairwise: bool) -> torch.Tensor:
+                    pairwise: bool, temperature: float = 1.0) -> torch.Tensor:
     """λ per pair (eq. 6): [N] (mean Δ over the negatives, S-DPO) or [N, K] (every negative its
-    own pair). Rows that are not item pairs (Yes/No answers, free text) get λ = 1."""
+    own pair), Δ with the profile temperature τ (eq. 5). Rows that are not item pairs (Yes/No
+    answers, free text) get λ = 1 and stay out of eq. 6's mean Δ, which runs over the item
+    pairs only."""
     chosen, rejected, is_item = item_indices(rows, catalog)
+    k = rejected.shape[1]
+    lam = torch.ones(len(rows), k) if pairwise else torch.ones(len(rows))
+    if not bool(is_item.any()):
+        return lam
+    chosen, rejected = chosen[is_item], rejected[is_item]
     if pairwise:
-        k = rejected.shape[1]
-        _, lam = pair_hardness(embeddings, chosen.repeat_interleave(k), rejected.reshape(-1),
-                               top_k=top_k)
-        lam = lam.view(-1, k)
+        _, found = pair_hardness(embeddings, chosen.repeat_interleave(k), rejected.reshape(-1),
+                                 top_k=top_k, temperature=temperature)
+        found = found.view(-1, k)
     else:
-        _, lam = pair_hardness(embeddings, chosen, rejected, top_k=top_k)
-    lam = lam.clone()
-    lam[~is_item] = 1.0
+        _, found = pair_hardness(embeddings, chosen, rejected, top_k=top_k,
+                                 temperature=temperature)
+    lam[is_item] = found.to(lam.dtype)
     return lam
 
 
 def pair_lambdas(embeddings: torch.Tensor | None, rows: list[dict], catalog: Catalog, *,
-                 top_k: int, pairwise: bool) -> torch.Tensor:
+                 top_k: int, pairwise: bool, temperature: float = 1.0) -> torch.Tensor:
     """:func:`static_hardness`, or λ = 1 for every pair when there are no embeddings (HaRS off,
     or a catalogue without items)."""
     if embeddings is not None:
-        return static_hardness(embeddings, rows, catalog, top_k=top_k, pairwise=pairwise)
+        return static_hardness(embeddings, rows, catalog, top_k=top_k, pairwise=pairwise,
+                               temperature=temperature)
     k = len(rows[0]["rejected"]) if rows else 1
     return torch.ones(len(rows), k if pairwise else 1).squeeze(-1)

@@ -16,6 +16,7 @@ which reads the same pairs with the same section):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
@@ -32,8 +33,9 @@ from hanorec.data.blind import mix_blind_negatives
 from hanorec.data.catalog import Catalog
 from hanorec.data.prepare import prepare
 from hanorec.forward import MODES
+from hanorec.hardness import HARDNESS_EMBEDDINGS
 from hanorec.item_tokens import attached_encoder
-from hanorec.losses import HARDNESS_MODES, LOSS_TYPES, loss_help
+from hanorec.losses import HARDNESS_MODES, LOSS_TYPES, NOISE_SCALES, loss_help
 from hanorec.readout import answer_logps
 from hanorec.runtime import load_catalog, load_rows, prepare_data
 from hanorec.training import TrainConfig
@@ -64,12 +66,37 @@ class DPOConfig(TrainConfig):
     top_k: int = field(default=10, metadata={
         "help": "K of the top-K cosine neighbourhood s(v) in HaRS's pair distance Δ (HaNoRec "
                 "eq. 5)."})
+    hardness_embedding: Literal[HARDNESS_EMBEDDINGS] = field(  # type: ignore[valid-type]
+        default="backbone", metadata={
+            "help": "Item embeddings whose top-K cosine neighbourhoods s(v) give HaRS's pair "
+                    "distance Δ (HaNoRec eq. 5) and static hardness λ (eq. 6). backbone: the "
+                    "SFT model's mean title-token input embedding fused with its mean vision "
+                    "features (HaNoRec Sec. 4.1, the authors' code); head: the SFT model's "
+                    "ranking-head item vectors, the space the policy ranks in (prompt.answer: "
+                    "head only); collab: the collaborative recommender's item embeddings (view "
+                    "0, the full model; needs item tokens). HaRS λ only: negative_sampling: "
+                    "hard keeps the backbone embeddings."})
+    hardness_temperature: float = field(default=1.0, metadata={
+        "help": "τ dividing the top-K neighbour cosines before the softmax of HaRS's Δ "
+                "(HaNoRec eq. 5: Δ = ‖softmax(s(pos)/τ) − softmax(s(neg)/τ)‖₂). 1 is the "
+                "paper; cosines in [−1, 1] then give near-uniform profiles and λ ≈ 1 for every "
+                "pair; a smaller τ (0.1, 0.02) sharpens them so λ can spread, until as τ → 0 "
+                "every profile turns one-hot and λ returns to 1 (docs/methods.md has the "
+                "bound and the spread measured on ML-100K)."})
     noise: Literal["none", "logits", "lora"] = field(default="none", metadata={
         "help": "NoDO (HaNoRec Sec. 4.2): Gaussian noise on the policy's logits at response "
                 "positions (the paper's wording) or on every active LoRA A/B matrix (the "
                 "authors' code); training policy forward only."})
     noise_std: float = field(default=0.1, metadata={
         "help": "σ of the NoDO noise (HaNoRec: 0.1; 0.05 on sparse catalogues)."})
+    noise_scale: Literal[NOISE_SCALES] = field(  # type: ignore[valid-type]
+        default="absolute", metadata={
+            "help": "Scale of the NoDO logit noise (HaNoRec eq. 9, noise: logits). absolute: "
+                    "ε ~ N(0, σ²) (the paper); relative: ε ~ N(0, (σ·s)²) with s the spread "
+                    "(standard deviation, detached, per batch) of each row's scores over its "
+                    "choices — the head scores over the row's allowed items, or the logits "
+                    "over the vocabulary at each response position — so σ is a fraction of "
+                    "the score scale. noise: lora has no scores to scale (absolute only)."})
     reference: Literal["frozen", "precomputed", "none"] = field(default="frozen", metadata={
         "help": "frozen: a live reference forward with the DPO adapter disabled; precomputed: "
                 "one pass before training stores reference log-probs; none: reference-free."})
@@ -92,6 +119,19 @@ class DPOConfig(TrainConfig):
         "help": "Folder with pairs/<protocol> (+ items/, manifest.json) to train on instead of "
                 "the prepared data, e.g. MMSafe-PO converted by `python -m hanorec.data.mmsafe "
                 "convert` (protocol general)."})
+
+    def _train_checks(self) -> list[tuple[str, bool, str]]:
+        """The optimisation checks plus the HaRS/NoDO fields'."""
+        tau = self.hardness_temperature
+        return super()._train_checks() + [
+            ("hardness_temperature", math.isfinite(tau) and tau > 0,
+             f"must be a finite number > 0, got {tau}"),
+            ("noise_std", math.isfinite(self.noise_std) and self.noise_std >= 0,
+             f"must be finite and >= 0, got {self.noise_std}"),
+            ("noise_scale", not (self.noise == "lora" and self.noise_scale == "relative"),
+             "relative scales the logit noise (noise: logits); noise: lora perturbs the LoRA "
+             "matrices, which have no scores to scale"),
+        ]
 
 
 # --------------------------------------------------------------------------- the pairs

@@ -16,7 +16,8 @@ evaluation ranks by.
   arXiv 2505.16994), with ``e_v`` the item's vector from :class:`hanorec.item_tokens.ItemEncoder`
   (its projected collaborative embedding, plus learned title and poster terms), and
   ``log π(v | x) = s_v − log Σ_{u∈C} exp s_u``. NoDO's logit noise (HaNoRec eq. 9) is added
-  to ``s`` before the softmax.
+  to ``s`` before the softmax (:func:`hanorec.losses.score_noise`: σ absolute, or σ times the
+  spread of the row's scores).
 
 This module holds the ``head`` computations and the final-state extraction that R²ec's item
 head (:mod:`hanorec.r2ec`) and the hidden-state scoring share; ``title`` and ``index`` go
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from hanorec.collate import ChoiceBatch
 from hanorec.forward import response_logps
 from hanorec.item_tokens import VIRTUAL_BASE, ItemEncoder, attached_encoder, row_views
+from hanorec.losses import score_noise, score_spread
 from hanorec.models.families import MROPE_FAMILIES
 
 
@@ -163,8 +165,9 @@ def choice_columns(choices: Sequence[Sequence[int] | None], num_items: int,
 
 
 def head_logps(model: nn.Module, batch: Mapping[str, Any], choices: Sequence[Sequence[int] | None],
-               picks: Tensor, *, noise_std: float = 0.0,
-               generator: torch.Generator | None = None) -> Tensor:
+               picks: Tensor, *, noise_std: float = 0.0, noise_scale: str = "absolute",
+               generator: torch.Generator | None = None,
+               noise_log: dict[str, Any] | None = None) -> Tensor:
     """``[B, P]`` head log-probabilities ``log π(v | x)`` of the items ``picks`` (catalogue ids).
 
     Args:
@@ -173,16 +176,28 @@ def head_logps(model: nn.Module, batch: Mapping[str, Any], choices: Sequence[Seq
         choices: Per row, the candidate indices it chooses among (None: the catalogue).
         picks: ``[B, P]`` catalogue indices to return (each among its row's choices).
         noise_std: σ of NoDO Gaussian noise added to the scores (training policy only).
+        noise_scale: ``absolute`` (ε ~ N(0, σ²)) or ``relative`` (σ times each row's spread of
+            scores over its allowed items): :func:`hanorec.losses.score_noise`.
         generator: Generator of the noise.
+        noise_log: When given and noise is drawn, receives ``clean_logps`` (``[B, P]``, the
+            log-probs without noise, detached) and ``score_spread`` (the mean over rows of the
+            scores' spread over the allowed items), for logging how visible the noise is.
     """
     scores, columns, allowed = head_scores(model, batch, choices)
-    if noise_std > 0:
-        noise = torch.randn(scores.shape, generator=generator, device=scores.device,
-                            dtype=scores.dtype)
-        scores = scores + noise_std * noise
-    logps = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     positions = picks.to(scores.device) if columns is None else _positions(columns,
                                                                            picks.to(scores.device))
+    picked = _picked_logps(score_noise(scores, noise_std, scale=noise_scale, allowed=allowed,
+                                       generator=generator), allowed, positions)
+    if noise_log is not None and noise_std > 0:
+        with torch.no_grad():
+            noise_log["clean_logps"] = _picked_logps(scores.detach(), allowed, positions)
+            noise_log["score_spread"] = float(score_spread(scores, allowed).mean())
+    return picked
+
+
+def _picked_logps(scores: Tensor, allowed: Tensor, positions: Tensor) -> Tensor:
+    """Log-softmax of ``scores`` over each row's allowed columns, at ``positions``."""
+    logps = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     picked = logps.gather(1, positions)
     if not bool(torch.isfinite(picked).all()):
         raise ValueError("head_logps: a pick is not among its row's choices")
@@ -235,18 +250,22 @@ def row_choices(rows: Sequence[Mapping[str, Any]],
 
 
 def answer_logps(model: nn.Module, batch: ChoiceBatch, *, mode: str = "auto", average: bool = False,
-                 noise_std: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+                 noise_std: float = 0.0, noise_scale: str = "absolute",
+                 generator: torch.Generator | None = None,
+                 noise_log: dict[str, Any] | None = None) -> Tensor:
     """``[B, K+1]`` log-probabilities of each row's chosen and rejected answers, any read-out.
 
     ``title``/``index``: :func:`hanorec.forward.response_logps` (shared prompt; ``average``
     length-normalises for IPO/SimPO; NoDO noise on the logits at response positions).
     ``head``: :func:`head_logps` over the row's candidates (``average`` has nothing to
-    normalise: an answer is one choice).
+    normalise: an answer is one choice). ``noise_scale`` and ``noise_log`` as in
+    :func:`head_logps`; both read-outs draw the noise with :func:`hanorec.losses.score_noise`.
     """
     if batch.responses is not None:
         return response_logps(model, batch.prompts, batch.responses, mode=mode, average=average,
-                              noise_std=noise_std, generator=generator)
+                              noise_std=noise_std, noise_scale=noise_scale, generator=generator,
+                              noise_log=noise_log)
     if batch.picks is None or batch.choices is None:
         raise ValueError("answer_logps: the batch has neither responses nor head picks")
     return head_logps(model, batch.prompts, batch.choices, batch.picks, noise_std=noise_std,
-                      generator=generator)
+                      noise_scale=noise_scale, generator=generator, noise_log=noise_log)

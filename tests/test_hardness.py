@@ -77,3 +77,90 @@ def test_pair_hardness_lambda_is_sigmoid_delta_over_sigmoid_mean():
     deltas, lam = pair_hardness(emb, chosen, rejected, top_k=5)
     torch.testing.assert_close(lam, torch.sigmoid(deltas) / torch.sigmoid(deltas.mean()))
     assert int(lam.argmax()) == int(deltas.argmax())
+
+
+# --------------------------------------------------------------------------- embedding choices
+
+
+def _encoder_model(views: int = 2):
+    """A tiny LLaVA with an item encoder of ``views`` recommenders (random features)."""
+    from test_forward import build
+    from test_item_tokens import encoder
+
+    from hanorec.item_tokens import attach_item_encoder
+
+    model = build("llava")
+    enc = attach_item_encoder(model, encoder(model.config.text_config.hidden_size, views=views))
+    return model, enc
+
+
+def test_head_and_collab_embeddings_read_view_0_of_the_item_encoder(tmp_path):
+    """head: ItemEncoder.item_vectors(view=0) (the ranking head's vectors); collab: collab[0]
+    (the full recommender), not a fold view; both float32 on CPU."""
+    from hanorec.hardness import hardness_item_embeddings
+
+    model, enc = _encoder_model(views=2)
+    catalogue = [None] * enc.spec.num_items  # only its length is read for these two
+    head = hardness_item_embeddings("head", model, None, catalogue, tmp_path, cache_dir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(head, enc.item_vectors(None, view=0).float())
+        assert not torch.allclose(head, enc.item_vectors(None, view=1).float())
+    collab = hardness_item_embeddings("collab", model, None, catalogue, tmp_path,
+                                      cache_dir=tmp_path)
+    assert torch.equal(collab, enc.collab[0].float())
+    assert head.dtype == collab.dtype == torch.float32 and not head.requires_grad
+
+
+def test_embedding_choices_fail_clearly(tmp_path):
+    """No item encoder (a title read-out): head and collab say what they need; a catalogue of
+    another size and an unknown kind are refused."""
+    from test_forward import build
+
+    from hanorec.hardness import hardness_item_embeddings
+
+    plain = build("llava")
+    with pytest.raises(ValueError, match="answer: head"):
+        hardness_item_embeddings("head", plain, None, [None] * 5, tmp_path, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="item_tokens"):
+        hardness_item_embeddings("collab", plain, None, [None] * 5, tmp_path, cache_dir=tmp_path)
+    model, enc = _encoder_model(views=1)
+    with pytest.raises(ValueError, match="items, the catalogue"):
+        hardness_item_embeddings("head", model, None, [None] * (enc.spec.num_items + 1), tmp_path,
+                                 cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="hardness_embedding"):
+        hardness_item_embeddings("title", model, None, [None], tmp_path, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_pair_lambdas_use_the_profile_temperature(tiny_catalog, pairwise):
+    """λ per training row (eq. 6) from Δ with τ (eq. 5): S-DPO rows take the mean Δ over their
+    negatives, pairwise rows one Δ per negative; a Yes/No row keeps λ = 1 and stays out of the
+    mean Δ of eq. 6; τ = 1 is the default."""
+    from hanorec.hardness import pair_lambdas
+    from hanorec.losses import hardness_lambdas, pair_deltas
+
+    ids = tiny_catalog.item_ids
+    emb = torch.randn(len(ids), 6, generator=torch.Generator().manual_seed(0))
+    rows = [{"chosen": ids[0], "rejected": [ids[1], ids[2]]},
+            {"chosen": ids[3], "rejected": [ids[4], ids[9]]},
+            {"chosen": ids[5], "rejected": [ids[6], ids[7]]},
+            {"chosen": "Yes", "rejected": ["No", "No"]}]
+    got = pair_lambdas(emb, rows, tiny_catalog, top_k=3, pairwise=pairwise, temperature=0.05)
+    pos = torch.tensor([tiny_catalog.index[r["chosen"]] for r in rows[:3]])
+    neg = torch.tensor([[tiny_catalog.index[x] for x in r["rejected"]] for r in rows[:3]])
+    if pairwise:
+        deltas = pair_deltas(emb, pos.repeat_interleave(2), neg.reshape(-1), top_k=3,
+                             temperature=0.05)
+        expected = torch.cat([hardness_lambdas(deltas).view(3, 2), torch.ones(1, 2)])
+    else:
+        deltas = pair_deltas(emb, pos, neg, top_k=3, temperature=0.05)
+        expected = torch.cat([hardness_lambdas(deltas), torch.ones(1)])
+    torch.testing.assert_close(got, expected)
+    # the Yes/No row changes nothing for the item rows (it is not in the mean Δ)
+    items_only = pair_lambdas(emb, rows[:3], tiny_catalog, top_k=3, pairwise=pairwise,
+                              temperature=0.05)
+    torch.testing.assert_close(got[:3], items_only)
+    default = pair_lambdas(emb, rows, tiny_catalog, top_k=3, pairwise=pairwise)
+    assert torch.equal(default, pair_lambdas(emb, rows, tiny_catalog, top_k=3,
+                                             pairwise=pairwise, temperature=1.0))
+    assert not torch.allclose(default, got)

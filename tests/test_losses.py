@@ -490,6 +490,148 @@ def test_hanorec_betas_floor() -> None:
     torch.testing.assert_close(got, torch.tensor([0.2, 1e-6], dtype=DT))
 
 
+def _reference_deltas(emb: np.ndarray, pos: np.ndarray, neg: np.ndarray, k: int,
+                      tau: float) -> np.ndarray:
+    """Eq. 5 with a temperature, written independently: a double loop over items in float64,
+    the top-K by Python sorting, a numerically plain softmax of s/τ."""
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def profile(v: int) -> np.ndarray:
+        sims = sorted((float(unit[v] @ unit[u]) for u in range(len(unit)) if u != v),
+                      reverse=True)[:k]
+        scaled = np.array(sims) / tau
+        weights = np.exp(scaled - scaled.max())
+        return weights / weights.sum()
+
+    neg = neg.reshape(len(pos), -1)
+    return np.array([np.mean([math.dist(profile(p), profile(n)) for n in row])
+                     for p, row in zip(pos, neg)])
+
+
+def test_pair_deltas_temperature_by_hand() -> None:
+    """Items a = b = (1, 0, 0), c = (0, 1, 0), d = (0, 0, 1); K = 2. Profiles s(a) = (1, 0)
+    (b, then c or d), s(c) = (0, 0). τ = 1/ln 3: softmax((ln 3, 0)) = (3/4, 1/4) against
+    (1/2, 1/2): Δ(a, c) = ‖(1/4, −1/4)‖ = √2/4. τ = 1 (eq. 5 as published): softmax((1, 0)) =
+    (σ(1), σ(−1)), Δ = √2·(σ(1) − 1/2). Δ(c, d) = 0 at any τ (same profile). τ = 0.01:
+    softmax((100, 0)) = (1, 0) to 1e-43, so Δ(a, c) = ‖(1/2, −1/2)‖ = √(1 − 1/K), the largest
+    distance two sorted profiles can have (docs/methods.md)."""
+    emb = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], dtype=DT)
+    pos, neg = torch.tensor([0, 2]), torch.tensor([2, 3])
+    got = L.pair_deltas(emb, pos, neg, top_k=2, temperature=1 / math.log(3))
+    torch.testing.assert_close(got, torch.tensor([math.sqrt(2) / 4, 0.0], dtype=DT))
+    paper = L.pair_deltas(emb, pos, neg, top_k=2)
+    torch.testing.assert_close(paper, torch.tensor([math.sqrt(2) * (_sig(1) - 0.5), 0.0],
+                                                   dtype=DT))
+    assert torch.equal(paper, L.pair_deltas(emb, pos, neg, top_k=2, temperature=1.0))
+    sharp = L.pair_deltas(emb, pos, neg, top_k=2, temperature=0.01)
+    torch.testing.assert_close(sharp, torch.tensor([math.sqrt(1 - 1 / 2), 0.0], dtype=DT))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1, 0.02])
+def test_pair_deltas_temperature_match_reference(catalogue, tau) -> None:
+    """Δ with τ (eq. 5) against an independent float64 loop, [B, K] negatives, small chunks."""
+    gen = torch.Generator().manual_seed(9)
+    pos = torch.randint(0, 37, (5,), generator=gen)
+    neg = torch.randint(0, 37, (5, 3), generator=gen)
+    expected = _reference_deltas(catalogue.numpy(), pos.numpy(), neg.numpy(), 4, tau)
+    got = L.pair_deltas(catalogue, pos, neg, top_k=4, temperature=tau, chunk_size=6)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-10)
+
+
+def test_sharper_profiles_spread_delta_and_lambda_within_the_bound(catalogue) -> None:
+    """τ from 1 to 0.1 to 0.02 spreads λ; as τ → 0 every sorted profile tends to (1, 0, …, 0),
+    so Δ → 0 and λ → 1 again. Δ never leaves [0, √(1 − 1/K)] (sorted profiles; ⊂ [0, √2]), so λ
+    stays in [σ(0)/σ(mean Δ), σ(√(1 − 1/K))/σ(mean Δ)] (docs/methods.md)."""
+    pos, neg = torch.arange(0, 18), torch.arange(18, 36)
+    spreads, top = [], math.sqrt(1 - 1 / 5)
+    for tau in (1.0, 0.1, 0.02, 1e-4):
+        deltas = L.pair_deltas(catalogue, pos, neg, top_k=5, temperature=tau)
+        lam = L.hardness_lambdas(deltas)
+        assert float(deltas.min()) >= 0 and float(deltas.max()) <= top + 1e-12
+        floor = _sig(0) / _sig(float(deltas.mean()))
+        ceiling = _sig(top) / _sig(float(deltas.mean()))
+        assert floor - 1e-12 <= float(lam.min()) and float(lam.max()) <= ceiling + 1e-12
+        spreads.append(float(lam.max() - lam.min()))
+    assert spreads[0] < spreads[1] < spreads[2] and spreads[2] > 10 * spreads[0]
+    assert spreads[3] < 1e-3 * spreads[2]  # collapsed: every profile one-hot
+
+
+def test_pair_deltas_temperature_guard(catalogue) -> None:
+    for tau in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            L.pair_deltas(catalogue, torch.tensor([0]), torch.tensor([1]), temperature=tau)
+
+
+def test_spread_by_hand_and_against_numpy() -> None:
+    """[1..5]: p10 at position 0.4 -> 1.4, median 3, p90 at 3.6 -> 4.6, max 5; random values
+    against numpy's linear percentiles (also past torch.quantile's size limit is not needed)."""
+    assert L.spread(torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])) == pytest.approx(
+        {"p10": 1.4, "median": 3.0, "p90": 4.6, "max": 5.0})
+    assert L.spread(torch.tensor([[7.0]])) == {"p10": 7.0, "median": 7.0, "p90": 7.0, "max": 7.0}
+    values = torch.randn(1001, generator=torch.Generator().manual_seed(3), dtype=DT)
+    expected = np.percentile(values.numpy(), [10, 50, 90])
+    got = L.spread(values)
+    np.testing.assert_allclose([got["p10"], got["median"], got["p90"]], expected, rtol=1e-12)
+    assert got["max"] == float(values.max())
+    with pytest.raises(ValueError, match="empty"):
+        L.spread(torch.tensor([]))
+
+
+# ------------------------------------------------------------------------- NoDO score noise
+
+
+def test_score_spread_by_hand() -> None:
+    """Row [1, 3, 5, 100] with the last entry not allowed: mean 3, variance (4 + 0 + 4)/3, so
+    s = √(8/3); all allowed (mask None): the population std of the four values."""
+    scores = torch.tensor([[1.0, 3.0, 5.0, 100.0]], dtype=DT)
+    allowed = torch.tensor([[True, True, True, False]])
+    torch.testing.assert_close(L.score_spread(scores, allowed), _vec(math.sqrt(8 / 3)))
+    full = np.std([1.0, 3.0, 5.0, 100.0])
+    torch.testing.assert_close(L.score_spread(scores), _vec(full))
+    assert L.score_spread(torch.tensor([[2.0, 9.0]]), torch.tensor([[False, True]])).item() == 0
+
+
+def test_score_noise_absolute_is_sigma_times_the_plain_draw() -> None:
+    """absolute: z + σ·randn(z.shape, generator) exactly (the draw NoDO always made)."""
+    scores = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    got = L.score_noise(scores, 0.3, generator=torch.Generator().manual_seed(4))
+    expected = scores + 0.3 * torch.randn(3, 7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, expected)
+    assert L.score_noise(scores, 0.0) is scores
+
+
+@pytest.mark.parametrize("scale", ["absolute", "relative"])
+def test_score_noise_empirical_std(scale) -> None:
+    """Rows of spread s = 0.5 and s = 8 (20,000 scores each): the noise's empirical std is σ
+    (absolute) or σ·s (relative), within 2%; with a mask, entries outside it (here huge) do not
+    change s."""
+    sigma, n = 0.1, 20_000
+    base = torch.randn(2, n, generator=torch.Generator().manual_seed(1), dtype=DT)
+    base = (base - base.mean(-1, keepdim=True)) / base.std(-1, correction=0, keepdim=True)
+    scores = base * _vec(0.5, 8.0)[:, None]
+    scores = torch.cat([scores, torch.full((2, 5), 1e6, dtype=DT)], dim=1)
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    allowed[:, -5:] = False
+    noisy = L.score_noise(scores, sigma, scale=scale, allowed=allowed,
+                          generator=torch.Generator().manual_seed(2))
+    realised = (noisy - scores)[:, :n].std(-1)
+    expected = _vec(sigma, sigma) if scale == "absolute" else sigma * _vec(0.5, 8.0)
+    torch.testing.assert_close(realised, expected, rtol=0.02, atol=0)
+
+
+def test_score_noise_keeps_the_gradient_and_checks_its_arguments() -> None:
+    """∂z̃/∂z = 1 in both scales (the spread s is a constant); bad σ or scale raise."""
+    scores = torch.randn(2, 4, dtype=DT, requires_grad=True)
+    for scale in ("absolute", "relative"):
+        out = L.score_noise(scores, 0.5, scale=scale, generator=torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad((out * torch.arange(4.0, dtype=DT)).sum(), scores)
+        torch.testing.assert_close(grad, torch.arange(4.0, dtype=DT).expand(2, 4))
+    with pytest.raises(ValueError, match="std"):
+        L.score_noise(scores, -0.1)
+    with pytest.raises(ValueError, match="scale"):
+        L.score_noise(scores, 0.1, scale="percent")
+
+
 # ------------------------------------------------------------------------- RecPO
 
 

@@ -14,9 +14,11 @@ concept per submodule, all re-exported here (``from hanorec.losses import prefer
 * :mod:`~hanorec.losses.hars` — HaRS (hardness-aware reward scaling, HaNoRec eqs. 5, 6, 8, 11):
   :func:`fuse_item_embeddings`, :func:`neighbour_profiles`, :func:`pair_deltas`,
   :func:`hardness_lambdas`, :func:`responsiveness`, :func:`hanorec_betas`, and per batch
-  :func:`reward_margins` and :func:`hars_betas` (β for a mode in ``HARDNESS_MODES``).
-* :mod:`~hanorec.losses.nodo` — NoDO in LoRA mode: :func:`lora_noise` (duck-typed PEFT LoRA
-  layers, forward hooks).
+  :func:`reward_margins` and :func:`hars_betas` (β for a mode in ``HARDNESS_MODES``);
+  :func:`spread` (p10/median/p90/max of λ or β, for the logs).
+* :mod:`~hanorec.losses.nodo` — NoDO: :func:`score_noise` (noise on head scores or logits,
+  absolute or relative to :func:`score_spread`, a scale in ``NOISE_SCALES``) and the LoRA mode
+  :func:`lora_noise` (duck-typed PEFT LoRA layers, forward hooks).
 * :mod:`~hanorec.losses.recpo` — RecPO (R²ec, arXiv 2505.16994): :func:`recpo_rewards`,
   :func:`group_advantages`, :func:`clipped_surrogate`.
 
@@ -35,9 +37,10 @@ from hanorec.losses.hars import (
     pair_deltas,
     responsiveness,
     reward_margins,
+    spread,
 )
 from hanorec.losses.logps import IGNORE_INDEX, sequence_logps
-from hanorec.losses.nodo import lora_noise
+from hanorec.losses.nodo import NOISE_SCALES, lora_noise, score_noise, score_spread
 from hanorec.losses.preference import (
     LOSS_TYPES,
     LOSSES,
@@ -56,6 +59,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LOSSES",
     "LOSS_TYPES",
+    "NOISE_SCALES",
     "PAIRWISE_LOSS_TYPES",
     "LossSpec",
     "PreferenceLossOutput",
@@ -74,5 +78,8 @@ __all__ = [
     "recpo_rewards",
     "responsiveness",
     "reward_margins",
+    "score_noise",
+    "score_spread",
     "sequence_logps",
+    "spread",
 ]

@@ -6,7 +6,8 @@ Pipeline: :func:`fuse_item_embeddings` (unit-norm text+image item embeddings) �
 :func:`hanorec_betas` (eq. 11) give the per-sample β passed to
 :func:`hanorec.losses.preference_loss`. :func:`hars_betas` is the one place that turns a
 hardness mode (``none``, ``static``, ``dynamic``) into β: ``hanorec.dpo``, the TRL trainer and
-``examples/custom_loop.py`` all call it. The formulas are in ``docs/methods.md``.
+``examples/custom_loop.py`` all call it. :func:`spread` summarises λ and β for the logs. The
+formulas are in ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -109,12 +110,22 @@ def pair_deltas(
     *,
     top_k: int = 10,
     chunk_size: int = 4096,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """Pair distance Δ (HaNoRec eq. 5): ``Δ_i = ‖softmax(s(pos_i)) − softmax(s(neg_i))‖₂``.
+    """Pair distance Δ (HaNoRec eq. 5, with a temperature τ on the profiles).
 
-    ``s(v)`` is :func:`neighbour_profiles` (top-K similarities, descending); with K negatives
-    per pair (``negatives`` ``[B, K]``) Δ is the mean over them. Profiles are computed once for
-    the distinct items involved only.
+    ``Δ_i = ‖softmax(s(pos_i) / τ) − softmax(s(neg_i) / τ)‖₂``
+
+    ``s(v)`` is :func:`neighbour_profiles` (top-K cosine similarities, descending); with K
+    negatives per pair (``negatives`` ``[B, K]``) Δ is the mean over them. τ = 1 is the paper's
+    eq. 5 (and the authors' code). Cosines lie in [−1, 1], so at τ = 1 every profile's softmax is
+    close to uniform and Δ close to 0; a smaller τ sharpens the profiles so that Δ (and the
+    static hardness λ of eq. 6) can spread. Δ ∈ [0, √2] whatever τ (two probability vectors).
+    Profiles are computed once for the distinct items involved only.
+
+    Worked example (``tests/test_losses.py``): K = 2, ``s(pos) = (1, 0)``, ``s(neg) = (0, 0)``,
+    τ = 1/ln 3: ``softmax((ln 3, 0)) = (3/4, 1/4)``, ``softmax((0, 0)) = (1/2, 1/2)``, so
+    ``Δ = ‖(1/4, −1/4)‖₂ = √2/4 ≈ 0.3536``; at τ = 1, ``Δ = √2·(σ(1) − 1/2) ≈ 0.3267``.
 
     Args:
         item_embeddings: ``[N, D]`` item embeddings (e.g. :func:`fuse_item_embeddings`).
@@ -122,11 +133,14 @@ def pair_deltas(
         negatives: ``[B]`` or ``[B, K]`` rejected item indices.
         top_k: neighbourhood size K (< N).
         chunk_size: see :func:`neighbour_profiles`.
+        temperature: τ > 0 dividing the profiles before the softmax (1: the paper).
 
     Returns:
-        ``[B]`` distances Δ ≥ 0.
+        ``[B]`` distances Δ ∈ [0, √2].
     """
     where = "pair_deltas"
+    ok = math.isfinite(temperature) and temperature > 0
+    _check(ok, where, f"temperature must be a finite number > 0, got {temperature}")
     _check(positives.dim() == 1, where, f"positives must be [B], got {_shape(positives)}")
     batch = positives.shape[0]
     ok = negatives.dim() in (1, 2) and negatives.shape[0] == batch and negatives.numel() > 0
@@ -137,7 +151,7 @@ def pair_deltas(
     pairs = torch.cat([positives.to(device)[:, None], negatives.reshape(batch, -1).to(device)], 1)
     unique, inverse = torch.unique(pairs, return_inverse=True)
     profiles = neighbour_profiles(item_embeddings, unique, top_k=top_k, chunk_size=chunk_size)
-    probs = profiles.softmax(-1)[inverse]  # [B, 1 + K, top_k]
+    probs = (profiles / temperature).softmax(-1)[inverse]  # [B, 1 + K, top_k]
     return (probs[:, :1] - probs[:, 1:]).norm(dim=-1).mean(-1)
 
 
@@ -192,6 +206,34 @@ def hanorec_betas(
     _check(ok, "hanorec_betas", f"beta0 and floor must be > 0, got beta0={beta0}, floor={floor}")
     eta_t = torch.as_tensor(eta, dtype=lambdas.dtype, device=lambdas.device).detach()
     return (beta0 * eta_t * lambdas.detach()).clamp(min=floor)
+
+
+#: The quantiles :func:`spread` reports, as (name, q); the maximum is added.
+SPREAD_QUANTILES: tuple[tuple[str, float], ...] = (("p10", 0.1), ("median", 0.5), ("p90", 0.9))
+
+
+@torch.no_grad()
+def spread(values: Tensor) -> dict[str, float]:
+    """p10, median, p90 and max of ``values`` (any shape, flattened), for logging λ, β or η.
+
+    Quantile ``q`` of the sorted values ``x_0 ≤ … ≤ x_{n−1}`` interpolates linearly at position
+    ``q·(n − 1)`` (``torch.quantile``'s default, without its 2**24-element limit), in float64.
+    E.g. ``spread(tensor([1., 2., 3., 4., 5.]))`` is ``{"p10": 1.4, "median": 3.0, "p90": 4.6,
+    "max": 5.0}``.
+    """
+    flat = values.detach().reshape(-1).to(torch.float64)
+    _check(flat.numel() > 0, "spread", "values must not be empty")
+    _check(not bool(torch.isnan(flat).any()), "spread", "values must not contain NaN")
+    ordered = flat.sort().values.cpu()
+    last = ordered.numel() - 1
+    out = {}
+    for name, q in SPREAD_QUANTILES:
+        position = q * last
+        low = math.floor(position)
+        high = min(low + 1, last)
+        out[name] = float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
+    out["max"] = float(ordered[last])
+    return out
 
 
 #: The HaRS modes: β_i = β0 (``none``), β0·λ_i (``static``), β0·η·λ_i (``dynamic``).

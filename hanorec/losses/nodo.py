@@ -1,4 +1,11 @@
-"""NoDO, LoRA mode (HaNoRec, arXiv 2511.18740): :func:`lora_noise` perturbs LoRA A/B matrices.
+"""NoDO (HaNoRec, arXiv 2511.18740): noise on the policy's training forward only.
+
+* Score (logit) mode, eq. 9: :func:`score_noise` returns ``z + ε`` for a policy's scores —
+  the ranking head's item scores (``hanorec.readout.head_logps``) or the LM logits at response
+  positions (``hanorec.forward.response_logps``) — with ``ε`` of an ``absolute`` std σ (the
+  paper) or one ``relative`` to each row's spread of scores (:func:`score_spread`). Both callers
+  draw through it, so the noise of both read-outs is the same function of tensors.
+* LoRA mode (the authors' code), eq. 10: :func:`lora_noise` perturbs LoRA A/B matrices.
 
 LoRA layers are found by duck typing, so this module imports torch only (no peft).
 """
@@ -15,6 +22,78 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hanorec.losses._checks import _check
+
+#: How NoDO's score noise is scaled: ``absolute`` (ε ~ N(0, σ²), HaNoRec eq. 9) or ``relative``
+#: (ε ~ N(0, (σ·s)²), ``s`` the row's spread of scores, :func:`score_spread`).
+NOISE_SCALES: tuple[str, ...] = ("absolute", "relative")
+
+
+@torch.no_grad()
+def score_spread(scores: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Per-row spread ``s`` of the scores over the row's choices (detached).
+
+    ``s_r = sqrt(mean_{j ∈ C_r} (z_rj − mean_{j' ∈ C_r} z_rj')²)``, the population standard
+    deviation over the last dimension restricted to the allowed entries ``C_r`` (all entries
+    when ``allowed`` is None); a row with a single choice has ``s = 0``.
+
+    Args:
+        scores: ``[..., M]`` scores (head scores over items, or logits over the vocabulary).
+        allowed: bool mask broadcastable to ``scores``, True where a row may choose the entry.
+
+    Returns:
+        ``[...]`` spreads, float32 or wider, no gradient.
+    """
+    z = scores.detach().to(torch.promote_types(scores.dtype, torch.float32))
+    if allowed is None:
+        return z.std(dim=-1, correction=0)
+    keep = allowed.to(torch.bool).expand_as(z)
+    count = keep.sum(-1).clamp(min=1).to(z.dtype)
+    mean = z.masked_fill(~keep, 0).sum(-1) / count
+    var = ((z - mean[..., None]).masked_fill(~keep, 0) ** 2).sum(-1) / count
+    return var.sqrt()
+
+
+def score_noise(
+    scores: Tensor,
+    std: float,
+    *,
+    scale: str = "absolute",
+    allowed: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """NoDO score noise (HaNoRec eq. 9): ``z̃ = z + ε``, a new tensor (``scores`` untouched).
+
+    * ``absolute``: ``ε = σ·n``;
+    * ``relative``: ``ε_r = σ·s_r·n_r``, ``s_r`` = :func:`score_spread` of row ``r`` over its
+      allowed entries (detached, recomputed for every call, i.e. every batch): the noise is a
+      fixed fraction σ of how far apart the row's scores are, whatever their scale.
+
+    Exactly, ``n = torch.randn(scores.shape, generator=generator, device=scores.device,
+    dtype=scores.dtype)`` (row-major order, every entry drawn, allowed or not), so the
+    ``absolute`` draw is ``σ·torch.randn(...)`` as before this option existed. Gradients flow to
+    ``scores`` unchanged (``∂z̃/∂z = 1``); ``s`` takes none.
+
+    Args:
+        scores: ``[..., M]`` scores, e.g. ``[B, M]`` head scores or ``[n, V]`` logits.
+        std: σ ≥ 0 (0 returns ``scores`` itself, drawing nothing).
+        scale: one of :data:`NOISE_SCALES`.
+        allowed: for ``relative``, the mask of each row's choices (None: every entry).
+        generator: optional ``torch.Generator`` on the scores' device.
+
+    Returns:
+        Noisy scores, shaped and typed like ``scores``.
+    """
+    where = "score_noise"
+    _check(math.isfinite(std) and std >= 0, where, f"std must be finite and >= 0, got {std}")
+    _check(scale in NOISE_SCALES, where, f"scale must be in {NOISE_SCALES}, got {scale!r}")
+    if std == 0:
+        return scores
+    noise = torch.randn(scores.shape, generator=generator, device=scores.device,
+                        dtype=scores.dtype)
+    noise = noise.mul_(std)
+    if scale == "relative":
+        noise = noise.mul_(score_spread(scores, allowed)[..., None].to(noise.dtype))
+    return scores + noise
 
 
 def _lora_targets(model: nn.Module) -> list[nn.Module]:
