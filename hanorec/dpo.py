@@ -365,9 +365,10 @@ def main(argv: list[str] | None = None) -> Path:
                               accelerator, noise(at))
         return MicroStep(out.loss / cfg.gradient_accumulation_steps, out.metrics)
 
-    def validate() -> dict[str, float]:
-        return validation(model, reference_model, collators, val_rows, ref_val, lam_val, run,
-                          accelerator)
+    def validate() -> dict[str, float]:  # in the training precision
+        with accelerator.autocast():
+            return validation(model, reference_model, collators, val_rows, ref_val, lam_val,
+                              run, accelerator)
 
     def lambdas_once(at: int) -> dict[str, float]:  # joins step 1's log line (not on a resume)
         return {f"hars/lambda_{k}": v for k, v in lambda_spread.items()} if at == 0 else {}

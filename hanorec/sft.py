@@ -219,9 +219,10 @@ def main(argv: list[str] | None = None) -> Path:
         loss = nll * accelerator.num_processes / (global_units * cfg.gradient_accumulation_steps)
         return MicroStep(loss, {"train/loss": float(nll.detach())}, weight=int(units))
 
-    def validate() -> dict[str, float]:
-        return validation(training.unwrapped, collator, val_rows, rank_rows,
-                          cfg.per_device_batch_size, accelerator.device)
+    def validate() -> dict[str, float]:  # in the training precision (bf16: ~1.5x faster here)
+        with accelerator.autocast():
+            return validation(training.unwrapped, collator, val_rows, rank_rows,
+                              cfg.per_device_batch_size, accelerator.device)
 
     started = time.time()
     result = train_loop(training, step, validate=validate, desc="sft")
