@@ -68,6 +68,7 @@ from torch import nn
 from hanorec import config as recipe
 from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.config import DataConfig
+from hanorec.data.known import known_sequences
 from hanorec.data.prompt_config import PromptConfig
 from hanorec.hardness import hardness_item_embeddings, pair_lambdas, sft_item_embeddings
 from hanorec.losses import (
@@ -82,11 +83,13 @@ from hanorec.losses import (
 )
 from hanorec.models.config import ModelConfig
 from hanorec.models.lineage import export_model, load_policy_from_sft
+from hanorec.negatives import NegativeDraws
 from hanorec.preference import (
     DPOConfig,
     encode_pairs,
     hard_negative_data,
     load_preference_data,
+    model_negatives,
     precompute_reference,
     reference_context,
     responses_per_row,
@@ -95,6 +98,7 @@ from hanorec.preference import (
 )
 from hanorec.readout import answer_logps
 from hanorec.runtime import (
+    load_rows,
     make_collator,
     prepare_training,
     ranking_check,
@@ -245,9 +249,11 @@ def chosen_nll(policy: torch.Tensor, batch: ChoiceBatch, averaged: bool) -> torc
 @torch.no_grad()
 def validation(model: nn.Module, reference_model: Reference, collators: dict[str, PromptCollator],
                rows: list[dict], ref_table: torch.Tensor | None, lam_table: torch.Tensor,
-               run: DPORun, accelerator: Accelerator) -> dict[str, float]:
-    """Preference loss, accuracy and margin on validation pairs, without noise (and the HR@1 of
-    the ``candidates`` read-out when those pairs are trained)."""
+               run: DPORun, accelerator: Accelerator, *,
+               rank_rows: list[dict] | None = None) -> dict[str, float]:
+    """Preference loss, accuracy and margin on validation pairs, without noise, and the HR@1 of
+    the ``candidates`` read-out on ``rank_rows`` (default: the validation pairs' candidates
+    rows) when candidates pairs are trained."""
     model.eval()
     quiet = replace(run, dpo=replace(run.dpo, noise="none"))
     sums: dict[str, float] = {}
@@ -265,8 +271,8 @@ def validation(model: nn.Module, reference_model: Reference, collators: dict[str
         batches += 1
     out = {"eval/" + k.split("/")[-1]: v / max(batches, 1) for k, v in sums.items()}
     if "candidates" in collators:
-        out.update(ranking_check(accelerator.unwrap_model(model), collators["candidates"], rows,
-                                 run.dpo))
+        out.update(ranking_check(accelerator.unwrap_model(model), collators["candidates"],
+                                 rank_rows or rows, run.dpo))
     model.train()
     return out
 
@@ -302,6 +308,13 @@ def check_run(run: DPORun) -> None:
         raise ValueError(f"dpo.hardness_embedding: head reads the ranking head's item vectors, "
                          f"but prompt.answer is {run.prompt.answer!r}; use prompt.answer: head, "
                          "or hardness_embedding backbone (or collab with item tokens)")
+    drawn = model_negatives(run)
+    if drawn and run.prompt.answer != "head":
+        raise ValueError(f"data.negative_sampling: {drawn} draws negatives from the ranking head's "
+                         f"scores; it needs prompt.answer: head, not {run.prompt.answer!r}")
+    if drawn == "collab" and not run.prompt.item_tokens:
+        raise ValueError("data.negative_sampling: collab ranks with the collaborative "
+                         "recommender, which exists with prompt.item_tokens: true only")
     if run.dpo.hardness != "none" and kind == "collab" and not run.prompt.item_tokens:
         raise ValueError("dpo.hardness_embedding: collab reads the collaborative recommender's "
                          "item embeddings, which exist with prompt.item_tokens: true only; use "
@@ -321,7 +334,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Data and HaRS: item embeddings from the SFT model, Δ and λ for every pair.
     prepared, catalog = load_preference_data(run, accelerator)
-    hard = run.data.negative_sampling == "hard" and not cfg.preference_data
+    drawn = model_negatives(run)  # policy / collab / hard in the head's space: drawn below
+    hard = run.data.negative_sampling == "hard" and not cfg.preference_data and not drawn
     embeddings = None  # HaRS's (dpo.hardness_embedding)
     show = accelerator.is_main_process
     if len(catalog) and cfg.hardness != "none":
@@ -334,15 +348,31 @@ def main(argv: list[str] | None = None) -> Path:
         prepared = hard_negative_data(run, accelerator, out_dir, backbone)
     train_rows, val_rows, blind_counts = training_pairs(run, prepared)
     train_rows = training_views(model, train_rows, prepared, catalog)  # out of sample, as in SFT
+    collators = {p: make_collator(processor, catalog, p, run.prompt) for p in cfg.dpo_protocols}
+    negatives = None
+    if drawn:  # the K rejected items of every training row, from the model's top pool
+        known, _ = known_sequences(prepared, "validation")
+        negatives = NegativeDraws(drawn, collators[cfg.dpo_protocols[0]], known,
+                                  k=run.data.num_negatives, pool=cfg.negative_pool,
+                                  scope=cfg.negative_scope, seed=run.seed,
+                                  batch_size=2 * cfg.per_device_batch_size)
+        with accelerator.autocast():
+            train_rows = negatives.draw(model, train_rows, 0)
     responses_per_row(train_rows)  # every row has the same K
     pairwise = LOSSES[cfg.loss].pairwise
     tau = cfg.hardness_temperature
-    lam_train = pair_lambdas(embeddings, train_rows, catalog, top_k=cfg.top_k, pairwise=pairwise,
-                             temperature=tau)
+
+    def lambdas_of(rows: list[dict]) -> torch.Tensor:
+        return pair_lambdas(embeddings, rows, catalog, top_k=cfg.top_k, pairwise=pairwise,
+                            temperature=tau)
+
+    lam_train = lambdas_of(train_rows)
     lam_val = pair_lambdas(embeddings, val_rows, catalog, top_k=cfg.top_k, pairwise=pairwise,
                            temperature=tau)
     lambda_spread = spread(lam_train)  # static λ over the training pairs, logged once
-    collators = {p: make_collator(processor, catalog, p, run.prompt) for p in cfg.dpo_protocols}
+    rank_rows = ([] if not cfg.rank_examples or "candidates" not in collators else
+                 load_rows(prepared, ["candidates"], "validation",
+                           limit=max(cfg.rank_examples, 0), seed=run.seed))
 
     # Optimizer, reference (computed once with --reference precomputed).
     training = prepare_training(accelerator, model, cfg, len(train_rows), seed=run.seed,
@@ -368,13 +398,22 @@ def main(argv: list[str] | None = None) -> Path:
     def validate() -> dict[str, float]:  # in the training precision
         with accelerator.autocast():
             return validation(model, reference_model, collators, val_rows, ref_val, lam_val,
-                              run, accelerator)
+                              run, accelerator, rank_rows=rank_rows)
 
-    def lambdas_once(at: int) -> dict[str, float]:  # joins step 1's log line (not on a resume)
-        return {f"hars/lambda_{k}": v for k, v in lambda_spread.items()} if at == 0 else {}
+    def before_step(at: int) -> dict[str, float]:
+        """λ's spread on step 1's log line (not on a resume); redrawn negatives when due."""
+        nonlocal train_rows, lam_train
+        values = {f"hars/lambda_{k}": v for k, v in lambda_spread.items()} if at == 0 else {}
+        if negatives is not None and cfg.negative_refresh and at and at % cfg.negative_refresh == 0:
+            with accelerator.autocast():
+                train_rows = negatives.draw(training.unwrapped, train_rows,
+                                            at // cfg.negative_refresh)
+            lam_train = lambdas_of(train_rows)
+            values["negatives/refreshed"] = 1.0
+        return values
 
     desc = f"dpo ({cfg.loss}, hardness {cfg.hardness}, noise {cfg.noise})"
-    result = train_loop(training, step, validate=validate, before_step=lambdas_once, desc=desc)
+    result = train_loop(training, step, validate=validate, before_step=before_step, desc=desc)
 
     # Export: the adapter on top of its SFT parent, a summary.
     final, val = out_dir / "final", result.validation
@@ -388,6 +427,9 @@ def main(argv: list[str] | None = None) -> Path:
             "mixed_precision": cfg.mixed_precision,
             "hardness": cfg.hardness, "noise": cfg.noise, "reference": cfg.reference,
             "train_pairs": len(train_rows), "blind_negatives": blind_counts,
+            "negatives": {"sampling": run.data.negative_sampling, "drawn_by_model": bool(drawn),
+                          "pool": cfg.negative_pool, "scope": cfg.negative_scope,
+                          "refresh": cfg.negative_refresh, "k": run.data.num_negatives},
             "hars_lambda": {"embedding": cfg.hardness_embedding if embeddings is not None
                             else None, "temperature": tau, **lambda_spread},
             "seconds": round(time.time() - started, 1), "adapter": str(final)})

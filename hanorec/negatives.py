@@ -34,8 +34,8 @@ from torch import nn
 
 from hanorec.data.prompts import VIEW_FIELD
 
-__all__ = ["MODEL_STRATEGIES", "SCOPES", "allowed_mask", "draw_from_pool", "redraw_negatives",
-           "row_scores"]
+__all__ = ["MODEL_STRATEGIES", "SCOPES", "NegativeDraws", "allowed_mask", "draw_from_pool",
+           "redraw_negatives", "row_scores"]
 
 #: The ``negative_sampling`` strategies that need a model (the rest are drawn at data time).
 MODEL_STRATEGIES = ("policy", "collab", "hard")
@@ -169,3 +169,37 @@ def redraw_negatives(strategy: str, model: nn.Module, collator: Any,
 
 def _device(module: nn.Module) -> torch.device:
     return next(module.buffers()).device
+
+
+class NegativeDraws:
+    """The training rows' negatives drawn by a model, round after round (a refresh is a round).
+
+    Round ``r`` draws with a generator seeded by ``(seed, r)``, so an interrupted run that
+    resumes redraws the same items.
+
+    Args:
+        strategy: ``policy``, ``collab`` or ``hard`` (:data:`MODEL_STRATEGIES`).
+        collator: Renders the rows (its catalogue maps ids to indices).
+        known: ``{user_id: item indices}`` the user interacted with (never drawn).
+        k: Negatives per row.
+        pool: The top pool they are drawn from.
+        scope: ``candidates`` or ``catalogue``.
+        seed: The run's seed.
+        batch_size: Prompts per scoring forward.
+    """
+
+    def __init__(self, strategy: str, collator: Any, known: Mapping[str, Sequence[int]], *,
+                 k: int, pool: int, scope: str, seed: int, batch_size: int = 16) -> None:
+        if strategy not in MODEL_STRATEGIES:
+            raise ValueError(f"negative_sampling {strategy!r} is not drawn from a model")
+        self.strategy, self.collator, self.known = strategy, collator, known
+        self.k, self.pool, self.scope, self.seed = k, pool, scope, seed
+        self.batch_size = batch_size
+
+    def draw(self, model: nn.Module, rows: Sequence[Mapping[str, Any]],
+             round_: int) -> list[dict[str, Any]]:
+        """The rows with their rejected items redrawn by ``model`` (round ``round_``)."""
+        rng = np.random.default_rng([self.seed, round_, 7919])
+        return redraw_negatives(self.strategy, model, self.collator, rows, k=self.k,
+                                pool=self.pool, scope=self.scope, known=self.known, rng=rng,
+                                batch_size=self.batch_size)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from hanorec.collate import ChoiceBatch, PromptCollator
 from hanorec.data.blind import mix_blind_negatives
 from hanorec.data.catalog import Catalog
+from hanorec.data.config import MODEL_NEGATIVES
 from hanorec.data.prepare import prepare
 from hanorec.forward import MODES
 from hanorec.hardness import HARDNESS_EMBEDDINGS
@@ -103,6 +104,22 @@ class DPOConfig(TrainConfig):
     sft_weight: float = field(default=0.0, metadata={
         "help": "Weight of an NLL term on the chosen response added to the loss (RPO, Pang et "
                 "al. 2024)."})
+    negative_pool: int = field(default=20, metadata={
+        "help": "Model-drawn negatives (data negative_sampling policy, collab, or hard with the "
+                "head): each row's K rejected items are drawn uniformly from the model's top "
+                "this-many wrong items (RoDPO's dynamic top-k pool; = K: the top K "
+                "themselves)."})
+    negative_scope: Literal["candidates", "catalogue"] = field(default="candidates", metadata={
+        "help": "Where model-drawn negatives come from: the row's own candidate list, or the "
+                "whole catalogue outside the user's sequence (the row then chooses among the "
+                "catalogue: items SFT never contrasted)."})
+    negative_refresh: int = field(default=0, metadata={
+        "help": "Redraw the policy's negatives from the current policy every N steps (on-policy "
+                "self-play, SPRec; 0: once, from the starting model). Not with --reference "
+                "precomputed."})
+    rank_examples: int = field(default=0, metadata={
+        "help": "Validation `candidates` rows (users) of the periodic HR@1 check (0: those "
+                "among the eval_examples validation pairs; -1: all)."})
     forward_mode: Literal[MODES] = field(default="auto", metadata={  # type: ignore[valid-type]
         "help": "Shared-prompt forward: kv (KV-cache expansion), packed (block mask, for "
                 "gradient checkpointing), duplicate (the prompt once per response, as TRL "
@@ -131,6 +148,16 @@ class DPOConfig(TrainConfig):
             ("noise_scale", not (self.noise == "lora" and self.noise_scale == "relative"),
              "relative scales the logit noise (noise: logits); noise: lora perturbs the LoRA "
              "matrices, which have no scores to scale"),
+            ("negative_pool", self.negative_pool >= 1, f"must be >= 1, got {self.negative_pool}"),
+            ("negative_refresh", self.negative_refresh >= 0,
+             f"must be >= 0, got {self.negative_refresh}"),
+            ("negative_refresh", not (self.negative_refresh and self.reference == "precomputed"),
+             "redrawn negatives need a live reference (reference frozen or none): a precomputed "
+             "one scored the old negatives"),
+            ("rank_examples", self.rank_examples >= -1,
+             f"must be -1 (all), 0 or a count, got {self.rank_examples}"),
+            ("reference", self.loss != "sft" or self.reference == "none",
+             "loss sft (continued SFT, the control) uses no reference: set reference none"),
         ]
 
 
@@ -165,6 +192,18 @@ def hard_negative_data(run: Any, accelerator: Accelerator, out_dir: Path,
         prepare(hard_cfg, item_embeddings=embeddings.numpy())
     accelerator.wait_for_everyone()
     return hard_cfg.path(hard_cfg.output_dir)
+
+
+def model_negatives(run: Any) -> str | None:
+    """The ``negative_sampling`` strategy a model draws in this stage (:mod:`hanorec.negatives`):
+    ``policy``, ``collab``, or ``hard`` with the ranking head (nearest in its item-vector
+    space); None when the prepared pairs' negatives are used as they are."""
+    strategy = run.data.negative_sampling
+    if run.dpo.preference_data:
+        return None
+    if strategy in MODEL_NEGATIVES or (strategy == "hard" and run.prompt.answer == "head"):
+        return strategy
+    return None
 
 
 def training_pairs(run: Any, prepared: Path) -> tuple[list[dict], list[dict], dict | None]:

@@ -13,7 +13,10 @@ from hanorec.config import FieldError
 FORMATS = ("recbole", "ml-100k", "ml-1m", "amazon2023", "table")
 PROTOCOLS = ("hit1", "hit3", "candidates", "full")
 MISSING_IMAGE_POLICIES = ("error", "placeholder", "text-only")
-NEGATIVE_SAMPLING = ("random", "popular", "hard")
+NEGATIVE_SAMPLING = ("random", "popular", "hard", "policy", "collab")
+#: Strategies whose negatives a model draws in the preference stage (hanorec.negatives); the
+#: prepared pairs then hold random placeholders, and the prepared data is that of ``random``.
+MODEL_NEGATIVES = ("policy", "collab")
 LONG_TITLE_POLICIES = ("truncate", "error")
 LARGE_IMAGE_POLICIES = ("downscale", "error")
 #: Accepted ratings per format when ``rating_range`` is None: the formats' own scales
@@ -89,7 +92,13 @@ class DataConfig:
     negative_sampling: str = field(
         default="random",
         metadata={"help": f"How rejected items are drawn: {NEGATIVE_SAMPLING}. `popular` by "
-                          "training popularity; `hard` needs item embeddings (API only)."},
+                          "training popularity; `hard`: nearest the target (with prompt.answer "
+                          "head: by the ranking head's item vectors, the space the policy ranks "
+                          "with; else by the HaRS item embeddings); `policy`: the starting "
+                          "policy's own top-ranked wrong items (self-play, SPRec/RoDPO), "
+                          "`collab`: the collaborative recommender's, both drawn in the "
+                          "preference stage from a top pool (dpo.negative_pool, "
+                          "negative_scope, negative_refresh; hanorec.negatives)."},
     )
     split: str = field(
         default="leave-one-out",

@@ -11,6 +11,9 @@
   ``random`` (uniform), ``popular`` (drawn with ``p(v) ∝ popularity(v) + 1``) or ``hard``
   (the K nearest items to the target by cosine similarity outside the sequence).
 
+``policy`` and ``collab`` negatives are drawn by a model in the preference stage
+(:mod:`hanorec.negatives`); the prepared pairs hold ``random`` ones as placeholders.
+
 S-DPO (Chen et al., NeurIPS 2024) uses K = 3 random negatives; DPO uses K = 1.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from hanorec.data.config import MODEL_NEGATIVES
 from hanorec.data.protocols import ProtocolRows, SamplingContext
 
 
@@ -75,6 +79,8 @@ def rejected_items(rows: ProtocolRows, *, k: int, strategy: str, rng: np.random.
         popularity: Training popularity per item.
         item_embeddings: ``[num_items, d]`` array (or CPU tensor), needed by ``hard``.
     """
+    if strategy in MODEL_NEGATIVES:  # drawn by the preference stage; random placeholders here
+        strategy = "random"
     if strategy == "hard":
         if item_embeddings is None:
             raise ValueError("negative_sampling 'hard' needs item_embeddings [num_items, d]")

@@ -33,7 +33,7 @@ from hanorec.data.checks import (
     load_manifest,
     summary_lines,
 )
-from hanorec.data.config import DataConfig
+from hanorec.data.config import MODEL_NEGATIVES, DataConfig
 from hanorec.data.fetch import sha256_file
 from hanorec.data.images import (
     PLACEHOLDER_FILE,
@@ -89,8 +89,12 @@ def source_record(config: DataConfig) -> dict[str, Any]:
 
 
 def fingerprint(config: DataConfig, sources: dict[str, Any]) -> str:
-    """SHA-256 of the format version, the config and the source record."""
-    blob = json.dumps({"version": FORMAT_VERSION, "config": asdict(config), "sources": sources},
+    """SHA-256 of the format version, the config and the source record (model-drawn negative
+    strategies prepare exactly what ``random`` does, so they share its fingerprint)."""
+    settings = asdict(config)
+    if settings["negative_sampling"] in MODEL_NEGATIVES:
+        settings["negative_sampling"] = "random"
+    blob = json.dumps({"version": FORMAT_VERSION, "config": settings, "sources": sources},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -63,6 +63,14 @@ def _sdpo(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma:
     return -F.logsigmoid(-torch.logsumexp(beta * (rejected_r - chosen_r), dim=-1))
 
 
+def _sft(chosen_r: Tensor, rejected_r: Tensor, beta: Tensor, eps: float, gamma: float) -> Tensor:
+    """Continued SFT ``−log π(y_w | x)`` (reference-free: ``r`` is the log-prob): the control a
+    preference loss must beat on the same rows and steps. With a ranking head ``log π`` is a
+    log-softmax over the row's choices, so this is SFT's own loss; the rejected items and β play
+    no part."""
+    return -chosen_r[:, 0]
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """One preference loss of the registry.
@@ -96,6 +104,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
              reference_free=True, options=("simpo_gamma",)),
     LossSpec("sdpo", _sdpo, "softmax DPO over K negatives (S-DPO, Chen et al. 2024)",
              pairwise=False),
+    LossSpec("sft", _sft, "continued SFT, -log pi(chosen): the equal-compute control of every "
+             "preference loss (reference-free)", pairwise=False, reference_free=True),
 )}
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 PAIRWISE_LOSS_TYPES: tuple[str, ...] = tuple(n for n, spec in LOSSES.items() if spec.pairwise)
