@@ -221,6 +221,7 @@ def reference_tests(results: dict[str, Units], methods: Sequence[Method],
                     n_resamples: int) -> list[dict[str, Any]]:
     """The paired tests, one Holm family per reference, each pair once, trained − reference:
 
+    * against continued SFT (the equal-compute control): every preference method;
     * against DPO: every other preference method (DPO, S-DPO, SimPO, HaNoRec, BPO, ...);
     * against SFT: every model trained from or beside it (preference methods, RecPO, the SFT
       ablations) and most-popular;
@@ -230,7 +231,8 @@ def reference_tests(results: dict[str, Units], methods: Sequence[Method],
     """
     kinds = {m.name: m.kind for m in methods if not m.name.endswith(BLIND)}
     llm = {n for n, k in kinds.items() if k != "baseline"}
-    families = {"dpo": {n for n, k in kinds.items() if k in ("dpo", "bpo")},
+    preference = {n for n, k in kinds.items() if k in ("dpo", "bpo")} - {"continued-sft"}
+    families = {"continued-sft": preference, "dpo": preference,
                 "sft": (llm - {"sft"}) | {"popularity"}, "sasrec": llm}
     rows: list[dict[str, Any]] = []
     for ref, members in families.items():

@@ -54,14 +54,18 @@ class Method:
 
 
 # In run order: when the budget runs out, the later rows are the ones cut (cut methods, never
-# users). The HaNoRec paper's comparison (DPO vs dynamic + NoDO) and its reference-free claim
-# come first, then S-DPO, HaRS without NoDO and SimPO, then the SFT ablations (posters,
-# collaborative tokens), then the variants: static HaRS, NoDO on LoRA, IPO, cDPO, the precomputed
-# reference (the frozen reference's numbers in exact arithmetic, at less cost), BPO and RecPO.
+# users). Continued SFT — the preference stage's rows, steps and adapter with the SFT loss — is
+# the control every preference method must beat, so it runs first. The HaNoRec paper's
+# comparison (DPO vs dynamic + NoDO) and its reference-free claim come next, then S-DPO, HaRS
+# without NoDO and SimPO, then the SFT ablations (posters, collaborative tokens), then the
+# variants: static HaRS, NoDO on LoRA, IPO, cDPO, the precomputed reference (the frozen
+# reference's numbers in exact arithmetic, at less cost), BPO and RecPO.
 METHODS: tuple[Method, ...] = (
     Method("popularity", "Most popular", "baseline"),
     Method("sasrec", "SASRec", "baseline"),
     Method("sft", "SFT only", "sft", blind_eval=True),
+    Method("continued-sft", "continued SFT (the control)", "dpo",
+           ("--loss", "sft", "--hardness", "none", "--noise", "none", "--reference", "none")),
     Method("dpo", "DPO (sigmoid)", "dpo", ("--loss", "sigmoid", *PLAIN, *FROZEN)),
     Method("hanorec-nodo", "HaNoRec dynamic + NoDO (logits)", "dpo",
            (*HANOREC, "--noise", "logits", *FROZEN), blind_eval=True),

@@ -19,7 +19,8 @@ from benchmarks.quality_grid import Method
 
 TABLE_METRICS = ("candidates/HR@1", "candidates/NDCG@10", "candidates/MRR", "hit1/AUC",
                  "hit3/HR@3", "hit3/NDCG@3", "full/HR@10", "full/NDCG@10")
-REFERENCE_TITLES = {"dpo": "against DPO", "sft": "against SFT", "sasrec": "against SASRec"}
+REFERENCE_TITLES = {"continued-sft": "against continued SFT (the control)", "dpo": "against DPO",
+                    "sft": "against SFT", "sasrec": "against SASRec"}
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
