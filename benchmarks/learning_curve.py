@@ -20,8 +20,11 @@ precision is the machine's faster one, measured (``mixed_precision: auto``).
 ``crossfit``       5 user-fold recommenders: every training row (~97,000), out-of-sample
 ``rolling``        5 stacked tails of 5 items: the last 25 rows of each user (~21,000), each
                    from a recommender that trained on its history but not its target
-``crossfit-long``  + 50-item histories, titles and posters on the newest 10 only: the item
-                   tokens and the user token read what SASRec reads (its 50-item window)
+``rolling-long``   ``rolling`` + 50-item histories, titles and posters on the newest 10 only:
+                   the item tokens and the user token read what SASRec reads (its 50 items)
+``rolling-long-prior``  ``rolling-long`` with the recommender's own score added to the head's
+                   (``collab.head_prior``: the LM learns a correction of SASRec)
+``crossfit-long``  ``crossfit`` + 50-item histories
 ``long-notext``    ``crossfit-long`` with no titles and no posters: the collaborative channel alone
 ``titles``         head read-out, titles only (no collaborative token, no poster)
 ``index``          index read-out (labels A–T), collaborative + user tokens
@@ -67,6 +70,11 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "crossfit": ("cross-fitted by user, every row", (*HEAD, "--collab-fit", "crossfit")),
     "rolling": ("rolling tails, last 25 rows per user",
                 (*HEAD, "--collab-fit", "rolling", "--collab-holdout", "5")),
+    "rolling-long": ("rolling tails + 50-item history",
+                     (*HEAD, "--collab-fit", "rolling", "--collab-holdout", "5", *LONG)),
+    "rolling-long-prior": ("rolling + 50 items + the recommender's score in the head",
+                           (*HEAD, "--collab-fit", "rolling", "--collab-holdout", "5", *LONG,
+                            "--head-prior", "true")),
     "crossfit-long": ("cross-fitted + 50-item history",
                       (*HEAD, "--collab-fit", "crossfit", *LONG)),
     "long-notext": ("cross-fitted + 50 items, no titles or posters",

@@ -110,6 +110,11 @@ class CollabConfig(SASRecConfig):
     projector_hidden: int = field(default=0, metadata={
         "help": "Hidden width of the 2-layer MLP projectors that map recommender vectors to the "
                 "LM width (LLaRA's hybrid item representation); 0: the LM width."})
+    head_prior: bool = field(default=False, metadata={
+        "help": "The ranking head adds the recommender's own score of each item, w*<u, c_v> (u "
+                "its state at the user token, c_v the item's embedding, w learned from 1): the "
+                "language model learns a correction of SASRec rather than reproducing it "
+                "(residual stacking). Needs the user token."})
     head_similarity: str = field(default="dot", metadata={
         "help": "Ranking head score between the answer-position state h and an item vector v: "
                 "`dot` = <h, v>/sqrt(d), `cos` = cos(h, v)/head_tau (R2ec, arXiv 2505.16994)."})

@@ -75,7 +75,8 @@ def build_encoder(model: nn.Module, processor: Any, catalog: Catalog, style: Pro
         fit=collab.rows.fit if style.item_tokens else "insample",
         folds=collab.rows.folds if style.item_tokens else 0,
         fold_seed=collab.rows.fold_seed if style.item_tokens else 0,
-        holdout=collab.rows.holdout if style.item_tokens else 0)
+        holdout=collab.rows.holdout if style.item_tokens else 0,
+        prior=collab_cfg.head_prior and style.user_token)
     encoder = ItemEncoder(spec)
     encoder.set_features(
         collab=collab.item_embeddings if spec.collab_dim else None,

@@ -141,6 +141,8 @@ class EncoderSpec:
         fit: How the views were made (``hanorec.collab``'s ``collab_fit``); with ``folds``,
             ``fold_seed`` and ``holdout`` a later stage recomputes a training row's view
             (:func:`hanorec.collab.row_views_for`).
+        prior: The head adds the recommender's own score ``w·⟨u, c_v⟩`` (``w`` learned, 1 at
+            start): the language model learns a correction of SASRec (needs the user token).
     """
 
     hidden: int
@@ -158,8 +160,12 @@ class EncoderSpec:
     folds: int = 0
     fold_seed: int = 0
     holdout: int = 0
+    prior: bool = False
 
     def __post_init__(self) -> None:
+        if self.prior and not self.user:
+            raise ValueError("item encoder: the head prior scores with the user token's "
+                             "recommender state; it needs the user token")
         if self.views < 1 or self.num_items * self.views > (1 << 27):
             raise ValueError(f"item encoder: {self.views} views of {self.num_items} items do not "
                              "fit the virtual id space (2**27 ids per kind)")
@@ -196,6 +202,7 @@ class ItemEncoder(nn.Module):
         for head in (self.head_text, self.head_image):
             if head is not None:
                 nn.init.zeros_(head.weight)
+        self.prior_scale = nn.Parameter(torch.ones(())) if spec.prior else None
         self.sasrec: nn.ModuleList | None = None
         if spec.user:
             if spec.sasrec is None or not spec.collab_dim:
@@ -326,16 +333,30 @@ class ItemEncoder(nn.Module):
         return out
 
     def _user_vectors(self, input_ids: Tensor, users: Tensor) -> Tensor:
-        """Projected recommender states at the user-token positions (row-major), each from its
-        view's recommender over the history item tokens before it."""
+        """Projected recommender states at the user-token positions (row-major)."""
         assert self.user_proj is not None
+        states = self._recommender_states(input_ids, users)
+        return self.user_proj(states.to(self.user_proj[1].weight.dtype))
+
+    def _recommender_states(self, input_ids: Tensor, users: Tensor) -> Tensor:
+        """``[U, d]`` recommender states at the user-token positions (row-major), each from its
+        view's recommender over the history item tokens before it."""
         histories = _histories_before(input_ids, users, self.spec.num_items)
         views = (input_ids[users] - USER_ID).tolist()
         states = torch.empty(len(views), self.spec.collab_dim, device=input_ids.device)
         for view in sorted(set(views)):
             where = [n for n, v in enumerate(views) if v == view]
             states[where] = self.user_states([histories[n] for n in where], view).to(states)
-        return self.user_proj(states.to(self.user_proj[1].weight.dtype))
+        return states
+
+    def prior_states(self, input_ids: Tensor) -> Tensor:
+        """``[B, d]`` each row's recommender state at its (last) user token: what the head prior
+        scores items with (:mod:`hanorec.readout`)."""
+        users = input_ids >= USER_ID
+        last = users & (users.long().cumsum(-1) == users.long().sum(-1, keepdim=True))
+        if not bool((last.sum(-1) == 1).all()):
+            raise ValueError("item_tokens: the head prior needs one user token in every row")
+        return self._recommender_states(input_ids, last)
 
     def _project(self, name: str, table: Tensor | None, index: Tensor,
                  dtype: torch.dtype) -> Tensor:

@@ -78,6 +78,18 @@ def final_states(model: nn.Module, batch: Mapping[str, Any], *,
     return hidden[rows, last_positions(batch["attention_mask"]).to(hidden.device)].float()
 
 
+def answer_states(model: nn.Module, batch: Mapping[str, Any], *,
+                  share_prefix: bool = False) -> Tensor:
+    """What the ranking head scores from: the final state at the answer position ``[B, H]``
+    (:func:`final_states`), followed by the recommender's own state at the user token
+    ``[B, d]`` when the encoder has a head prior (``[B, H + d]``)."""
+    states = final_states(model, batch, share_prefix=share_prefix)
+    encoder = attached_encoder(model)
+    if encoder is None or not encoder.spec.prior:
+        return states
+    return torch.cat([states, encoder.prior_states(batch["input_ids"]).to(states)], dim=-1)
+
+
 def shared_prefix_length(model: nn.Module, batch: Mapping[str, Any], minimum: int = 4) -> int:
     """Leading tokens that every row of a right-padded, text-only batch shares (0: don't share).
 
@@ -209,26 +221,33 @@ def head_scores(model: nn.Module, batch: Mapping[str, Any],
     """Raw head scores ``[B, M]`` of the scored columns, the columns and the allowed mask."""
     encoder = require_encoder(model)
     views = row_views(batch["input_ids"], encoder.spec.num_items)
-    return score_states(encoder, final_states(model, batch), choices, views)
+    return score_states(encoder, answer_states(model, batch), choices, views)
 
 
 def score_states(encoder: ItemEncoder, states: Tensor, choices: Sequence[Sequence[int] | None],
                  views: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Head scores of answer-position ``states`` ``[B, H]`` (see :func:`choice_columns`).
+    """Head scores of answer states (:func:`answer_states`) (see :func:`choice_columns`).
 
     ``views`` ``[B]`` name the recommender each row's item vectors come from (None: view 0,
-    the full model; :mod:`hanorec.item_tokens`).
+    the full model; :mod:`hanorec.item_tokens`). With a head prior the row's recommender score
+    ``w·⟨u, c_v⟩`` (its state ``u``, the last ``d`` columns of ``states``; ``c_v`` the item's
+    embedding in its view) is added: ``s_v = sim(h, e_v) + w·⟨u, c_v⟩``.
     """
     columns, allowed = choice_columns(choices, encoder.spec.num_items, states.device)
     spec = encoder.spec
-    if views is None or not bool(views.any()):
-        vectors = encoder.item_vectors(columns).float()
-        return similarity(states, vectors, spec.similarity, spec.tau), columns, allowed
+    prior = states[:, spec.hidden:] if spec.prior else None
+    states = states[:, :spec.hidden]
+    if views is None:
+        views = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
     scores = states.new_empty(states.shape[0], spec.num_items if columns is None else len(columns))
     for view in views.unique().tolist():
         rows = (views == view).nonzero().squeeze(-1).to(states.device)
         vectors = encoder.item_vectors(columns, view).float()
-        scores[rows] = similarity(states[rows], vectors, spec.similarity, spec.tau).to(scores)
+        part = similarity(states[rows], vectors, spec.similarity, spec.tau)
+        if prior is not None:
+            table = encoder.collab[view] if columns is None else encoder.collab[view][columns]
+            part = part + encoder.prior_scale * (prior[rows] @ table.float().T)
+        scores[rows] = part.to(scores)
     return scores, columns, allowed
 
 

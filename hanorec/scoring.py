@@ -46,7 +46,7 @@ from hanorec.forward import score_candidates
 from hanorec.hardware import warn_if_emulated_bf16
 from hanorec.losses import IGNORE_INDEX, sequence_logps
 from hanorec.metrics import target_ranks
-from hanorec.readout import final_states, require_encoder, score_states
+from hanorec.readout import answer_states, final_states, require_encoder, score_states
 
 Row = Mapping[str, Any]
 YES_NO = ANSWERS  # the two hit1 responses, in the order the log-odds subtract them
@@ -165,7 +165,7 @@ def head_states(model: nn.Module, collator: PromptCollator, rows: Sequence[Row],
         rows_features = [features.get(key) or collator.encode_prompt_row(first[key]).features
                          for key in chunk]
         batch = _to(collator.collate_features(rows_features, "right"), device)
-        for key, state in zip(chunk, final_states(model, batch, share_prefix=True).cpu()):
+        for key, state in zip(chunk, answer_states(model, batch, share_prefix=True).cpu()):
             cache[key] = state
     return torch.stack([cache[_state_key(row)] for row in rows])
 

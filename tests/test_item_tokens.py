@@ -36,13 +36,14 @@ SASREC = {"sasrec_hidden_size": 8, "sasrec_num_blocks": 1, "sasrec_num_heads": 1
           "sasrec_dropout": 0.0}
 
 
-def encoder(hidden: int, *, image: bool = False, seed: int = 0, views: int = 1) -> ItemEncoder:
+def encoder(hidden: int, *, image: bool = False, seed: int = 0, views: int = 1,
+            prior: bool = False) -> ItemEncoder:
     """An encoder with random collaborative features and random recommenders (one per view),
     user token on."""
     torch.manual_seed(seed)
     spec = EncoderSpec(hidden=hidden, num_items=NUM_ITEMS, collab_dim=8, text=True, image=image,
                        user=True,
-                       projector_hidden=16, sasrec=SASREC, views=views)
+                       projector_hidden=16, sasrec=SASREC, views=views, prior=prior)
     recommenders = [SASRecModel(NUM_ITEMS, SASRecConfig(**SASREC)) for _ in range(views)]
     enc = ItemEncoder(spec).set_features(collab=torch.randn(views, NUM_ITEMS, 8),
                                          text=torch.randn(NUM_ITEMS, hidden),
@@ -182,6 +183,44 @@ def test_each_row_reads_its_own_view():
     with pytest.raises(ValueError, match="out of range"):
         enc(torch.tensor([[virtual_id("item", 1, view=2, num_items=NUM_ITEMS)]]),
             torch.zeros(1, 1, 16))
+
+
+def test_head_prior_adds_the_recommenders_own_score():
+    """With the head prior, a row's head score of item v is sim(h, e_v) + w·⟨u, c_v⟩: h the
+    answer state, u its view's SASRec state over the row's history (an independent forward), c_v
+    the item's embedding in that view, w the learned scale (1 at start, here set to 2.5); rows
+    of view 0 and view 1 each use their own recommender; with w = 0 the plain head's scores."""
+    from hanorec.readout import answer_states, score_states, similarity
+
+    model = build("llava")
+    hidden = model.config.text_config.hidden_size
+    enc = attach_item_encoder(model, encoder(hidden, views=2, prior=True))
+    history = [3, 7, 1]
+    ids = torch.tensor([[11] + [virtual_id("item", i, view=view, num_items=NUM_ITEMS)
+                                for i in history] + [12, virtual_id("user", view=view)]
+                        for view in (0, 1)])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        enc.prior_scale.fill_(2.5)
+        states = answer_states(model, batch)
+        assert states.shape == (2, hidden + 8)
+        views = torch.tensor([0, 1])
+        scores, columns, _ = score_states(enc, states, [[0, 4, 9], [2, 4, 5]], views)
+        for row, view in enumerate((0, 1)):
+            u = reference_state(enc, history, view)[0]
+            assert torch.allclose(states[row, hidden:], u, atol=1e-5)
+            vectors = enc.item_vectors(columns, view)
+            expected = (similarity(states[row:row + 1, :hidden], vectors, "dot")[0]
+                        + 2.5 * enc.collab[view][columns] @ u)
+            assert torch.allclose(scores[row], expected, atol=1e-4)
+        enc.prior_scale.fill_(0.0)  # w = 0: the plain head's scores
+        base, _, _ = score_states(enc, states, [[0, 4, 9], [2, 4, 5]], views)
+        for row, view in enumerate((0, 1)):
+            plain = similarity(states[row:row + 1, :hidden], enc.item_vectors(columns, view), "dot")
+            assert torch.allclose(base[row], plain[0], atol=1e-5)
+        assert not torch.allclose(base, scores)
+    with pytest.raises(ValueError, match="needs the user token"):
+        EncoderSpec(hidden=8, num_items=4, collab_dim=2, prior=True)
 
 
 def test_recommender_stays_frozen_and_in_eval_mode():
