@@ -282,3 +282,20 @@ def test_recpo_and_index_answers_with_item_tokens(planted_recipe, tmp_path):
                       str(tmp_path / "b")])
     counts = json.loads((blind / "manifest.json").read_text())["counts"]
     assert counts["rows"] == 6 and counts["item"] + counts["chosen"] + counts["text"] == 6
+
+
+def test_head_prior_trains_saves_and_evaluates(planted_recipe):
+    """SFT with the head prior (rolling features, 3 blocks of 2): the prior's scale w trains
+    away from its start of 1, travels in the exported encoder, and the evaluation (its
+    recommender scores added from view 0) beats chance on the candidates."""
+    recipe = planted_recipe(sft={"max_steps": 30},
+                            collab={"collab_fit": "rolling", "collab_folds": 3,
+                                    "collab_holdout": 2, "head_prior": True},
+                            eval={"eval_protocols": ["candidates"]})
+    final = sft.main(["--config", str(recipe)])
+    weights = load_file(str(final / WEIGHTS_FILE))
+    assert json.loads((final / SPEC_FILE).read_text())["prior"] is True
+    assert float(weights["prior_scale"]) != 1.0
+    out = evaluate.main(["--config", str(recipe)])
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    assert metrics["candidates/HR@1"]["mean"] > 0.4  # chance 1/6
