@@ -54,8 +54,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+
+def prepared_for(k: int) -> tuple[str, ...]:
+    """Pairs with ``k`` negatives in their own prepared folder (``candidates`` and ``full`` only:
+    ``hit3``'s 5 candidates cap K at 4), so that no setting re-prepares — and invalidates — the
+    recipe's folder, whose fingerprint the SFT model's recommender cache follows."""
+    return ("--num-negatives", str(k), "--protocols", "candidates,full",
+            "--output-dir", f"{{cache}}/prepared/preference-sweep-k{k}")
+
+
 #: The baseline preference stage every lever changes one thing of.
-BASE = ("--loss", "sigmoid", "--beta", "0.1", "--learning-rate", "1e-4", "--num-negatives", "1",
+BASE = ("--loss", "sigmoid", "--beta", "0.1", "--learning-rate", "1e-4", *prepared_for(1),
         "--negative-sampling", "random", "--hardness", "none", "--noise", "none",
         "--reference", "frozen", "--sft-weight", "0")
 CATALOGUE = ("--negative-scope", "catalogue", "--negative-pool", "20")
@@ -71,8 +81,8 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "neg-policy-fresh": ("negatives: policy's top, redrawn every 60 steps",
                          ("--negative-sampling", "policy", *CATALOGUE,
                           "--negative-refresh", "60")),
-    "k3": ("S-DPO, K = 3", ("--loss", "sdpo", "--num-negatives", "3")),
-    "k7": ("S-DPO, K = 7", ("--loss", "sdpo", "--num-negatives", "7")),
+    "k3": ("S-DPO, K = 3", ("--loss", "sdpo", *prepared_for(3))),
+    "k7": ("S-DPO, K = 7", ("--loss", "sdpo", *prepared_for(7))),
     "beta-0.5": ("β 0.5", ("--beta", "0.5")),
     "beta-1": ("β 1", ("--beta", "1.0")),
     "beta-2": ("β 2", ("--beta", "2.0")),
@@ -81,13 +91,10 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def run_setting(name: str, flags: tuple[str, ...], args: argparse.Namespace) -> Path:
-    """One preference run (skipped when finished, resumed when interrupted); its folder."""
+def setting_command(name: str, args: argparse.Namespace) -> list[str]:
+    """The ``hanorec.dpo`` command line of one setting."""
     folder = Path(args.run_root) / name
-    if (folder / "dpo" / "summary.json").is_file():
-        print(f"{name}: reusing {folder}", flush=True)
-        return folder
-    command = [sys.executable, "-m", "hanorec.dpo", "--config", args.config,
+    return [sys.executable, "-m", "hanorec.dpo", "--config", args.config,
                "--run-dir", str(folder), "--sft-checkpoint", args.sft_checkpoint,
                "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
                "--eval-on-start", "true", "--rank-examples", "-1",
@@ -96,7 +103,16 @@ def run_setting(name: str, flags: tuple[str, ...], args: argparse.Namespace) -> 
                "--load-best-model-at-end", "true", "--save-every", str(args.eval_every),
                "--keep-checkpoints", "1", "--mixed-precision", "auto",
                "--max-train-pairs", str(args.pairs), "--resume", "true", "--seed", "0",
-               *BASE, *flags, *args.extra]
+               *BASE, *SETTINGS[name][1], *args.extra]
+
+
+def run_setting(name: str, args: argparse.Namespace) -> Path:
+    """One preference run (skipped when finished, resumed when interrupted); its folder."""
+    folder = Path(args.run_root) / name
+    if (folder / "dpo" / "summary.json").is_file():
+        print(f"{name}: reusing {folder}", flush=True)
+        return folder
+    command = setting_command(name, args)
     print(f"{name}: {' '.join(command[3:])}", flush=True)
     env = dict(os.environ)
     if args.threads:
@@ -201,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             run.dpo.gradient_accumulation_steps)
     out = Path(args.run_root)
     out.mkdir(parents=True, exist_ok=True)
-    results = {name: curve(run_setting(name, SETTINGS[name][1], args)) for name in names}
+    results = {name: curve(run_setting(name, args)) for name in names}
     write_outputs(results, out, describe_machine())
     if args.publish:
         for suffix in ("md", "png", "json"):
