@@ -160,6 +160,8 @@ def _reference_losses(c, r, rc, rr, beta, kind, eps=0.0, gamma=0.0):
             out.append(max(0.0, 1 - b * h))
         elif kind == "simpo":
             out.append(-_logsig(b * h - gamma))
+        elif kind == "sft":
+            out.append(-c[i])
         else:
             out.append(-_logsig(-math.log(sum(math.exp(b * (x - rw)) for x in rl))))
     return out
@@ -175,10 +177,10 @@ def _random_logps(batch: int, k: int, seed: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", L.LOSS_TYPES)
 def test_preference_loss_matches_reference_loop(kind) -> None:
-    """Each loss type equals the per-sample math loop (with references unless SimPO)."""
+    """Each loss type equals the per-sample math loop (with references unless reference-free)."""
     k = 3 if kind == "sdpo" else 1
     c, r, rc, rr = _random_logps(5, k, seed=1)
-    refs = (None, None) if kind == "simpo" else (rc, rr)
+    refs = (None, None) if L.LOSSES[kind].reference_free else (rc, rr)
     out = L.preference_loss(
         c, r, *refs, beta=0.7, loss_type=kind, simpo_gamma=0.3 if kind == "simpo" else 0.0
     )
@@ -202,6 +204,7 @@ def test_preference_loss_hand_values() -> None:
     * ipo, β=0.5, h=3: (3 − 1/(2·0.5))² = 4.   * hinge, h=0.5: relu(1 − 0.5) = 0.5.
     * simpo, avg_w=−1, avg_l=−2, β=2, γ=1: −log σ(2·1 − 1) = log(1 + e^{−1}).
     * sdpo, r_w=0, r_k = log ½ twice: −log σ(−log(½ + ½)) = −log σ(0) = log 2.
+    * sft, log π(y_w) = log ¼, any rejected: −log ¼ = log 4.
     """
     half = math.log(0.5)
     assert L.preference_loss(_vec(0.0), _vec(half), beta=1.0).loss.item() == pytest.approx(
@@ -223,6 +226,8 @@ def test_preference_loss_hand_values() -> None:
         _vec(0.0), torch.tensor([[half, half]], dtype=DT), beta=1.0, loss_type="sdpo"
     )
     assert sdpo.loss.item() == pytest.approx(math.log(2))
+    sft = L.preference_loss(_vec(math.log(0.25)), _vec(3.0), beta=0.1, loss_type="sft")
+    assert sft.loss.item() == pytest.approx(math.log(4))
 
 
 def test_rewards_margins_accuracies_by_hand() -> None:
@@ -251,7 +256,7 @@ def test_preference_loss_gradcheck(kind) -> None:
     c, r, rc, rr = (x.requires_grad_() for x in _random_logps(4, k, seed=2))
     if kind == "hinge":  # keep away from the kink at βh = 1
         assert bool(((0.7 * ((c - rc) - (r - rr)[:, 0]) - 1).abs() > 1e-3).all())
-    refs = () if kind == "simpo" else (rc, rr)
+    refs = () if L.LOSSES[kind].reference_free else (rc, rr)
     gamma = 0.2 if kind == "simpo" else 0.0
 
     def fn(*logps: torch.Tensor) -> torch.Tensor:
@@ -277,7 +282,7 @@ def test_per_sample_beta_equals_loop_of_scalar_beta(kind) -> None:
     """β as a [B] tensor gives, row by row, the loss computed with that row's scalar β."""
     k = 2 if kind == "sdpo" else 1
     c, r, rc, rr = _random_logps(4, k, seed=4)
-    refs = (None, None) if kind == "simpo" else (rc, rr)
+    refs = (None, None) if L.LOSSES[kind].reference_free else (rc, rr)
     betas = torch.tensor([0.05, 0.1, 0.5, 2.0], dtype=DT)
     got = L.preference_loss(c, r, *refs, beta=betas, loss_type=kind)
     for i in range(4):
@@ -305,7 +310,7 @@ def test_beta_tensor_is_a_constant() -> None:
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_extreme_logps_stay_finite(kind, sign) -> None:
     """Log-probs of ±1e4 give finite losses and finite gradients (log σ and logsumexp are
-    stable)."""
+    stable). Continued SFT ignores the rejected log-probs, so they get no gradient at all."""
     k = 2 if kind == "sdpo" else 1
     c = torch.full((2,), sign * 1e4, requires_grad=True)
     r = torch.full((2, k), -sign * 1e4, requires_grad=True)
@@ -314,7 +319,7 @@ def test_extreme_logps_stay_finite(kind, sign) -> None:
     assert (
         torch.isfinite(out.losses).all()
         and torch.isfinite(c.grad).all()
-        and torch.isfinite(r.grad).all()
+        and (r.grad is None if kind == "sft" else torch.isfinite(r.grad).all())
     )
 
 
