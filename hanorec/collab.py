@@ -16,7 +16,7 @@ user's, and rows with such in-sample states teach the LLM to trust the user toke
 should. Three ways (each recommender is one *view*, the virtual token ids of a row name its
 view, :mod:`hanorec.item_tokens`):
 
-* ``crossfit`` (the default; stacking's standard answer, group K-fold by user). Users are
+* ``crossfit`` (stacking's standard answer, group K-fold by user). Users are
   split into ``collab_folds`` = K folds by a seeded hash of their id
   (:mod:`hanorec.data.folds`). Fold model ``k`` (view ``k + 1``) trains on the training
   sequences of every user *outside* fold ``k``; the training rows of a user in fold ``k`` take
@@ -34,10 +34,14 @@ view, :mod:`hanorec.item_tokens`):
   the history before the block, never on the target or anything after it — the situation of a
   test row (history trained, target and future not), for the last ``K·T`` rows of each user.
   The full model (view 0) serves validation and test rows.
-* ``tail``: one model on each training sequence minus its last ``collab_holdout`` = T items;
-  :meth:`CollabFeatures.training_rows` keeps the training rows whose target is one of them
-  (out of sample on the target, in sample on the history, exactly like a test row — but only T
-  rows per user).
+* ``tail`` (the default): one model on each training sequence minus its last
+  ``collab_holdout`` = T items; :meth:`CollabFeatures.training_rows` keeps the training rows
+  whose target is one of them (out of sample on the target, in sample on the history, exactly
+  like a test row — but only T rows per user). Measured on ML-100K's learning curve it beats
+  ``crossfit`` (validation HR@1 0.536 against 0.486 after 8,000–9,600 examples): a fold model
+  has never seen its held-out users at all, so their user states are much weaker than those a
+  test user gets from the full model, and an hour of CPU sees fewer examples than ``tail``
+  offers anyway.
 * ``insample``: one model on everything, every row, in-sample features (the leaky ablation).
 
 **Model selection.** A model trained on users' whole training sequences (the full model,
@@ -87,14 +91,15 @@ class CollabConfig(SASRecConfig):
     """The ``collab:`` section: the recommender behind the collaborative item tokens and the
     ranking head (the ``sasrec_*`` fields are SASRec's, Kang & McAuley 2018)."""
 
-    collab_fit: str = field(default="crossfit", metadata={
+    collab_fit: str = field(default="tail", metadata={
         "help": "How training rows get out-of-sample recommender features: `crossfit` = K "
                 "models, each trained without one fold of users, give those users' rows their "
                 "features (stacking's group K-fold; every training row usable), `rolling` = K "
                 "models without each user's last T, 2T, ..., KT items give the rows of each "
                 "block theirs (forward chaining; the last K*T rows per user), `tail` = one "
                 "model without each user's last collab_holdout training items, SFT on those "
-                "rows only, `insample` = one model on everything (leaky ablation)."})
+                "rows only (the default: it measured best on the learning curve), `insample` = "
+                "one model on everything (leaky ablation)."})
     collab_folds: int = field(default=5, metadata={
         "help": "K: the user folds of `crossfit`, the blocks of `rolling` (K + 1 recommender "
                 "trainings)."})
