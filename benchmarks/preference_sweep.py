@@ -33,7 +33,11 @@ The levers (:data:`SETTINGS`; ``--settings all`` runs every one):
 =====================  ====================================================================
 
 A finished run (``dpo/summary.json``) is reused and an interrupted one resumes (``--resume
-true``), so the sweep can run in the background across sessions. Output:
+true``), so the sweep can run in the background across sessions. Each finished setting's small
+outputs (``summary.json``, ``metrics.jsonl`` and ``identity.json``: its command and the SHA-256
+of the SFT adapter it started from) are also kept under ``benchmarks/results/preference-sweep/``
+(``--store``), which is committed: a later session on a fresh machine reuses a stored setting
+when its command and starting adapter are the same, and reruns it when either changed. Output:
 ``<run-root>/preference_sweep.{md,json,png}`` (validation HR@1 over steps per setting, the best
 step and its gain over continued SFT at the same step count), copied to ``benchmarks/results/``
 with ``--publish``.
@@ -106,11 +110,52 @@ def setting_command(name: str, args: argparse.Namespace) -> list[str]:
                *BASE, *SETTINGS[name][1], *args.extra]
 
 
+STORED = ("summary.json", "metrics.jsonl")
+
+
+def identity(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What a stored result must match to be reused: the setting's command (without the
+    interpreter and run folder) and the digest of the starting adapter's weights."""
+    import hashlib
+
+    command = setting_command(name, args)[3:]
+    at = command.index("--run-dir")
+    weights = Path(args.sft_checkpoint) / "adapter_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"command": command[:at] + command[at + 2:], "sft_adapter_sha256": digest}
+
+
+def store(name: str, folder: Path, args: argparse.Namespace) -> None:
+    """Keep a finished setting's small outputs in the repository's results folder."""
+    kept = Path(args.store) / name
+    kept.mkdir(parents=True, exist_ok=True)
+    for file in STORED:
+        shutil.copy(folder / "dpo" / file, kept / file)
+    (kept / "identity.json").write_text(json.dumps(identity(name, args), indent=1) + "\n")
+
+
+def restore(name: str, folder: Path, args: argparse.Namespace) -> bool:
+    """Bring a stored result of the same command and starting adapter into ``folder``."""
+    kept = Path(args.store) / name
+    if not (kept / "identity.json").is_file():
+        return False
+    if json.loads((kept / "identity.json").read_text()) != identity(name, args):
+        print(f"{name}: stored result in {kept} is for another command or adapter: rerunning")
+        return False
+    (folder / "dpo").mkdir(parents=True, exist_ok=True)
+    for file in STORED:
+        shutil.copy(kept / file, folder / "dpo" / file)
+    return True
+
+
 def run_setting(name: str, args: argparse.Namespace) -> Path:
-    """One preference run (skipped when finished, resumed when interrupted); its folder."""
+    """One preference run (skipped when finished or stored, resumed when interrupted); its
+    folder."""
     folder = Path(args.run_root) / name
-    if (folder / "dpo" / "summary.json").is_file():
+    if (folder / "dpo" / "summary.json").is_file() or restore(name, folder, args):
         print(f"{name}: reusing {folder}", flush=True)
+        if not (Path(args.store) / name / "identity.json").is_file():
+            store(name, folder, args)
         return folder
     command = setting_command(name, args)
     print(f"{name}: {' '.join(command[3:])}", flush=True)
@@ -120,6 +165,7 @@ def run_setting(name: str, args: argparse.Namespace) -> Path:
     started = time.time()
     subprocess.run(command, check=True, cwd=ROOT, env=env)
     print(f"{name}: {time.time() - started:.0f} s", flush=True)
+    store(name, folder, args)
     return folder
 
 
@@ -197,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (OMP_NUM_THREADS; 0: torch's default).")
     parser.add_argument("--run-root", default="runs/preference-sweep")
+    parser.add_argument("--store", default=str(ROOT / "benchmarks" / "results"
+                                               / "preference-sweep"),
+                        help="Where finished settings' small outputs are kept and reused from "
+                             "(committed, so the sweep resumes on a fresh machine).")
     parser.add_argument("--publish", action="store_true",
                         help="Copy the table, plot and numbers to benchmarks/results/.")
     parser.add_argument("extra", nargs="*", help="More hanorec.dpo flags (after --).")

@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +53,35 @@ def test_every_setting_parses_and_changes_its_lever(tmp_path):
     assert runs["beta-1"].dpo.beta == 1.0 != base.dpo.beta
     assert runs["rpo"].dpo.sft_weight == 1.0 != base.dpo.sft_weight
     assert runs["lr-5e-4"].dpo.learning_rate == 5e-4 != base.dpo.learning_rate
+
+
+def test_stored_setting_is_reused_only_for_its_command_and_adapter(tmp_path, monkeypatch):
+    """A finished setting is kept in the store; a fresh run folder takes it back when the command
+    and the starting adapter's bytes are the same, and reruns it (here: the subprocess is
+    refused) when the adapter changed."""
+    sweep = load_driver()
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights v1")
+    args = argparse.Namespace(config=str(ROOT / "configs" / "ml100k-smollm2.yaml"),
+                              run_root=str(tmp_path / "runs"), sft_checkpoint=str(adapter),
+                              steps=4, eval_every=2, eval_pairs=8, pairs=32, extra=[],
+                              threads=0, store=str(tmp_path / "store"))
+    finished = tmp_path / "runs" / "dpo" / "dpo"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text('{"steps": 4}')
+    (finished / "metrics.jsonl").write_text('{"step": 2, "eval/candidates_hr1": 0.5}\n')
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: ran.append(a))
+    sweep.run_setting("dpo", args)  # finished in the run folder: stored, nothing run
+    assert ran == [] and (tmp_path / "store" / "dpo" / "metrics.jsonl").is_file()
+
+    args.run_root = str(tmp_path / "fresh-machine")
+    folder = sweep.run_setting("dpo", args)
+    assert ran == [] and (folder / "dpo" / "summary.json").read_text() == '{"steps": 4}'
+
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights v2")
+    args.run_root = str(tmp_path / "another-machine")
+    with pytest.raises(FileNotFoundError):  # the refused subprocess left no outputs to store
+        sweep.run_setting("dpo", args)
+    assert len(ran) == 1
