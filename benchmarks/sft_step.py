@@ -2,6 +2,7 @@
 
     python benchmarks/sft_step.py [--config configs/ml100k-smollm2.yaml] [--batch 8] [--steps 3]
         [--threads 2] [--variants recipe,full-titles,...] [--precision fp32|bf16|auto]
+        [--out benchmarks/results/sft_step.md]
 
 One SFT step (collate, forward, backward) of the recipe's backbone on real ML-100K rows, per
 *variant* of the prompt and model settings, each measured after a warm-up step as the median of
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
                         help="fp32, bf16 autocast, or auto: bf16 where it measures faster here")
+    parser.add_argument("--out", default="",
+                        help="Also write the heading and table to this Markdown file.")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -336,22 +339,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {results[name]['step']:.3f} s/example, "
               f"{results[name]['GFLOP/s achieved']:.1f} GFLOP/s", flush=True)
     square = matmul_rate(2048, 2048, 2048, precision)
-    print(f"\nSFT step, seconds per example (median of {args.steps} steps of {args.batch} "
-          "unless the variant sets the batch, "
-          f"after a warm-up); {precision} ({why}); matmul rate {square:.1f} GFLOP/s "
-          f"({precision} 2048², measured in this run); "
-          f"{torch.get_num_threads()} threads; {describe_machine()}\n")
-    print_table(results, square)
+    heading = (f"SFT step of `{args.config}`, seconds per example (median of {args.steps} steps "
+               f"of {args.batch} unless the variant sets the batch, after a warm-up; all "
+               f"variants in one process); {precision} ({why}); matmul rate {square:.1f} "
+               f"GFLOP/s ({precision} 2048², measured in this run); "
+               f"{torch.get_num_threads()} threads; {describe_machine()}")
+    table = markdown_table(results, square)
+    print(f"\n{heading}\n\n{table}")
+    if args.out:
+        Path(args.out).write_text(f"# Where an SFT step's time goes (`python "
+                                  f"benchmarks/sft_step.py`)\n\n{heading}\n\n{table}\n")
 
 
-def print_table(results: dict[str, dict[str, float]], square: float) -> None:
+def markdown_table(results: dict[str, dict[str, float]], square: float) -> str:
     """The Markdown table: the existing time columns, then the FLOP columns, then vs recipe."""
     times = ["step", "image loading", "collation", "vision tower", "language model",
              "head / LM head", "backward + optimizer"]
     flops = ["GFLOP/step", "bwd/fwd", "GFLOP/s achieved", "% of matmul rate",
              "step-shape GFLOP/s", "% of step-shape rate", "padding"]
-    print("| variant | tokens | " + " | ".join(times + flops) + " | vs recipe |")
-    print("|---|" + "---:|" * (len(times) + len(flops) + 2))
+    lines = ["| variant | tokens | " + " | ".join(times + flops) + " | vs recipe |",
+             "|---|" + "---:|" * (len(times) + len(flops) + 2)]
     reference = results.get("recipe", next(iter(results.values())))["step"]
     for name, v in results.items():
         achieved = v["GFLOP/s achieved"]
@@ -360,7 +367,8 @@ def print_table(results: dict[str, dict[str, float]], square: float) -> None:
                     f"{100 * achieved / square:.0f}%", f"{v['step-shape GFLOP/s']:.1f}",
                     f"{100 * achieved / v['step-shape GFLOP/s']:.0f}%",
                     f"{100 * v['padding']:.0f}%"])
-        print(f"| {name} | " + " | ".join(cells) + f" | {v['step'] / reference:.2f}× |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['step'] / reference:.2f}× |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
