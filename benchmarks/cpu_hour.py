@@ -159,13 +159,13 @@ def write(run_root: Path, summary: dict[str, Any], publish: bool) -> None:
     precision = "bf16 autocast" if summary["precision"] == "bf16" else "fp32"
     best = summary.get("best_step")
     lines = [f"# One CPU hour of SFT on MovieLens-100K ({summary['machine']})", "",
-             f"Recipe `{summary['config']}` {' '.join(summary['extra'])}; SFT wall time "
+             f"Recipe `{' '.join([summary['config'], *summary['extra']])}`; SFT wall time "
              f"**{summary['timings'].get('sft', summary['sft_seconds']):.0f} s** (the "
              f"recommenders {summary['collab_seconds']:.0f} s of it), {precision} (chosen by "
              f"measurement), {summary['sft_steps']} steps = {summary['train_examples']} examples "
              f"in {summary['train_seconds']:.0f} s of training "
              f"({summary['seconds_per_example']:.3f} s per example), best validation HR@1 "
-             f"{summary['best_validation_hr1']} at step {best} (its weights are the model); "
+             f"{summary['best_validation_hr1']:.3f} at step {best} (its weights are the model); "
              f"test evaluation of all four protocols {summary['eval_seconds']:.0f} s "
              f"({summary['candidates_seconds']:.0f} s for `candidates`).", "",
              f"Arithmetic: {arithmetic['gflop_per_example']:.1f} GFLOP per training example "
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     from hanorec.hardware import describe_machine
     from hanorec.sft import SFTRun
 
+    machine = describe_machine()  # before any stage: the bf16 ratio of an idle machine
     run_root = Path(args.run_root)
     run_root.mkdir(parents=True, exist_ok=True)
     run = recipe.parse(SFTRun, ["--config", args.config, *args.extra], prog="cpu_hour",
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     models["smollm2-llava SFT (this recipe)"] = evaluation["protocols"]["candidates"]["metrics"]
     examples = (sft_summary["steps"] * run.sft.per_device_batch_size
                 * run.sft.gradient_accumulation_steps)
-    summary = {"config": args.config, "extra": args.extra, "machine": describe_machine(),
+    summary = {"config": args.config, "extra": args.extra, "machine": machine,
                "timings": timings, "sft_seconds": sft_summary["seconds"],
                "sft_steps": sft_summary["steps"], "best_step": sft_summary.get("best_step"),
                "best_validation_hr1": sft_summary.get("best_metric"),
