@@ -14,7 +14,7 @@ examples and stops when HR@1 has not improved for ``--patience`` validations (or
 precision is the machine's faster one, measured (``mixed_precision: auto``).
 
 =================  =========================================================================
-``tail``           the earlier recipe: one recommender without each user's last 5 training
+``tail``           the recipe: one recommender without each user's last 5 training
                    items; SFT on those rows only (~4,700), 10-item histories
 ``insample``       one recommender on everything, every row, in-sample features (the leak)
 ``crossfit``       5 user-fold recommenders: every training row (~97,000), out-of-sample
@@ -64,7 +64,7 @@ NO_IMAGES = ("--with-images", "false")
 LONG = ("--max-history", "50", "--title-budget", "10",
         "--output-dir", "{cache}/prepared/ml-100k-smollm2-h50")
 CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tail": ("held-out tail (earlier recipe)", (*HEAD, "--collab-fit", "tail",
+    "tail": ("held-out tail (the recipe)", (*HEAD, "--collab-fit", "tail",
                                                 "--collab-holdout", "5")),
     "insample": ("in-sample features, every row", (*HEAD, "--collab-fit", "insample")),
     "crossfit": ("cross-fitted by user, every row", (*HEAD, "--collab-fit", "crossfit")),

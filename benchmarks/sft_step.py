@@ -56,6 +56,10 @@ Variants (``recipe`` is the configuration as written; the others change one leve
 ``title-answer``       title read-out (candidates listed, title ⊕ eos scored)
 ``index-answer``       index read-out (candidates listed with labels)
 ``checkpointing``      gradient checkpointing on
+``eager-attention``    ``sdpa-attention``: the attention kernel (the recipe: eager)
+``bf16-weights``       weights stored in bf16 (``-eager``: with eager attention)
+``batch-16``           16 examples per step
+``long-history``       50-item histories, titles on the newest 10 (``-eager``: eager attention)
 =====================  ===================================================================
 """
 
@@ -85,6 +89,7 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "index-answer": {"prompt": {"answer": "index"}},
     "checkpointing": {"model": {"gradient_checkpointing": True}},
     "eager-attention": {"model": {"attn_implementation": "eager"}},
+    "sdpa-attention": {"model": {"attn_implementation": "sdpa"}},
     "bf16-weights": {"model": {"torch_dtype": "bfloat16"}},
     "bf16-weights-eager": {"model": {"torch_dtype": "bfloat16", "attn_implementation": "eager"}},
     "batch-16": {"sft": {"per_device_batch_size": 16}},
