@@ -180,6 +180,28 @@ def test_clear_errors(evaluated, tmp_path):
         evaluate.compare_folders(evaluated["out"], tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "pickled"])
+def test_damaged_or_pickled_checkpoint_is_one_clear_error(evaluated, tmp_path, damage):
+    """A copy of the trained adapter folder with its weights cut to half (a torn copy), or with
+    its weights saved as a pickle (``adapter_model.bin``, which ``weights_only`` would refuse
+    with a traceback): evaluate stops with a ValueError naming the file, before loading it."""
+    import torch
+    from safetensors.torch import load_file
+
+    final = Path(evaluated["raw"]["run_dir"]) / "sft" / "final"
+    broken = shutil.copytree(final, tmp_path / "final")
+    weights = broken / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = r"adapter_model\.safetensors: damaged safetensors file"
+    else:
+        torch.save(load_file(str(weights)), broken / "adapter_model.bin")
+        weights.unlink()
+        expected = r"adapter_model\.bin: pickled weights are refused"
+    with pytest.raises(ValueError, match=expected):
+        evaluate.main(["--config", str(evaluated["recipe"]), "--checkpoint", str(broken)])
+
+
 @pytest.mark.parametrize("backbone", ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"])
 def test_hidden_states_do_not_depend_on_batch_padding(backbone, tiny_model_config, tiny_catalog):
     """The user state of a row (last prompt token, final layer) is the same alone and in a

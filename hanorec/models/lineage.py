@@ -7,6 +7,9 @@ adapter it was trained on top of (DPO's parent is SFT's ``final/``), and the ``m
 (:mod:`hanorec.item_tokens`) is saved beside it as ``item_encoder.*``.
 
 * :func:`export_model` — write such a folder atomically (temporary name, then a rename);
+* :func:`check_model_folder` — refuse, in one line, a folder that must not be loaded: pickled
+  weights (hanorec writes safetensors only, and a pickle can run code when read) or a damaged
+  safetensors file (truncated, bad header);
 * :func:`load_trained` — the model as trained: the base, then every adapter of the lineage
   merged oldest first, and the newest item encoder re-attached (frozen, eval mode);
 * :func:`load_policy_from_sft` — the preference-optimisation policy: the SFT lineage merged and
@@ -37,6 +40,33 @@ from hanorec.models.config import ModelConfig
 from hanorec.models.loading import add_lora, load_backbone
 
 LINEAGE_FILE = "hanorec.json"
+#: Weight files that are pickles: never read, whatever ``weights_only`` would make of them.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a stage folder whose weights must not be loaded.
+
+    Every ``*.safetensors`` file must open (its header parses and covers the file: a truncated
+    copy fails here); no pickled weights file may be present.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    from safetensors import safe_open
+
+    for pattern in PICKLED_WEIGHTS:
+        for path in sorted(folder.glob(pattern)):
+            raise ValueError(f"{path}: pickled weights are refused (hanorec reads safetensors "
+                             "only; loading a pickle can run code). Re-export the model with "
+                             "save_pretrained(safe_serialization=True)")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                weights.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"{path}: damaged safetensors file ({err}); re-export the stage "
+                             "or point at an intact copy") from None
 
 
 def read_lineage(folder: Path) -> dict[str, Any]:
@@ -58,6 +88,7 @@ def lineage_chain(folder: str | Path) -> list[Path]:
     current: Path | None = Path(folder)
     while current is not None:
         info = read_lineage(current)
+        check_model_folder(current)
         chain.append(current)
         current = Path(info["parent"]) if info.get("parent") else None
     return chain[::-1]
