@@ -5,7 +5,7 @@ reference log-probs (``frozen``: an extra no-grad forward with the LoRA adapter 
 ``precomputed`` / ``none``: nothing during the step), the DPO loss (S-DPO for K > 1, which is
 DPO at K = 1) and backward. The backbone is a tiny LLaVA (CLIP vision tower + Llama) with
 random weights and a LoRA adapter; each prompt is a 5-image history (64 image tokens per
-image, ~390 tokens) and the responses are 12-token titles, as in DESIGN.md.
+image, ~390 tokens) and the responses are 12-token titles, the shape of a recommendation prompt.
 
 Measurement (CPU, honest on a shared machine): for each (K, reference) three fresh
 subprocesses run with ``--threads`` torch threads. Time: one process builds the model once and
