@@ -346,8 +346,9 @@ def main(argv: list[str] | None = None) -> Path:
                     else sft_item_embeddings(model, processor, catalog, sft_dir,
                                              cache_dir=out_dir, progress=show))
         prepared = hard_negative_data(run, accelerator, out_dir, backbone)
-    train_rows, val_rows, blind_counts = training_pairs(run, prepared)
-    train_rows = training_views(model, train_rows, prepared, catalog)  # out of sample, as in SFT
+    # Out-of-sample pairs first (as SFT selects its rows), then the seeded max_train_pairs.
+    train_rows, val_rows, blind_counts = training_pairs(
+        run, prepared, keep=lambda rows: training_views(model, rows, prepared, catalog))
     collators = {p: make_collator(processor, catalog, p, run.prompt) for p in cfg.dpo_protocols}
     negatives = None
     if drawn:  # the K rejected items of every training row, from the model's top pool

@@ -38,7 +38,7 @@ from hanorec.hardness import HARDNESS_EMBEDDINGS
 from hanorec.item_tokens import attached_encoder
 from hanorec.losses import HARDNESS_MODES, LOSS_TYPES, NOISE_SCALES, loss_help
 from hanorec.readout import answer_logps
-from hanorec.runtime import load_catalog, load_rows, prepare_data
+from hanorec.runtime import load_catalog, load_rows, prepare_data, subsample
 from hanorec.training import TrainConfig
 
 
@@ -206,15 +206,20 @@ def model_negatives(run: Any) -> str | None:
     return None
 
 
-def training_pairs(run: Any, prepared: Path) -> tuple[list[dict], list[dict], dict | None]:
+def training_pairs(run: Any, prepared: Path,
+                   keep: Callable[[list[dict]], list[dict]] | None = None
+                   ) -> tuple[list[dict], list[dict], dict | None]:
     """Train and validation pairs of ``dpo.dpo_protocols`` (seeded subsets), and the counts of
     the blind negatives mixed into the train pairs (None without ``dpo.blind_negatives``).
 
-    Validation pairs stay as prepared.
+    ``keep`` selects the usable train pairs (:func:`training_views`: those with out-of-sample
+    collaborative features) *before* the seeded subset of ``max_train_pairs`` is drawn, as SFT
+    selects its rows: drawn the other way round, ``collab_fit: tail`` kept ~5 % of the subset
+    (93 of 1,920 pairs) and the stage cycled over them. Validation pairs stay as prepared.
     """
     cfg = run.dpo
-    train = load_rows(prepared, cfg.dpo_protocols, "train", pairs=True, limit=cfg.max_train_pairs,
-                      seed=run.seed)
+    train = load_rows(prepared, cfg.dpo_protocols, "train", pairs=True)
+    train = subsample(keep(train) if keep is not None else train, cfg.max_train_pairs, run.seed)
     val = load_rows(prepared, cfg.dpo_protocols, "validation", pairs=True,
                     limit=cfg.eval_examples, seed=run.seed)
     if not cfg.blind_negatives:
