@@ -471,6 +471,7 @@ def train_loop(run: Training, step_fn: StepFn, *,
         start = clock.evaluation(validate)
         metric_value(start, cfg.metric_for_best_model, type(cfg).__name__)  # fail early
         log.log(0, {**start, "eval/seconds": clock.last_evaluation})
+        _track(run, tracker, start, 0)  # the starting model is a candidate for the best too
     while stopped is None and position.step < run.steps:
         values = _optimizer_step_of(run, step_fn, batches, position, before_step)
         position.step += 1

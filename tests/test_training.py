@@ -387,3 +387,18 @@ def test_max_train_seconds_stops_like_an_early_stop(tmp_path, monkeypatch):
     assert sorted(seen["weights"]) == [3, 4]  # periodic at 3, final at the stop
     assert (result.best_step, result.validation["eval/step"]) == (3, 3.0)
     assert torch.equal(run.model.weight.detach(), seen["weights"][3])
+
+
+def test_the_starting_model_can_be_the_best(tmp_path):
+    """eval_on_start: a run whose validation only falls after step 0 (0.6, then 0.5, 0.4, ...)
+    stops after patience 2 at step 4 and restores the starting weights — step 0 is a candidate
+    for the best like any validation (a preference stage that only hurts gives back its SFT
+    model), not ignored."""
+    script = {0: 0.6, **{s: 0.6 - 0.05 * s for s in range(1, 13)}}
+    run, step, validate, seen = _scripted_run(
+        tmp_path, script, metric_for_best_model="eval/hr1", early_stopping_patience=2,
+        load_best_model_at_end=True, eval_on_start=True)
+    result = train_loop(run, step, validate=validate, desc="toy")
+    assert (result.position.step, result.best_step, result.best_metric) == (4, 0, 0.6)
+    assert torch.equal(run.model.weight.detach(), seen["weights"][0])
+    assert not torch.equal(seen["weights"][0], seen["weights"][4])
