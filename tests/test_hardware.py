@@ -33,6 +33,22 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path: Path) -> None:
     assert hardware.cpu_flags(tmp_path / "absent") == frozenset()
 
 
+def test_one_busy_moment_does_not_decide_the_ratio(monkeypatch) -> None:
+    """The probe alternates fp32 and bf16 and keeps the best of each: scripted timings where
+    the machine is busy (×50) during the first bf16 timing only give fp32 2 ms ÷ bf16 1 ms = 2,
+    not the 0.04 a single pair of timings would have reported."""
+    calls: list[object] = []
+
+    def scripted(dtype, device, size, repeats):
+        calls.append(dtype)
+        busy = 50.0 if calls.count(dtype) == 1 and dtype == hardware.torch.bfloat16 else 1.0
+        return (2e-3 if dtype == hardware.torch.float32 else 1e-3) * busy
+
+    monkeypatch.setattr(hardware, "_matmul_seconds", scripted)
+    assert hardware.bf16_speedup.__wrapped__("cpu", repeats=5) == 2.0
+    assert calls[:4] == [hardware.torch.float32, hardware.torch.bfloat16] * 2  # alternated
+
+
 def test_native_bf16_follows_a_measurement_not_the_flags(monkeypatch) -> None:
     """bf16_speedup is fp32 time ÷ bf16 time of the probe matmul, and native_bf16 is that ratio
     above 1, whatever the flags say. The probe's clock is scripted here (no timing in a unit
